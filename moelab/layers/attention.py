@@ -1,0 +1,99 @@
+"""Multi-head / grouped-query attention over a paged KV cache, with the reference (SDPA) path.
+
+`Attention` is the core: store this step's K/V at their slots, then attend per sequence. `GQAttention`
+adds the projections of the MHA families (q/k/v/o, optional bias, q/k RMSNorm per head or over all heads,
+QKV clipping, RoPE). Faster kernels arrive beside `paged_attention_ref` and are tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.context import ForwardContext, get_forward_context
+from moelab.layers.norm import RMSNorm
+from moelab.layers.rotary import RotaryEmbedding
+from moelab.spec import ModelSpec
+
+
+def gather_slots(ctx: ForwardContext, b: int, n: int) -> torch.Tensor:
+    """Cache slots [n] holding the first n tokens of sequence b."""
+    pos = torch.arange(n, device=ctx.block_tables.device)
+    return ctx.block_tables[b, pos // ctx.block_size].long() * ctx.block_size + pos % ctx.block_size
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [Tq, H, d], k [Tk, H, dk], v [Tk, H, dv] -> [Tq, H, dv]; query i sits at position Tk - Tq + i."""
+    Tq, Tk = q.shape[0], k.shape[0]
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+def paged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+                        ctx: ForwardContext, scale: float) -> torch.Tensor:
+    """q [T, H, d], k/v [T, KV, d] (this step's tokens) -> [T, H, d]. With a cache, keys and values of each
+    sequence are read back from kv_cache [2, num_blocks, block_size, KV, d] through its block table."""
+    out = torch.empty_like(q)
+    rep = q.shape[1] // k.shape[1]
+    cu = ctx.cu_seqlens_q.tolist()
+    for b, n in enumerate(ctx.seq_lens):
+        s, e = cu[b], cu[b + 1]
+        if kv_cache is not None and ctx.has_cache:
+            slots = gather_slots(ctx, b, n)
+            kb, vb = kv_cache[0].flatten(0, 1)[slots], kv_cache[1].flatten(0, 1)[slots]
+        else:
+            kb, vb = k[s:e], v[s:e]
+        kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
+        out[s:e] = causal_sdpa(q[s:e], kb, vb, scale)
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.kv_cache: torch.Tensor | None = None  # bound by the engine
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        if self.kv_cache is not None and ctx.has_cache:
+            self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
+            self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
+        return paged_attention_ref(q, k, v, self.kv_cache, ctx, self.scale)
+
+
+class GQAttention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        D, H, KV, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
+        self.q_proj = nn.Linear(D, H * hd, bias=spec.attention_bias)
+        self.k_proj = nn.Linear(D, KV * hd, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(D, KV * hd, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(H * hd, D, bias=False)
+        self.qk_norm, self.clip_qkv = spec.qk_norm, spec.clip_qkv
+        if spec.qk_norm == "full":  # OLMoE: one norm over all heads
+            self.q_norm, self.k_norm = RMSNorm(H * hd, spec.rms_norm_eps), RMSNorm(KV * hd, spec.rms_norm_eps)
+        elif spec.qk_norm == "per_head":  # Qwen3: a norm per head
+            self.q_norm, self.k_norm = RMSNorm(hd, spec.rms_norm_eps), RMSNorm(hd, spec.rms_norm_eps)
+        self.rotary = RotaryEmbedding(hd, spec.rope_theta, spec.rope_scaling)
+        self.attn = Attention(H, KV, hd, hd ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k, v = q.view(T, -1, self.head_dim), k.view(T, -1, self.head_dim), v.view(T, -1, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v).reshape(T, -1))

@@ -1,0 +1,78 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) over the compressed latent cache.
+
+The cache keeps, per token and layer, the normalized KV latent (kv_lora_rank) and the roped shared key
+(qk_rope_head_dim): [num_blocks, block_size, kv_lora_rank + rope]. The reference path expands the latent
+through kv_b_proj for every read; an absorbed decode kernel will arrive beside it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moelab.context import get_forward_context
+from moelab.layers.attention import causal_sdpa, gather_slots
+from moelab.layers.norm import RMSNorm
+from moelab.layers.rotary import RotaryEmbedding, yarn_softmax_scale_factor
+from moelab.spec import ModelSpec
+
+
+class MLAttention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        D, H = spec.hidden_size, spec.num_heads
+        self.num_heads, self.kv_lora_rank = H, spec.kv_lora_rank
+        self.nope, self.rope, self.v_dim = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+        qk = self.nope + self.rope
+        bias = spec.attention_bias
+        self.q_lora_rank = spec.q_lora_rank
+        if spec.q_lora_rank:
+            self.q_a_proj = nn.Linear(D, spec.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, spec.rms_norm_eps)
+            self.q_b_proj = nn.Linear(spec.q_lora_rank, H * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, spec.kv_lora_rank + self.rope, bias=bias)
+        self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, spec.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(spec.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        self.rotary = RotaryEmbedding(self.rope, spec.rope_theta, spec.rope_scaling, interleaved=True)
+        self.scale = qk ** -0.5 * yarn_softmax_scale_factor(spec.rope_scaling)
+        self.kv_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_lora_rank + rope]
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, self.kv_lora_rank + self.rope)
+
+    def _expand(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent [n, r], k_pe [n, rope] -> k [n, H, nope+rope], v [n, H, v_dim]."""
+        n = latent.shape[0]
+        kv = self.kv_b_proj(latent).view(n, self.num_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, None, :].expand(n, self.num_heads, self.rope)), dim=-1)
+        return k, v
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        T, H = x.shape[0], self.num_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q_nope, q_pe = q.view(T, H, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :])
+        k_pe = k_pe[:, 0]
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        ctx = get_forward_context()
+        cached = self.kv_cache is not None and ctx.has_cache
+        if cached:
+            self.kv_cache.view(-1, self.kv_lora_rank + self.rope)[ctx.slot_mapping] = torch.cat((latent, k_pe), -1)
+        out = q.new_empty(T, H, self.v_dim)
+        cu = ctx.cu_seqlens_q.tolist()
+        for b, n in enumerate(ctx.seq_lens):
+            s, e = cu[b], cu[b + 1]
+            if cached:
+                lat_b, pe_b = self.kv_cache.view(-1, self.kv_lora_rank + self.rope)[gather_slots(ctx, b, n)].split(
+                    [self.kv_lora_rank, self.rope], dim=-1)
+            else:
+                lat_b, pe_b = latent[s:e], k_pe[s:e]
+            k, v = self._expand(lat_b, pe_b)
+            out[s:e] = causal_sdpa(q[s:e], k, v, self.scale)
+        return self.o_proj(out.reshape(T, H * self.v_dim))

@@ -1,0 +1,20 @@
+"""MoE backends: functions of one signature,
+(x [T, D], topk_ids [T, K], topk_weights [T, K], w13 [E, 2I, D], w2 [E, D, I], scales | None) -> [T, D]."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from moelab.layers.moe.backends.naive import naive_moe
+
+MoEBackend = Callable[..., torch.Tensor]
+
+BACKENDS: dict[str, MoEBackend] = {"naive": naive_moe}
+
+
+def get_backend(name: str) -> MoEBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown MoE backend {name!r}; available: {', '.join(BACKENDS)}")
+    return BACKENDS[name]

@@ -1,0 +1,64 @@
+"""The MoE layer: router weights, stacked expert weights, and the call into a backend.
+
+Checkpoints hold one tensor per expert and projection; `ExpertWeights.load_expert` copies each into its
+slot of the stacked w13 [E, 2I, D] (gate rows first, then up rows) and w2 [E, D, I]. Under expert
+parallelism this is where a rank keeps only its own experts. Shared experts belong to the family's block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moelab.layers.moe.backends import get_backend
+from moelab.layers.moe.router import RouterConfig, route
+
+PROJ_SLOT = {"gate": ("w13", 0), "up": ("w13", 1), "down": ("w2", None)}
+
+
+class Router(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, correction_bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        if correction_bias:
+            # float32 in DeepSeek-V3 checkpoints; kept float32 whatever the model dtype
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+
+class ExpertWeights(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    @torch.no_grad()
+    def load_expert(self, expert: int, proj: str, tensor: torch.Tensor) -> None:
+        """Copy one checkpoint tensor (proj in gate/up/down) into the stacked weights."""
+        name, half = PROJ_SLOT[proj]
+        param = getattr(self, name)[expert]
+        if half is not None:
+            I = self.intermediate_size
+            param = param[half * I:(half + 1) * I]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"expert {expert} {proj}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        param.copy_(tensor)
+
+
+class SparseMoE(nn.Module):
+    """Routed experts only: x [T, D] -> [T, D]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, router: RouterConfig,
+                 backend: str = "naive") -> None:
+        super().__init__()
+        self.router_config = router
+        self.gate = Router(num_experts, hidden_size, correction_bias=router.topk_method == "noaux_tc")
+        self.experts = ExpertWeights(num_experts, hidden_size, intermediate_size)
+        self.backend = get_backend(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.float() @ self.gate.weight.float().T  # [T, E]; routing in float32 as the references do
+        topk_weights, topk_ids = route(logits, self.router_config, self.gate.e_score_correction_bias)
+        return self.backend(x, topk_ids, topk_weights, self.experts.w13, self.experts.w2, None)

@@ -1,0 +1,73 @@
+"""The decoder-only skeleton every family shares: embed -> L x (attention, FFN) -> norm -> LM head.
+
+A family file supplies its attention and FFN modules per layer; the module tree mirrors the HF names
+(`model.layers.{i}.self_attn`, `.mlp` or `.block_sparse_moe`, `lm_head`) so checkpoints map one to one.
+Each layer exposes its attention half and its FFN half separately (module-based batching needs that).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moelab.layers.norm import RMSNorm
+from moelab.spec import ModelSpec
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, attn: nn.Module, ffn: nn.Module, ffn_name: str = "mlp") -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.ffn_name = ffn_name
+        self.add_module(ffn_name, ffn)
+
+    @property
+    def ffn(self) -> nn.Module:
+        return getattr(self, self.ffn_name)
+
+    def forward_attention(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h + self.self_attn(positions, self.input_layernorm(h))
+
+    def forward_ffn(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.ffn(self.post_attention_layernorm(h))
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.forward_ffn(self.forward_attention(positions, h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: ModelSpec, layers: list[DecoderLayer]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class MoECausalLM(nn.Module):
+    """forward(input_ids [T], positions [T]) -> hidden [T, D]; compute_logits(hidden [N, D]) -> [N, V]."""
+
+    # HF names of one expert's (gate, up, down) projections in checkpoints
+    expert_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, spec: ModelSpec, layers: list[DecoderLayer]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderModel(spec, layers)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            h = layer(positions, h)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The modules that own a KV cache (they define cache_shape and a kv_cache attribute)."""
+        return [m for m in self.modules() if hasattr(m, "cache_shape")]

@@ -1,0 +1,37 @@
+"""Qwen2-MoE (Qwen2MoeForCausalLM; Qwen1.5-MoE, Qwen2-57B): QKV bias, routed experts plus one wide shared
+expert scaled by a sigmoid gate, optional dense layers (mlp_only_layers, decoder_sparse_step)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moelab.layers.attention import GQAttention
+from moelab.layers.mlp import GatedMLP
+from moelab.layers.moe.layer import SparseMoE
+from moelab.layers.moe.router import RouterConfig
+from moelab.models.decoder import DecoderLayer, MoECausalLM
+from moelab.spec import ModelSpec
+
+
+class Qwen2MoeBlock(SparseMoE):
+    def __init__(self, spec: ModelSpec, router: RouterConfig, backend: str) -> None:
+        super().__init__(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size, router, backend)
+        self.shared_expert = GatedMLP(spec.hidden_size, spec.shared_intermediate_size)
+        self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return super().forward(x) + shared
+
+
+class Qwen2MoeForCausalLM(MoECausalLM):
+    def __init__(self, spec: ModelSpec, moe_backend: str = "naive", top_k: int | None = None) -> None:
+        router = RouterConfig.from_spec(spec, top_k)
+
+        def ffn(i: int) -> nn.Module:
+            if not spec.is_moe_layer(i):
+                return GatedMLP(spec.hidden_size, spec.intermediate_size)
+            return Qwen2MoeBlock(spec, router, moe_backend)
+
+        super().__init__(spec, [DecoderLayer(spec, GQAttention(spec), ffn(i)) for i in range(spec.num_layers)])
