@@ -36,6 +36,8 @@ OVERRIDE_KEYS: dict[str, dict[str, str]] = {
     "experts": _EXPERTS,
     "top_k": {f: "num_experts_per_tok" for f in _EXPERTS},
     "moe_intermediate_size": _EXPERT_WIDTH,
+    "n_group": {"deepseek_v2": "n_group", "deepseek_v3": "n_group"},
+    "topk_group": {"deepseek_v2": "topk_group", "deepseek_v3": "topk_group"},
 }
 
 
@@ -158,6 +160,8 @@ def apply_overrides(config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
             continue
         if name not in OVERRIDE_KEYS:
             raise ValueError(f"unknown override {name!r}; allowed: {', '.join(OVERRIDE_KEYS)}")
+        if family not in OVERRIDE_KEYS[name]:
+            raise ValueError(f"override {name!r} applies to {', '.join(OVERRIDE_KEYS[name])}, not {family}")
         out[OVERRIDE_KEYS[name][family]] = value
     n = out["num_hidden_layers"]
     if "first_k_dense_replace" in out and out["first_k_dense_replace"] >= n:
