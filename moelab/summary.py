@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
-
 from moelab.presets import Published
 from moelab.spec import ModelSpec
+
+
+class _PlainTable:
+    """Stand-in for rich.Table where rich is not installed (the GPU image has no rich)."""
+
+    def __init__(self, title: str = "", show_header: bool = True) -> None:
+        self.title, self.rows = title, []
+
+    def add_column(self, name: str, **_: object) -> None:
+        pass
+
+    def add_row(self, *cells: str) -> None:
+        self.rows.append(cells)
+
+    def __str__(self) -> str:
+        widths = [max(len(r[i]) for r in self.rows) for i in range(len(self.rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in self.rows]
+        return "\n".join([f"== {self.title}", *lines])
+
+
+def _tables():
+    try:
+        from rich.console import Console
+        from rich.table import Table
+        return Table, Console().print
+    except ImportError:
+        return _PlainTable, print
 
 
 def _b(n: float) -> str:
@@ -14,6 +38,7 @@ def _b(n: float) -> str:
 
 
 def print_spec(spec: ModelSpec, name: str, published: Published | None = None) -> None:
+    Table, show = _tables()
     pc = spec.param_counts()
     shape = Table(title=f"{name} ({spec.family})", show_header=False)
     attn = (f"MLA: kv_lora_rank {spec.kv_lora_rank}, q_lora_rank {spec.q_lora_rank}, rope {spec.qk_rope_head_dim}, "
@@ -52,6 +77,5 @@ def print_spec(spec: ModelSpec, name: str, published: Published | None = None) -
     counts.add_row("KV cache bytes / token (bf16)", f"{spec.kv_bytes_per_token(2):,}", "")
     counts.add_row("FLOPs / token (no context)", f"{spec.flops_per_token(0) / 1e9:.2f} GFLOP", "")
     counts.add_row("FLOPs / token (4k context)", f"{spec.flops_per_token(4096) / 1e9:.2f} GFLOP", "")
-    console = Console()
-    console.print(shape)
-    console.print(counts)
+    show(shape)
+    show(counts)
