@@ -6,9 +6,9 @@ The runner sets it around a model forward with `forward_context(ctx)`; attention
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

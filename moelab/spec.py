@@ -68,16 +68,24 @@ class ModelSpec:
         need(self.num_layers > 0 and self.hidden_size > 0, "layers and hidden_size must be positive")
         need(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
         need(1 <= self.top_k <= self.num_experts, f"top_k must be in [1, {self.num_experts}], got {self.top_k}")
-        need(self.num_heads % self.num_kv_heads == 0, f"num_heads {self.num_heads} not a multiple of kv heads {self.num_kv_heads}")
-        need(all(0 <= i < self.num_layers for i in self.dense_layers), f"dense_layers {self.dense_layers} outside [0, {self.num_layers})")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"num_heads {self.num_heads} not a multiple of kv heads {self.num_kv_heads}")
+        need(all(0 <= i < self.num_layers for i in self.dense_layers),
+             f"dense_layers {self.dense_layers} outside [0, {self.num_layers})")
         need(not self.dense_layers or self.intermediate_size > 0, "dense layers need intermediate_size > 0")
-        need(self.num_experts % self.n_group == 0, f"num_experts {self.num_experts} not divisible by n_group {self.n_group}")
-        need(1 <= self.topk_group <= self.n_group, f"topk_group {self.topk_group} must be in [1, n_group={self.n_group}]")
+        need(self.num_experts % self.n_group == 0,
+             f"num_experts {self.num_experts} not divisible by n_group {self.n_group}")
+        need(1 <= self.topk_group <= self.n_group,
+             f"topk_group {self.topk_group} must be in [1, n_group={self.n_group}]")
         if self.topk_method != "greedy":
             per_group = self.num_experts // self.n_group
             need(self.topk_group * per_group >= self.top_k, "topk_group * experts per group must be >= top_k")
+        if self.topk_method == "noaux_tc":
+            need(self.num_experts // self.n_group >= 2, "noaux_tc ranks groups by their two best experts: "
+                 f"needs >= 2 experts per group, got {self.num_experts} experts in {self.n_group} groups")
         if self.attention == "mla":
-            need(self.kv_lora_rank > 0 and self.qk_rope_head_dim > 0 and self.v_head_dim > 0, "MLA needs kv_lora_rank, qk_rope_head_dim, v_head_dim")
+            need(self.kv_lora_rank > 0 and self.qk_rope_head_dim > 0 and self.v_head_dim > 0,
+                 "MLA needs kv_lora_rank, qk_rope_head_dim, v_head_dim")
 
     # ----- structure -----
     def is_moe_layer(self, layer: int) -> bool:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL, tiny_config, write_tiny
 from safetensors import safe_open
 
-from conftest import SMALL, tiny_config, write_tiny
 from moelab.checkpoint.synthetic import make_checkpoint
 from moelab.checkpoint.tokenizer import build_tokenizer
 from moelab.context import ForwardContext, forward_context

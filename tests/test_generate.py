@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
 from moelab.engine.reference_generate import generate_greedy
 from moelab.models.loader import load_model
 

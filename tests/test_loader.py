@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import write_tiny
 from moelab.context import ForwardContext, forward_context
 from moelab.models.loader import CheckpointError, load_model
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from moelab.context import ForwardContext, forward_context
 from moelab.models.loader import load_model
 

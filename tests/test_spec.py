@@ -74,6 +74,10 @@ def test_overrides_keep_a_moe_layer_and_validate() -> None:
         apply_overrides(preset_config("deepseek-v3"), experts=60)
     with pytest.raises(ValueError, match="top_k"):
         apply_overrides(preset_config("olmoe-1b-7b"), experts=4, top_k=8)
+    with pytest.raises(ValueError, match="needs >= 2 experts per group"):
+        apply_overrides(preset_config("deepseek-v3"), experts=8, top_k=2)
+    with pytest.raises(ValueError, match="applies to deepseek_v2, deepseek_v3, not olmoe"):
+        apply_overrides(preset_config("olmoe-1b-7b"), n_group=2)
     with pytest.raises(ValueError, match="unknown override"):
         apply_overrides(preset_config("olmoe-1b-7b"), exprets=4)
 

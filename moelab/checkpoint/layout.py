@@ -6,8 +6,9 @@ transformers load what `make-checkpoint` writes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 from moelab.spec import ModelSpec
 
