@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 import torch
 
+from moelab.layers.moe.backends.grouped import grouped_moe
 from moelab.layers.moe.backends.naive import naive_moe
 
 MoEBackend = Callable[..., torch.Tensor]
 
-BACKENDS: dict[str, MoEBackend] = {"naive": naive_moe}
+BACKENDS: dict[str, MoEBackend] = {"naive": naive_moe, "grouped": grouped_moe}
 
 
 def get_backend(name: str) -> MoEBackend:
