@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +19,11 @@ DEFAULT_PROMPTS = ["A mixture-of-experts layer", "The router scores all experts"
 
 
 def tiny_checkpoint(overrides: dict, seed: int = 0) -> Path:
-    path = Path(tempfile.gettempdir()) / f"moelab-tiny-olmoe-seed{seed}"
+    from moelab.checkpoint.synthetic import synthetic_config
+
+    key = hashlib.sha256(json.dumps(synthetic_config("olmoe-1b-7b", "float32", **overrides), sort_keys=True)
+                         .encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"moelab-tiny-olmoe-{key}-seed{seed}"
     if not (path / "config.json").is_file():
         make_checkpoint("olmoe-1b-7b", path, seed=seed, dtype="float32", **overrides)
     return path
