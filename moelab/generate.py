@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from moelab.checkpoint.synthetic import DTYPES, make_checkpoint
+from moelab.checkpoint.synthetic import DTYPES, make_checkpoint, synthetic_config
 from moelab.engine.reference_generate import generate_greedy
 from moelab.models.loader import load_model, read_config
 
@@ -19,8 +19,6 @@ DEFAULT_PROMPTS = ["A mixture-of-experts layer", "The router scores all experts"
 
 
 def tiny_checkpoint(overrides: dict, seed: int = 0) -> Path:
-    from moelab.checkpoint.synthetic import synthetic_config
-
     key = hashlib.sha256(json.dumps(synthetic_config("olmoe-1b-7b", "float32", **overrides), sort_keys=True)
                          .encode()).hexdigest()[:12]
     path = Path(tempfile.gettempdir()) / f"moelab-tiny-olmoe-{key}-seed{seed}"
