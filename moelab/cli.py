@@ -55,7 +55,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from moelab.generate import run_generate
 
-    run_generate(args, TINY)
+    run_generate(args, TINY, _overrides(args))
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -84,14 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_overrides(p)
     p.set_defaults(func=cmd_make_checkpoint)
 
-    p = sub.add_parser("generate", help="greedy generation; default: a tiny synthetic OLMoE on the CPU")
-    p.add_argument("--model", help="local checkpoint directory (default: a tiny synthetic model)")
+    p = sub.add_parser("generate", help="run the engine; default: a tiny synthetic OLMoE")
+    p.add_argument("--model", help="checkpoint directory or preset (default: a tiny synthetic OLMoE-1B-7B)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--moe-backend", default="naive")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--moe-backend", default="auto")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "triton"])
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
+    _add_shape_overrides(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("presets", help="list the presets")

@@ -21,12 +21,18 @@ class ForwardContext:
     slot_mapping: torch.Tensor | None = None  # [T] int64, cache slot of each new token; None = no cache
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     block_size: int = 0
+    # device twins of the host lists, for kernels that must not sync (CUDA graphs)
+    seq_lens_t: torch.Tensor | None = None  # [B] int32
+    max_query_len: int = 0
+    max_seq_len: int = 0  # an upper bound of seq_lens (under CUDA graphs: max_model_len)
 
     @classmethod
     def for_prompts(cls, lengths: list[int], device: torch.device | str = "cpu") -> ForwardContext:
         """Prefill of whole prompts with no KV cache (a plain batched forward)."""
         cu = torch.tensor([0] + lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-        return cls(cu_seqlens_q=cu, query_lens=list(lengths), seq_lens=list(lengths))
+        return cls(cu_seqlens_q=cu, query_lens=list(lengths), seq_lens=list(lengths),
+                   seq_lens_t=torch.tensor(lengths, dtype=torch.int32, device=device),
+                   max_query_len=max(lengths, default=0), max_seq_len=max(lengths, default=0))
 
     @property
     def has_cache(self) -> bool:

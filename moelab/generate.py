@@ -1,54 +1,44 @@
-"""`moelab generate`: load a checkpoint (or make the tiny default) and generate greedily, printing tok/s."""
+"""`moelab generate`: run the engine on a checkpoint or a preset (default: a tiny synthetic OLMoE on the CPU)
+and print each output with its timings."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import tempfile
+import statistics
 import time
-from pathlib import Path
-
-import torch
-
-from moelab.checkpoint.synthetic import DTYPES, make_checkpoint, synthetic_config
-from moelab.engine.reference_generate import generate_greedy
-from moelab.models.loader import load_model, read_config
 
 DEFAULT_PROMPTS = ["A mixture-of-experts layer", "The router scores all experts"]
+DEFAULT_MODEL = "olmoe-1b-7b"
 
 
-def tiny_checkpoint(overrides: dict, seed: int = 0) -> Path:
-    key = hashlib.sha256(json.dumps(synthetic_config("olmoe-1b-7b", "float32", **overrides), sort_keys=True)
-                         .encode()).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / f"moelab-tiny-olmoe-{key}-seed{seed}"
-    if not (path / "config.json").is_file():
-        make_checkpoint("olmoe-1b-7b", path, seed=seed, dtype="float32", **overrides)
-    return path
+def run_generate(args: argparse.Namespace, tiny: dict, overrides: dict) -> None:
+    from moelab.engine.sampling_params import SamplingParams
+    from moelab.llm import LLM
 
-
-def run_generate(args: argparse.Namespace, tiny: dict) -> None:
-    from tokenizers import Tokenizer
-
-    torch.manual_seed(args.seed)
-    path = Path(args.model) if args.model else tiny_checkpoint(tiny, args.seed)
+    model = args.model or DEFAULT_MODEL
+    if args.model is None:
+        overrides = {**tiny, **overrides}
     t0 = time.perf_counter()
-    model = load_model(path, dtype=DTYPES[args.dtype], device=args.device, moe_backend=args.moe_backend)
+    llm = LLM(model, dtype=args.dtype, device=args.device, moe_backend=args.moe_backend, attention=args.attention,
+              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, seed=args.seed,
+              overrides=overrides)
     load_s = time.perf_counter() - t0
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    r = llm.engine.resolved
+    print(f"model {model}{' (tiny synthetic default)' if args.model is None else ''}: {r.dtype} on {r.device}, "
+          f"moe {r.moe_backend}, attention {r.attention}, cuda graphs {'on' if r.cuda_graphs else 'off'}; "
+          f"ready in {load_s:.2f} s, KV pool {llm.engine.num_blocks} blocks of {llm.config.block_size}")
     prompts = args.prompt or DEFAULT_PROMPTS
-    ids = [tok.encode(p).ids for p in prompts]
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            ignore_eos=args.ignore_eos, seed=args.seed if args.temperature > 0 else None)
     start = time.perf_counter()
-    gens = generate_greedy(model, ids, args.max_tokens, eos_token_id=None)
-    end = time.perf_counter()
-    cfg = read_config(path)
-    print(f"model {path} ({cfg['architectures'][0]}), {args.dtype} on {args.device}, loaded in {load_s:.2f} s")
-    for prompt, g in zip(prompts, gens):
-        print(f"  {prompt!r} -> {tok.decode(g.token_ids)!r}")
-        print(f"    token ids: {g.token_ids}")
-    n_out = sum(len(g.token_ids) for g in gens)
-    ttft = min(g.token_times[0] for g in gens) - start
-    decode_s = end - min(g.token_times[0] for g in gens)
-    decode_tokens = n_out - len(gens)
-    print(f"batch {len(gens)}: {n_out} tokens in {end - start:.3f} s = {n_out / (end - start):.1f} tok/s; "
-          f"prefill {ttft * 1e3:.1f} ms, decode {decode_tokens / max(decode_s, 1e-9):.1f} tok/s")
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - start
+    for o in outs:
+        c = o.outputs[0]
+        itl = o.metrics.itl
+        print(f"  {o.prompt!r} -> {c.text!r}  [{c.finish_reason}]")
+        print(f"    token ids: {c.token_ids}")
+        print(f"    TTFT {o.metrics.ttft * 1e3:.1f} ms, ITL mean "
+              f"{(statistics.fmean(itl) * 1e3 if itl else float('nan')):.2f} ms over {len(c.token_ids)} tokens")
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"batch {len(outs)}: {n_out} output tokens in {wall:.3f} s = {n_out / wall:.1f} output tok/s")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# Triton kernels run under the interpreter on machines without CUDA. The variable is read when a kernel
+# module is imported, so it is set here, before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moelab.checkpoint.synthetic import synthetic_config, write_checkpoint
 

@@ -36,14 +36,19 @@ class CheckpointInfo:
     total_bytes: int
 
 
-def init_tensor(t: TensorSpec, seed: int, num_layers: int, dtype: torch.dtype) -> torch.Tensor:
+def init_tensor(t: TensorSpec, seed: int, num_layers: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tensor's seeded initial value. On the CPU it is the value a written checkpoint holds; other devices
+    draw from their own generator (same distribution, different numbers, much faster for big models)."""
     if t.init == "ones":
-        return torch.ones(t.shape, dtype=dtype)
+        return torch.ones(t.shape, dtype=dtype, device=device)
     if t.init == "zeros":
-        return torch.zeros(t.shape, dtype=dtype)
+        return torch.zeros(t.shape, dtype=dtype, device=device)
     std = {"normal": INIT_STD, "out": INIT_STD / math.sqrt(2 * num_layers), "bias": 0.01}[t.init]
-    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(t.name.encode())) % (1 << 63))
-    return (torch.randn(t.shape, generator=g, dtype=torch.float32) * std).to(dtype)
+    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(t.name.encode())) % (1 << 63))
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    return out.normal_(0.0, std, generator=g) if dtype == torch.float32 else \
+        torch.randn(t.shape, generator=g, dtype=torch.float32, device=device).mul_(std).to(dtype)
 
 
 def _plan_shards(tensors: list[TensorSpec], elem_bytes: int, max_shard_bytes: int) -> list[list[TensorSpec]]:

@@ -2,7 +2,9 @@
 
 `Attention` is the core: store this step's K/V at their slots, then attend per sequence. `GQAttention`
 adds the projections of the MHA families (q/k/v/o, optional bias, q/k RMSNorm per head or over all heads,
-QKV clipping, RoPE). Faster kernels arrive beside `paged_attention_ref` and are tested against it.
+QKV clipping, RoPE). `impl` picks the attention computation: "sdpa" (the reference: per-sequence SDPA
+over keys gathered from the cache, any device) or "triton" (moelab.kernels.paged_attention: one launch for
+a whole mixed prefill/decode batch, no host sync, so it can run inside a CUDA graph).
 """
 
 from __future__ import annotations
@@ -15,6 +17,14 @@ from moelab.context import ForwardContext, get_forward_context
 from moelab.layers.norm import RMSNorm
 from moelab.layers.rotary import RotaryEmbedding
 from moelab.spec import ModelSpec
+
+ATTENTION_IMPLS = ("sdpa", "triton")
+
+
+def check_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; allowed: {', '.join(ATTENTION_IMPLS)}")
+    return impl
 
 
 def gather_slots(ctx: ForwardContext, b: int, n: int) -> torch.Tensor:
@@ -56,6 +66,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.kv_cache: torch.Tensor | None = None  # bound by the engine
+        self.impl = "sdpa"
 
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
@@ -65,6 +76,11 @@ class Attention(nn.Module):
         if self.kv_cache is not None and ctx.has_cache:
             self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
             self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
+            if self.impl == "triton":
+                from moelab.kernels.paged_attention import paged_attention
+
+                return paged_attention(q, self.kv_cache[0], self.kv_cache[1], ctx.cu_seqlens_q, ctx.seq_lens_t,
+                                       ctx.block_tables, self.scale, ctx.max_query_len, max_seq_len=ctx.max_seq_len)
         return paged_attention_ref(q, k, v, self.kv_cache, ctx, self.scale)
 
 

@@ -1,8 +1,13 @@
 """Multi-head latent attention (DeepSeek-V2/V3) over the compressed latent cache.
 
 The cache keeps, per token and layer, the normalized KV latent (kv_lora_rank) and the roped shared key
-(qk_rope_head_dim): [num_blocks, block_size, kv_lora_rank + rope]. The reference path expands the latent
-through kv_b_proj for every read; an absorbed decode kernel will arrive beside it.
+(qk_rope_head_dim): [num_blocks, block_size, kv_lora_rank + rope]. Two computations of the same attention:
+
+- "sdpa" (reference): expand the latent through kv_b_proj into per-head keys and values for every read;
+- "triton" (absorbed): fold kv_b_proj's key half into the query, q_lat[h] = q_nope[h] @ W_UK[h] (so the
+  score is q_lat . latent + q_pe . k_pe), attend over the cache itself as one shared KV head with
+  Dk = kv_lora_rank + rope and Dv = kv_lora_rank (the value is the latent), then apply the value half:
+  out[h] = o_lat[h] @ W_UV[h]^T. It reads the compressed cache once per step instead of expanding it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class MLAttention(nn.Module):
         self.rotary = RotaryEmbedding(self.rope, spec.rope_theta, spec.rope_scaling, interleaved=True)
         self.scale = qk ** -0.5 * yarn_softmax_scale_factor(spec.rope_scaling)
         self.kv_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_lora_rank + rope]
+        self.impl = "sdpa"
 
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (num_blocks, block_size, self.kv_lora_rank + self.rope)
@@ -50,6 +56,22 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None, :].expand(n, self.num_heads, self.rope)), dim=-1)
         return k, v
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx) -> torch.Tensor:
+        """q_nope [T, H, nope], q_pe [T, H, rope] -> [T, H, v_dim], attending over the latent cache."""
+        from moelab.kernels.paged_attention import paged_attention
+
+        r = self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, r)
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [H, nope, r], [H, v, r]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, r]
+        q_full = torch.cat((q_lat, q_pe), dim=-1)
+        N, bs, _ = self.kv_cache.shape
+        k_cache = self.kv_cache.view(N, bs, 1, r + self.rope)
+        v_cache = self.kv_cache[..., :r].unsqueeze(2)
+        o_lat = paged_attention(q_full, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens_t, ctx.block_tables,
+                                self.scale, ctx.max_query_len, max_seq_len=ctx.max_seq_len)  # [T, H, r]
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         T, H = x.shape[0], self.num_heads
@@ -64,6 +86,8 @@ class MLAttention(nn.Module):
         cached = self.kv_cache is not None and ctx.has_cache
         if cached:
             self.kv_cache.view(-1, self.kv_lora_rank + self.rope)[ctx.slot_mapping] = torch.cat((latent, k_pe), -1)
+        if cached and self.impl == "triton":
+            return self.o_proj(self._absorbed(q_nope, q_pe, ctx).reshape(T, H * self.v_dim))
         out = q.new_empty(T, H, self.v_dim)
         cu = ctx.cu_seqlens_q.tolist()
         for b, n in enumerate(ctx.seq_lens):

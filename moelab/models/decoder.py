@@ -69,5 +69,13 @@ class MoECausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def attention_modules(self) -> list[nn.Module]:
-        """The modules that own a KV cache (they define cache_shape and a kv_cache attribute)."""
+        """The modules that own a KV cache (they define cache_shape, a kv_cache attribute and impl)."""
         return [m for m in self.modules() if hasattr(m, "cache_shape")]
+
+    def set_attention_impl(self, impl: str) -> None:
+        """"sdpa" (reference, any device) or "triton" (paged kernel; needs a KV cache)."""
+        from moelab.layers.attention import check_impl
+
+        check_impl(impl)
+        for m in self.attention_modules():
+            m.impl = impl

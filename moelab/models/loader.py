@@ -162,6 +162,25 @@ def load_weights(model: MoECausalLM, path: Path) -> None:
     targets.check_complete(Path(path))
 
 
+def load_synthetic(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu", moe_backend: str = "naive", top_k: int | None = None
+                   ) -> MoECausalLM:
+    """A model with the config's shapes and seeded random weights made directly on the device (no files):
+    every tensor a checkpoint would hold is drawn with synthetic.init_tensor and loaded through the same
+    name mapping as a checkpoint, one tensor at a time."""
+    from moelab.checkpoint.layout import checkpoint_tensors
+    from moelab.checkpoint.synthetic import init_tensor
+
+    spec = spec_from_hf_config(config)
+    model = build_model(spec, dtype, device, moe_backend, top_k)
+    targets = _Targets(model)
+    where = Path(f"<synthetic seed={seed}>")
+    for t in checkpoint_tensors(spec):
+        targets.load(t.name, init_tensor(t, seed, spec.num_layers, dtype, device), where)
+    targets.check_complete(where)
+    return model.eval()
+
+
 def load_model(path: Path | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                moe_backend: str = "naive", top_k: int | None = None) -> MoECausalLM:
     path = Path(path)

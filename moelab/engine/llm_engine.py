@@ -1,0 +1,209 @@
+"""LLMEngine: requests in, one scheduled step at a time, tokens and finished requests out.
+
+Builds everything from an EngineConfig: the model (checkpoint directory or preset), the tokenizer, the KV
+pool, the block manager, the scheduler, the runner and its CUDA graphs. `step()` is the whole loop body;
+the offline API calls it until nothing is left, the server calls it from its engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from moelab.engine.block_manager import BlockManager
+from moelab.engine.config import EngineConfig
+from moelab.engine.model_runner import ModelRunner
+from moelab.engine.sampling_params import SamplingParams
+from moelab.engine.scheduler import Scheduler
+from moelab.engine.sequence import Sequence
+from moelab.hf_config import spec_from_hf_config
+from moelab.models.decoder import MoECausalLM
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What "auto" became on this machine."""
+
+    device: str
+    dtype: str
+    moe_backend: str
+    attention: str
+    cuda_graphs: bool
+
+
+def resolve(config: EngineConfig) -> Resolved:
+    from moelab.layers.moe.backends import BACKENDS
+
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    backend = config.moe_backend
+    if backend == "auto":
+        backend = "triton" if cuda and "triton" in BACKENDS else "grouped"
+    attention = config.attention if config.attention != "auto" else ("triton" if cuda else "sdpa")
+    return Resolved(device, dtype, backend, attention, cuda and attention == "triton" and not config.enforce_eager)
+
+
+def load_source(config: EngineConfig, r: Resolved) -> tuple[MoECausalLM, Tokenizer, dict]:
+    """(model, tokenizer, HF config) from a checkpoint directory or a preset name."""
+    from moelab.checkpoint.synthetic import synthetic_config
+    from moelab.checkpoint.tokenizer import build_tokenizer
+    from moelab.models.loader import load_model, load_synthetic, read_config
+    from moelab.presets import PRESETS
+
+    path = Path(config.model)
+    dtype = TORCH_DTYPES[r.dtype]
+    if path.is_dir():
+        if config.overrides:
+            raise ValueError("overrides apply to presets only; a checkpoint directory has its own config.json")
+        hf = read_config(path)
+        model = load_model(path, dtype=dtype, device=r.device, moe_backend=r.moe_backend, top_k=config.top_k)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{tok_file}: missing; moelab needs the checkpoint's tokenizer.json")
+        tokenizer = Tokenizer.from_file(str(tok_file))
+    elif config.model in PRESETS:
+        hf = synthetic_config(config.model, r.dtype, **config.overrides)
+        model = load_synthetic(hf, seed=config.seed, dtype=dtype, device=r.device, moe_backend=r.moe_backend,
+                               top_k=config.top_k)
+        tokenizer = build_tokenizer(min(512, hf["vocab_size"]))
+    else:
+        raise ValueError(f"model {config.model!r} is neither a checkpoint directory nor a preset; presets: "
+                         f"{', '.join(PRESETS)}")
+    model.set_attention_impl(r.attention)
+    return model, tokenizer, hf
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.resolved = r = resolve(config)
+        torch.manual_seed(config.seed)
+        t0 = time.perf_counter()
+        self.model, self.tokenizer, self.hf_config = load_source(config, r)
+        self.spec = spec_from_hf_config(self.hf_config)
+        self.load_seconds = time.perf_counter() - t0
+        self.max_model_len = config.max_model_len or min(self.spec.max_position_embeddings, 8192)
+        self.eos_token_id = self.spec.eos_token_id
+        self.device = torch.device(r.device)
+        run_cfg = config if r.cuda_graphs or config.enforce_eager else _eager(config)
+        self.runner = ModelRunner(run_cfg, self.model, self.device, TORCH_DTYPES[r.dtype], self.max_model_len,
+                                  self.eos_token_id)
+        self.num_blocks = self.runner.init_kv_cache()
+        self.block_manager = BlockManager(self.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        t1 = time.perf_counter()
+        self.runner.capture_graphs()
+        self.graph_seconds = time.perf_counter() - t1
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # ----- requests -----
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    arrival_time: float | None = None) -> Sequence:
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty; a request needs at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; max_model_len is {self.max_model_len}, so it may have "
+                             f"at most {self.max_model_len - 1} (one token is left for the output)")
+        V = self.spec.vocab_size
+        if any(not 0 <= t < V for t in prompt_token_ids):
+            bad = next(t for t in prompt_token_ids if not 0 <= t < V)
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {V})")
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seq = Sequence(request_id, list(prompt_token_ids), params, max_tokens)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        """Finish the request with reason "abort" and free its KV blocks; False when it is unknown or done."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None or seq.finished:
+            return False
+        seq.finish("abort")
+        self.scheduler.finish(seq)
+        self.runner.forget(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ----- the loop body -----
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        """Schedule and run one step; returns (sequence, tokens added this step) for every sequence that got a
+        token or finished. Finished sequences are released before returning."""
+        batch = self.scheduler.schedule()
+        if not len(batch):
+            return []
+        now = time.perf_counter()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        tokens = self.runner.execute(batch)
+        t = time.perf_counter()
+        self.num_steps += 1
+        out = []
+        for seq, n, tok in zip(batch.seqs, batch.num_tokens, tokens):
+            seq.num_computed_tokens += n
+            if tok is None:
+                continue
+            seq.token_ids.append(tok)
+            seq.token_times.append(t)
+            self._check_stop(seq, tok)
+            out.append((seq, [tok]))
+            if seq.finished:
+                self.scheduler.finish(seq)
+                self.runner.forget(seq)
+                self.requests.pop(seq.request_id, None)
+        return out
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and tok == self.eos_token_id:
+                return seq.finish("stop", tok)
+            if tok in p.stop_token_ids:
+                return seq.finish("stop", tok)
+            if p.stop:
+                text = self.tokenizer.decode(seq.output_token_ids)
+                hits = [(text.find(s), s) for s in p.stop if s in text]
+                if hits:
+                    at, s = min(hits)
+                    seq.text = text[:at]
+                    return seq.finish("stop", s)
+        if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+
+    def output_text(self, seq: Sequence) -> str:
+        if seq.finish_reason == "stop" and isinstance(seq.stop_reason, str):
+            return seq.text
+        return self.tokenizer.decode(seq.output_token_ids)
+
+    def stats(self) -> dict[str, float]:
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "kv_cache_usage": self.block_manager.usage, "num_preemptions": self.scheduler.num_preemptions,
+                "num_blocks": self.num_blocks, "num_steps": self.num_steps}
+
+
+def _eager(config: EngineConfig) -> EngineConfig:
+    from dataclasses import replace
+
+    return replace(config, enforce_eager=True)

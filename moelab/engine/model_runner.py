@@ -1,0 +1,203 @@
+"""ModelRunner: turns a scheduled batch into device tensors, runs the model and samples.
+
+It owns the model, the KV pool (one tensor per attention module, shaped by the module's cache_shape) and
+the decode CUDA graphs. Inputs are built on the host from the sequences' block tables and copied in one
+go; logits are computed only for the rows that sample (the last token of a finished prompt chunk or a
+decode), then the sampler runs on the device and one copy brings the token ids back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelab.context import ForwardContext, forward_context
+from moelab.engine.config import EngineConfig
+from moelab.engine.cuda_graph import DecodeGraphs
+from moelab.engine.sampler import SamplingBatch, sample
+from moelab.engine.sampling_params import SamplingParams
+from moelab.engine.scheduler import ScheduledBatch
+from moelab.engine.sequence import Sequence
+from moelab.models.decoder import MoECausalLM
+
+
+def cache_bytes_per_block(model: MoECausalLM, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for m in model.attention_modules():
+        n = 1
+        for d in m.cache_shape(1, block_size):
+            n *= d
+        total += n * elem
+    return total
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: MoECausalLM, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int, eos_token_id: int | None) -> None:
+        self.config, self.model, self.device, self.dtype = config, model, device, dtype
+        self.max_model_len, self.eos_token_id = max_model_len, eos_token_id
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.seq_generators: dict[int, torch.Generator] = {}
+        self.graphs: DecodeGraphs | None = None
+        self.num_blocks = 0
+
+    # ----- KV pool -----
+    def profile_peak_bytes(self) -> int:
+        """Activation peak of the largest step (max_num_batched_tokens prompt tokens), measured on the GPU."""
+        if self.device.type != "cuda":
+            return 0
+        n = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
+        lens = []
+        while n > 0:
+            lens.append(min(n, self.max_model_len))
+            n -= lens[-1]
+        blocks = sum(-(-m // self.block_size) for m in lens) + 1
+        self._allocate(blocks)
+        tables = []
+        nxt = 1
+        for m in lens:
+            k = -(-m // self.block_size)
+            tables.append(list(range(nxt, nxt + k)))
+            nxt += k
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        seqs = []
+        for i, m in enumerate(lens):
+            s = Sequence(f"profile-{i}", [1] * m, params=SamplingParams(temperature=0.0), max_tokens=1)
+            s.block_table = tables[i]
+            seqs.append(s)
+        self.execute(ScheduledBatch(seqs=seqs, num_tokens=list(lens)))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        self._free_cache()
+        return peak
+
+    def _allocate(self, num_blocks: int) -> None:
+        for m in self.model.attention_modules():
+            m.kv_cache = torch.zeros(m.cache_shape(num_blocks, self.block_size), dtype=self.dtype, device=self.device)
+        self.num_blocks = num_blocks
+
+    def _free_cache(self) -> None:
+        for m in self.model.attention_modules():
+            m.kv_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def init_kv_cache(self) -> int:
+        """Size and allocate the KV pool; returns the number of blocks (block 0 reserved)."""
+        per_block = cache_bytes_per_block(self.model, self.block_size, self.dtype)
+        needed = self.max_blocks_per_seq + 1
+        if self.config.num_kv_blocks is not None:
+            num_blocks = self.config.num_kv_blocks
+        elif self.device.type == "cuda":
+            peak = self.profile_peak_bytes()
+            free, total = torch.cuda.mem_get_info()
+            graph_reserve = 256 << 20 if not self.config.enforce_eager else 0
+            budget = total * self.config.gpu_memory_utilization - (total - free) - peak - graph_reserve
+            num_blocks = int(budget // per_block)
+        else:
+            full = self.config.max_num_seqs * self.max_blocks_per_seq + 1
+            num_blocks = min(full, int(self.config.cpu_kv_cache_gib * (1 << 30) // per_block))
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {max(num_blocks - 1, 0) * self.block_size} tokens "
+                f"({num_blocks} blocks of {self.block_size}, {per_block} bytes each), less than one sequence of "
+                f"max_model_len={self.max_model_len}; lower max_model_len, or raise gpu_memory_utilization / "
+                f"num_kv_blocks")
+        self._allocate(num_blocks)
+        return num_blocks
+
+    def capture_graphs(self) -> None:
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        self.graphs = DecodeGraphs(self.model, min(self.config.cuda_graph_max_bs, self.config.max_num_seqs),
+                                   self.max_blocks_per_seq, self.block_size, self.max_model_len, self.device)
+        self.graphs.capture()
+
+    # ----- one step -----
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        query_lens, seq_lens, last = [], [], []
+        max_blocks = 1
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            c = seq.num_computed_tokens
+            ids += seq.token_ids[c:c + n]
+            r = range(c, c + n)
+            pos += r
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in r]
+            query_lens.append(n)
+            seq_lens.append(c + n)
+            max_blocks = max(max_blocks, len(table))
+            last.append(len(ids) - 1)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+        dev = self.device
+        pin = dev.type == "cuda"
+
+        def t(x: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype, pin_memory=pin).to(dev, non_blocking=True)
+
+        cu = [0]
+        for n in query_lens:
+            cu.append(cu[-1] + n)
+        ctx = ForwardContext(cu_seqlens_q=t(cu, torch.int32), query_lens=query_lens, seq_lens=seq_lens,
+                             slot_mapping=t(slots, torch.long), block_tables=t(tables, torch.int32),
+                             block_size=bs, seq_lens_t=t(seq_lens, torch.int32), max_query_len=max(query_lens),
+                             max_seq_len=self.max_model_len)
+        return t(ids, torch.long), t(pos, torch.long), ctx, last
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        temps, ks, ps, gens, banned = [], [], [], [], []
+        for s in seqs:
+            p = s.params
+            temps.append(p.temperature)
+            ks.append(p.top_k if p.top_k > 0 else 0)
+            ps.append(p.top_p)
+            g = None
+            if p.seed is not None and not p.greedy:
+                g = self.seq_generators.get(id(s))
+                if g is None:
+                    g = self.seq_generators[id(s)] = torch.Generator(device=self.device).manual_seed(p.seed)
+            gens.append(g)
+            ban: list[int] = []
+            if s.num_output_tokens < p.min_tokens:
+                ban = list(p.stop_token_ids) + ([self.eos_token_id] if self.eos_token_id is not None
+                                                and not p.ignore_eos else [])
+            banned.append(ban)
+        dev = self.device
+        return SamplingBatch(
+            temperature=torch.tensor(temps, dtype=torch.float32).to(dev, non_blocking=True),
+            top_k=torch.tensor(ks, dtype=torch.long).to(dev, non_blocking=True),
+            top_p=torch.tensor(ps, dtype=torch.float32).to(dev, non_blocking=True),
+            generators=gens, banned=banned, all_greedy=all(x == 0 for x in temps),
+            any_top_k=any(k > 0 for k in ks), any_top_p=any(p < 1 for p in ps))
+
+    def forget(self, seq: Sequence) -> None:
+        self.seq_generators.pop(id(seq), None)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        """Run one step; returns, per scheduled sequence, the sampled token id or None (prompt chunk only)."""
+        n = len(batch)
+        sampling = [i for i in range(n) if batch.samples(i)]
+        input_ids, positions, ctx, last = self._prepare(batch)
+        if self.graphs is not None and batch.is_pure_decode and n <= self.graphs.max_bs:
+            logits = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.seq_lens_t)
+        else:
+            with forward_context(ctx):
+                hidden = self.model(input_ids, positions)
+            if not sampling:
+                return [None] * n
+            idx = torch.tensor([last[i] for i in sampling], device=self.device)
+            logits = self.model.compute_logits(hidden[idx])
+        tokens = sample(logits, self._sampling_batch([batch.seqs[i] for i in sampling]), self.generator).tolist()
+        out: list[int | None] = [None] * n
+        for i, tok in zip(sampling, tokens):
+            out[i] = tok
+        return out

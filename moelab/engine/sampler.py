@@ -1,0 +1,95 @@
+"""Sampling on the device: greedy, temperature, top-k, top-p, min-tokens masking, per-request seeds.
+
+`sampling_probs` turns logits into the distribution each row samples from; `sample` draws from it with the
+exponential race (argmax p_i / E_i with E_i ~ Exp(1) is a draw from p), which needs no cumulative sums and
+lets a seeded request take its noise from its own generator. Greedy rows take the argmax of the logits.
+`sampling_probs_ref` is the row-by-row twin of `sampling_probs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row parameters, as device tensors where the math needs them."""
+
+    temperature: torch.Tensor  # [N] float32; 0 = greedy
+    top_k: torch.Tensor  # [N] int64; 0 = off
+    top_p: torch.Tensor  # [N] float32; 1 = off
+    generators: list[torch.Generator | None]  # per row; None = the engine's generator
+    banned: list[list[int]]  # per row: token ids masked this step (EOS before min_tokens)
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+
+
+def _apply_banned(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
+    rows = [(i, t) for i, ids in enumerate(banned) for t in ids if t < logits.shape[1]]
+    if rows:
+        r, c = zip(*rows)
+        logits = logits.clone()
+        logits[list(r), list(c)] = float("-inf")
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """logits [N, V] -> probabilities [N, V] float32 after temperature, top-k and top-p (greedy rows: any)."""
+    logits = logits.float() / b.temperature.clamp(min=1e-5)[:, None]
+    if not (b.any_top_k or b.any_top_p):
+        return logits.softmax(dim=-1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    V = logits.shape[1]
+    if b.any_top_k:
+        k = torch.where(b.top_k > 0, b.top_k, V).clamp(max=V)
+        rank = torch.arange(V, device=logits.device)[None, :]
+        sorted_logits = sorted_logits.masked_fill(rank >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    if b.any_top_p:
+        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token; the top token always stays
+        probs = probs.masked_fill(before >= b.top_p[:, None], 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return torch.empty_like(probs).scatter_(1, order, probs)
+
+
+def sampling_probs_ref(logits: torch.Tensor, temperature: list[float], top_k: list[int],
+                       top_p: list[float]) -> torch.Tensor:
+    """One row at a time, the textbook way: keep the k most likely, then the smallest prefix with mass >= p."""
+    out = torch.zeros(logits.shape, dtype=torch.float32)
+    for i, row in enumerate(logits.float().cpu()):
+        p = (row / max(temperature[i], 1e-5)).softmax(-1)
+        order = p.argsort(descending=True, stable=True).tolist()
+        keep = order[:top_k[i]] if top_k[i] > 0 else order
+        kept = p[keep] / p[keep].sum()
+        if top_p[i] < 1.0:
+            cum, n = 0.0, 0
+            while n < len(keep) and cum < top_p[i]:
+                cum += kept[n].item()
+                n += 1
+            keep = keep[:n]
+        q = torch.zeros_like(p)
+        q[keep] = p[keep]
+        out[i] = q / q.sum()
+    return out
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [N, V] -> token ids [N] int64 on the device."""
+    logits = _apply_banned(logits, b.banned)
+    greedy_ids = logits.argmax(dim=-1)
+    if b.all_greedy:
+        return greedy_ids
+    probs = sampling_probs(logits, b)
+    noise = torch.empty_like(probs)
+    shared = [i for i, g in enumerate(b.generators) if g is None]
+    if shared:
+        noise[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(
+            generator=generator)
+    for i, g in enumerate(b.generators):
+        if g is not None:
+            noise[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(b.temperature == 0, greedy_ids, sampled)

@@ -1,0 +1,289 @@
+"""Engine benchmark of issue 3: decode-step time, offline throughput and a profile breakdown, each against
+its floor (moelab.roofline with ceilings measured in the same run). Also checks bf16 logits of a 2-layer
+full-width model against the float32 reference path.
+
+    PYTHONPATH=. python scripts/bench_engine_gpu.py --out $OUT                  # the H100 run
+    PYTHONPATH=. python scripts/bench_engine_gpu.py --tiny --models olmoe-1b-7b  # a CPU smoke run
+
+Prints a table last and writes every row as JSON to OUT/engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moelab.context import ForwardContext, forward_context
+from moelab.engine.sampling_params import SamplingParams
+from moelab.llm import LLM
+from moelab.roofline import Ceilings, offline_run_floor, step_floor
+
+TINY = dict(layers=2, hidden_size=128, heads=4, kv_heads=4, experts=8, top_k=2, moe_intermediate_size=64,
+            vocab_size=512)
+
+
+def measure_ceilings(device: str) -> Ceilings:
+    if device != "cuda":
+        return Ceilings(50e9, 1e12, "cpu (nominal)")
+    x = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+
+    def timed(fn, n=10) -> float:
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(n):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            ts.append(s.elapsed_time(e) / 1e3)
+        return statistics.median(ts)
+
+    bw = 2 * x.numel() * 2 / timed(lambda: y.copy_(x))
+    mm = 2 * 8192 ** 3 / timed(lambda: a @ b)
+    return Ceilings(bw, mm, torch.cuda.get_device_name())
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_touched(llm: LLM, fn) -> list[float]:
+    """Run fn() eagerly with every MoE layer's backend wrapped to count distinct experts per call."""
+    from moelab.layers.moe.layer import SparseMoE
+
+    runner = llm.engine.runner
+    graphs, runner.graphs = runner.graphs, None
+    counts: list[int] = []
+    mods = [m for m in llm.engine.model.modules() if isinstance(m, SparseMoE)]
+    originals = [m.backend for m in mods]
+    for m, orig in zip(mods, originals):
+        def wrapped(x, ids, *a, _orig=orig):
+            counts.append(int(ids.unique().numel()))
+            return _orig(x, ids, *a)
+        m.backend = wrapped
+    try:
+        fn()
+    finally:
+        for m, orig in zip(mods, originals):
+            m.backend = orig
+        runner.graphs = graphs
+    return [float(c) for c in counts[-len(mods):]]
+
+
+def check_bf16(model_name: str, device: str, overrides: dict) -> dict:
+    """Prefill logits of a 2-layer full-width model: engine path (bf16, fast kernels, paged cache) vs the float32
+    reference path (sdpa attention, naive MoE, no cache)."""
+    ov = {**overrides, "layers": 2}
+    ref = LLM(model_name, dtype="float32", attention="sdpa", moe_backend="naive", enforce_eager=True,
+              overrides=ov, max_model_len=512, num_kv_blocks=64, device=device)
+    ids = torch.randint(3, 500, (256,), device=device)
+    pos = torch.arange(256, device=device)
+    with torch.inference_mode(), forward_context(ForwardContext.for_prompts([256], device)):
+        want = ref.engine.model.compute_logits(ref.engine.model(ids, pos)).float()
+    del ref
+    gc.collect()
+    fast = LLM(model_name, overrides=ov, max_model_len=512, enforce_eager=True, device=device,
+               num_kv_blocks=64)
+    bs = fast.config.block_size
+    n_blocks = 256 // bs
+    table = torch.arange(1, n_blocks + 1, dtype=torch.int32, device=device)[None]
+    ctx = ForwardContext(cu_seqlens_q=torch.tensor([0, 256], dtype=torch.int32, device=device), query_lens=[256],
+                         seq_lens=[256], slot_mapping=(pos + bs), block_tables=table, block_size=bs,
+                         seq_lens_t=torch.tensor([256], dtype=torch.int32, device=device), max_query_len=256,
+                         max_seq_len=512)
+    with torch.inference_mode(), forward_context(ctx):
+        got = fast.engine.model.compute_logits(fast.engine.model(ids, pos)).float()
+    r = fast.engine.resolved
+    err = ((got - want).norm() / want.norm()).item()
+    del fast
+    gc.collect()
+    return {"kind": "bf16_check", "model": model_name, "dtype": r.dtype, "moe_backend": r.moe_backend,
+            "attention": r.attention, "rel_err": err, "finite": bool(torch.isfinite(got).all())}
+
+
+def bench_decode(llm: LLM, B: int, ctx: int, steps: int, c: Ceilings, device: str) -> dict:
+    eng = llm.engine
+    g = torch.Generator().manual_seed(B)
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    for i in range(B):
+        eng.add_request(torch.randint(3, 500, (ctx,), generator=g).tolist(), params, request_id=f"d{B}-{i}")
+    while any(s.num_output_tokens == 0 for s in eng.requests.values()):
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        eng.step()  # ends with the sampled ids on the host: a full step
+        times.append(time.perf_counter() - t)
+    seqs = list(eng.requests.values())
+    ctxs = [s.num_tokens for s in seqs]
+    touched = count_touched(llm, eng.step)
+    floor = step_floor(eng.spec, [1] * B, ctxs, c, touched=touched)
+    gpu_ms = None
+    if eng.runner.graphs is not None:
+        graphs = eng.runner.graphs
+        bucket = graphs.bucket(B)
+        if bucket is not None:
+            ev = []
+            for _ in range(20):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                graphs.graphs[bucket].replay()
+                e.record()
+                e.synchronize()
+                ev.append(s.elapsed_time(e))
+            gpu_ms = statistics.median(ev)
+    for rid in list(eng.requests):
+        eng.abort_request(rid)
+    med = statistics.median(times)
+    return {"kind": "decode_step", "batch": B, "context": statistics.fmean(ctxs), "step_ms": med * 1e3,
+            "step_ms_p10": sorted(times)[len(times) // 10] * 1e3, "graph_replay_ms": gpu_ms,
+            "floor_ms": floor.seconds * 1e3, "floor_bytes": floor.bytes, "touched_mean": statistics.fmean(touched),
+            "pct_of_floor": floor.pct_of(med), "x_floor": med / floor.seconds}
+
+
+def bench_offline(llm: LLM, B: int, n_in: int, n_out: int, c: Ceilings, device: str) -> dict:
+    g = torch.Generator().manual_seed(1000 + B)
+    prompts = [torch.randint(3, 500, (n_in,), generator=g).tolist() for _ in range(B)]
+    params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+    sync(device)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    sync(device)
+    wall = time.perf_counter() - t
+    assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
+    floor = offline_run_floor(llm.engine.spec, B, n_in, n_out, c, max_batched_tokens=llm.config.max_num_batched_tokens)
+    ttft = statistics.median(o.metrics.ttft for o in outs)
+    itl = statistics.fmean(x for o in outs for x in o.metrics.itl)
+    return {"kind": "offline", "batch": B, "input_len": n_in, "output_len": n_out, "seconds": wall,
+            "throughput_tok_s": B * (n_in + n_out) / wall, "output_tok_s": B * n_out / wall,
+            "floor_seconds": floor.seconds, "roofline_output_tok_s": B * n_out / floor.seconds,
+            "pct_of_roofline": floor.pct_of(wall), "ttft_median_ms": ttft * 1e3, "itl_mean_ms": itl * 1e3,
+            "preemptions": llm.engine.scheduler.num_preemptions}
+
+
+CATEGORIES = [("attention", ("paged_attention", "attn", "flash")), ("moe", ("fused_moe", "moe", "align", "grouped")),
+              ("routing", ("topk", "sort", "softmax", "sigmoid")), ("gemm", ("gemm", "nvjet", "cutlass", "sm90",
+                                                                               "xmma", "cublas")),
+              ("norm/rope/elementwise", ("")),]
+
+
+def profile_decode(llm: LLM, B: int, ctx: int, steps: int, device: str) -> dict:
+    if device != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    for i in range(B):
+        eng.add_request([5 + (i + j) % 400 for j in range(ctx)], params, request_id=f"p{i}")
+    while any(s.num_output_tokens == 0 for s in eng.requests.values()):
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        wall = time.perf_counter() - t
+    for rid in list(eng.requests):
+        eng.abort_request(rid)
+    out = {c: 0.0 for c, _ in CATEGORIES}
+    kernels = {}
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        name = ev.name.lower()
+        dur = ev.device_time / 1e3 if hasattr(ev, "device_time") else ev.cuda_time / 1e3  # ms
+        kernels[ev.name] = kernels.get(ev.name, 0.0) + dur
+        for cat, keys in CATEGORIES:
+            if any(k in name for k in keys):
+                if "sampl" in name or "exponential" in name or "argmax" in name:
+                    cat = "sampling"
+                out[cat] = out.get(cat, 0.0) + dur
+                break
+    per_step = {k: v / steps for k, v in out.items()}
+    gpu = sum(per_step.values())
+    per_step["gpu_busy"] = gpu
+    per_step["wall"] = wall / steps * 1e3
+    per_step["host_overhead_and_idle"] = per_step["wall"] - gpu
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    return {"kind": "profile", "batch": B, "ms_per_step": per_step, "top_kernels_ms_per_step":
+            {k: v / steps for k, v in top}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["olmoe-1b-7b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite"])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--offline-batches", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    c = measure_ceilings(device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    rows: list[dict] = [{"kind": "ceilings", "bandwidth": c.bandwidth, "matmul": c.matmul, "device": c.name,
+                         "torch": torch.__version__}]
+    print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
+    overrides = TINY if args.tiny else {}
+    for name in args.models:
+        if not args.skip_check:
+            r = check_bf16(name, device, overrides)
+            rows.append(r)
+            print(f"{name}: bf16 vs fp32 reference rel err {r['rel_err']:.2e} (finite {r['finite']})")
+        t = time.perf_counter()
+        llm = LLM(name, overrides=overrides, max_model_len=512, max_num_seqs=256, gpu_memory_utilization=0.85)
+        e = llm.engine
+        rows.append({"kind": "engine", "model": name, "ready_s": time.perf_counter() - t, "load_s": e.load_seconds,
+                     "graph_s": e.graph_seconds, "num_blocks": e.num_blocks, **vars(e.resolved)})
+        print(f"{name}: ready in {time.perf_counter() - t:.1f} s (graphs {e.graph_seconds:.1f} s), "
+              f"{e.num_blocks} KV blocks, {e.resolved}")
+        llm.generate([[5, 6, 7]] * 2, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+        for B in args.decode_batches:
+            r = {"model": name, **bench_decode(llm, B, 128, args.steps, c, device)}
+            rows.append(r)
+            print(f"  decode B={B}: {r['step_ms']:.3f} ms/step (graph {r['graph_replay_ms']}) floor "
+                  f"{r['floor_ms']:.3f} ms = {r['pct_of_floor']:.0f}% ({r['x_floor']:.2f}x floor)")
+        for B in args.offline_batches:
+            r = {"model": name, **bench_offline(llm, B, 128, 128, c, device)}
+            rows.append(r)
+            print(f"  offline B={B}: {r['output_tok_s']:.0f} out tok/s, {r['throughput_tok_s']:.0f} tok/s, "
+                  f"{r['pct_of_roofline']:.0f}% of roofline ({r['roofline_output_tok_s']:.0f} out tok/s)")
+        if device == "cuda":
+            for B in (1, 64):
+                p = {"model": name, **profile_decode(llm, B, 128, 10, device)}
+                rows.append(p)
+                print(f"  profile B={B}: " + ", ".join(f"{k} {v:.3f}" for k, v in p["ms_per_step"].items()))
+        (out / "engine.json").write_text(json.dumps(rows, indent=1))
+        del llm, e
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    (out / "engine.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The engine (LLM / LLMEngine) against transformers' generate, token for token, under the conditions that
+change its code path: mixed prompt lengths in one batch, chunked prefill, preemption by recompute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelab.engine.sampling_params import SamplingParams
+from moelab.llm import LLM
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+FAMILIES = ["mixtral-gqa", "olmoe", "qwen2-moe-dense-first", "qwen3-moe-gqa-norm", "deepseek-v2-lite", "deepseek-v3"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+# (name, engine kwargs): plain; chunked prefill (budget 8 tokens per step); a pool so small that sequences
+# get preempted and recomputed
+SETUPS = {
+    "plain": dict(max_model_len=64, block_size=4),
+    "chunked": dict(max_model_len=64, block_size=4, max_num_batched_tokens=8),
+    "preempt": dict(max_model_len=64, block_size=4, num_kv_blocks=17, max_num_batched_tokens=16),
+}
+
+
+def hf_greedy(path: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1,
+                          attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        out.append(ref[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_engine_greedy_matches_transformers(name: str, tiny_checkpoints: dict[str, Path]) -> None:
+    path = tiny_checkpoints[name]
+    prompts = [torch.randint(4, 320, (n,)).tolist() for n in (5, 29, 1, 13, 21)]
+    ref = hf_greedy(path, prompts, GREEDY.max_tokens)
+    for setup, kwargs in SETUPS.items():
+        llm = LLM(str(path), **kwargs)
+        outs = llm.generate(prompts, GREEDY)
+        for i, o in enumerate(outs):
+            assert o.outputs[0].token_ids == ref[i], (name, setup, i)
+            assert o.outputs[0].finish_reason == "length"
+            m = o.metrics
+            assert len(m.token_times) == 10 and m.token_times == sorted(m.token_times) and m.ttft > 0
+        if setup == "preempt":
+            assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks - 1
+        assert not llm.engine.scheduler.running and not llm.engine.scheduler.waiting
+
+
+@pytest.fixture(scope="module")
+def olmoe(tiny_checkpoints: dict[str, Path]) -> LLM:
+    return LLM(str(tiny_checkpoints["olmoe"]), max_model_len=64, block_size=4)
+
+
+def test_text_prompts_and_text_output(olmoe: LLM) -> None:
+    out = olmoe.generate("The router", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert out.prompt == "The router" and out.prompt_token_ids == olmoe.tokenizer.encode("The router").ids
+    assert out.outputs[0].text == olmoe.tokenizer.decode(out.outputs[0].token_ids)
+
+
+def test_stop_conditions(olmoe: LLM) -> None:
+    prompt = [7, 8, 9]
+    free = olmoe.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    ids = free.token_ids
+    # stop token id: included in the ids, ends with reason stop
+    o = olmoe.generate(prompt, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[ids[2]]))[0].outputs[0]
+    cut = ids.index(ids[2]) + 1
+    assert o.token_ids == ids[:cut] and o.finish_reason == "stop" and o.stop_reason == ids[2]
+    # min_tokens masks the stop token until reached
+    o = olmoe.generate(prompt, SamplingParams(temperature=0, max_tokens=8, min_tokens=8,
+                                              stop_token_ids=[ids[0]]))[0].outputs[0]
+    assert len(o.token_ids) == 8 and ids[0] not in o.token_ids
+    # stop string: the text ends before it
+    text = olmoe.tokenizer.decode(ids)
+    stop = text[2:4]
+    o = olmoe.generate(prompt, SamplingParams(temperature=0, max_tokens=8, stop=stop, ignore_eos=True))[0].outputs[0]
+    assert o.finish_reason == "stop" and o.stop_reason == stop and o.text == text[:text.find(stop)]
+
+
+def test_eos_ends_generation_unless_ignored(tiny_checkpoints: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_checkpoints["olmoe"]), max_model_len=64)
+    prompt = [7, 8, 9]
+    ids = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0].token_ids
+    llm.engine.eos_token_id = ids[1]
+    o = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0]
+    assert o.token_ids == ids[:2] and o.finish_reason == "stop"
+    o = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0]
+    assert o.token_ids == ids
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(olmoe: LLM) -> None:
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=8, seed=1234, ignore_eos=True)
+    alone = olmoe.generate([5, 6], p)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True)
+    batch = olmoe.generate([[9, 9, 9], [5, 6], [3]], [others, p, others])
+    assert batch[1].outputs[0].token_ids == alone
+    other_seed = olmoe.generate([5, 6], SamplingParams(temperature=1.0, max_tokens=8, seed=99, ignore_eos=True))
+    assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_max_tokens_capped_by_max_model_len(olmoe: LLM) -> None:
+    o = olmoe.generate([4] * 60, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert len(o.outputs[0].token_ids) == 4 and o.outputs[0].finish_reason == "length"
+
+
+def test_bad_requests_are_refused_and_lose_nothing(olmoe: LLM) -> None:
+    with pytest.raises(ValueError, match="max_model_len is 64"):
+        olmoe.generate([[5, 6], [4] * 64], SamplingParams(temperature=0, max_tokens=2))
+    assert not olmoe.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="empty"):
+        olmoe.generate([[]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        olmoe.generate([[5, 100000]])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert olmoe.engine.block_manager.num_free_blocks == olmoe.engine.num_blocks - 1
+    assert olmoe.generate([5, 6], SamplingParams(temperature=0, max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_abort_frees_blocks(olmoe: LLM) -> None:
+    eng = olmoe.engine
+    for i in range(3):
+        eng.add_request([5, 6, 7, 8, 9], SamplingParams(temperature=0, max_tokens=20), request_id=f"a{i}")
+    eng.step()
+    eng.step()
+    assert eng.block_manager.num_free_blocks < eng.num_blocks - 1
+    assert eng.abort_request("a1") and not eng.abort_request("a1") and not eng.abort_request("nope")
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.block_manager.num_free_blocks == eng.num_blocks - 1
+
+
+def test_unknown_model_and_tiny_pool_errors(tiny_checkpoints: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="neither a checkpoint directory nor a preset"):
+        LLM("no-such-model")
+    with pytest.raises(ValueError, match="less than one sequence of max_model_len=64"):
+        LLM(str(tiny_checkpoints["olmoe"]), max_model_len=64, block_size=4, num_kv_blocks=8)
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        LLM(str(tiny_checkpoints["olmoe"]), block_size=6)
+
+
+def test_preset_model_equals_its_written_checkpoint(tmp_path: Path) -> None:
+    from moelab.checkpoint.synthetic import make_checkpoint
+
+    shape = dict(layers=2, hidden_size=64, heads=4, kv_heads=2, experts=8, moe_intermediate_size=32, vocab_size=320)
+    make_checkpoint("qwen3-30b-a3b", tmp_path, seed=5, dtype="float32", **shape)
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    a = LLM(str(tmp_path), seed=5, max_model_len=64).generate([4, 5, 6], p)[0].outputs[0].token_ids
+    b = LLM("qwen3-30b-a3b", overrides=shape, seed=5, max_model_len=64).generate([4, 5, 6], p)[0].outputs[0].token_ids
+    assert a == b

@@ -1,0 +1,55 @@
+"""The sampler: its distribution against the row-by-row reference, greedy, seeds, banned tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelab.engine.sampler import SamplingBatch, sample, sampling_probs, sampling_probs_ref
+
+
+def batch(temps, ks, ps, gens=None, banned=None) -> SamplingBatch:
+    n = len(temps)
+    return SamplingBatch(torch.tensor(temps, dtype=torch.float32), torch.tensor(ks), torch.tensor(ps),
+                         gens or [None] * n, banned or [[]] * n, all(t == 0 for t in temps),
+                         any(k > 0 for k in ks), any(p < 1 for p in ps))
+
+
+def test_probs_match_reference() -> None:
+    logits = torch.randn(6, 50) * 3
+    temps, ks, ps = [1.0, 0.5, 2.0, 1.0, 0.7, 1.3], [0, 5, 0, 1, 10, 3], [1.0, 1.0, 0.8, 0.5, 0.3, 0.95]
+    out = sampling_probs(logits, batch(temps, ks, ps))
+    ref = sampling_probs_ref(logits, temps, ks, ps)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(out.sum(-1), torch.ones(6))
+    assert (out[1] > 0).sum() == 5 and (out[3] > 0).sum() == 1
+
+
+def test_samples_follow_the_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -5.0]]).repeat(20000, 1)
+    b = batch([1.0] * 20000, [0] * 20000, [1.0] * 20000)
+    ids = sample(logits, b, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=5).float() / 20000
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.015)
+
+
+def test_greedy_rows_take_argmax_and_banned_tokens_never_come() -> None:
+    logits = torch.randn(4, 30)
+    b = batch([0.0, 1.0, 0.0, 1.0], [0, 0, 0, 1], [1.0] * 4, banned=[[int(logits[0].argmax())], [], [], []])
+    ids = sample(logits, b, torch.Generator().manual_seed(0))
+    assert ids[2] == logits[2].argmax() and ids[3] == logits[3].argmax()  # greedy; top-k 1
+    assert ids[0] == logits[0].topk(2).indices[1]
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_seeded_rows_ignore_the_rest_of_the_batch(seed: int) -> None:
+    logits = torch.randn(3, 100)
+
+    def draw(rows: list[int]) -> int:
+        g = torch.Generator().manual_seed(seed)
+        gens = [g if r == 0 else None for r in rows]
+        b = batch([1.0] * len(rows), [0] * len(rows), [1.0] * len(rows), gens=gens)
+        ids = sample(logits[rows], b, torch.Generator().manual_seed(123 + len(rows)))
+        return int(ids[rows.index(0)])
+
+    assert draw([0]) == draw([2, 0, 1]) == draw([1, 0])
