@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
+
+# Modules that add their own subcommands: each has add_commands(sub, bench_sub) where sub is the top-level
+# subparsers and bench_sub the subparsers of `moelab bench`. A listed module that does not exist yet is skipped.
+COMMAND_MODULES = ["moelab.lab.cli", "moelab.server.cli", "moelab.analysis.cli", "moelab.kernels.cli"]
 
 TINY = dict(layers=2, hidden_size=128, heads=4, kv_heads=4, experts=8, top_k=2, moe_intermediate_size=64,
             vocab_size=512)
@@ -103,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)
+
+    bench = sub.add_parser("bench", help="benchmarks: kernels, throughput, latency, sweep, serve")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and (name == err.name or name.startswith(err.name + ".")):
+                continue
+            raise
+        module.add_commands(sub, bench_sub)
     return parser
 
 
