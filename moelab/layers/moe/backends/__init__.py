@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -13,6 +14,11 @@ from moelab.layers.moe.backends.naive import naive_moe
 MoEBackend = Callable[..., torch.Tensor]
 
 BACKENDS: dict[str, MoEBackend] = {"naive": naive_moe, "grouped": grouped_moe}
+
+if importlib.util.find_spec("triton") is not None:  # the triton backend only where triton is installed
+    from moelab.layers.moe.backends.triton import triton_moe
+
+    BACKENDS["triton"] = triton_moe
 
 
 def get_backend(name: str) -> MoEBackend:
