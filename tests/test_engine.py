@@ -155,3 +155,16 @@ def test_preset_model_equals_its_written_checkpoint(tmp_path: Path) -> None:
     a = LLM(str(tmp_path), seed=5, max_model_len=64).generate([4, 5, 6], p)[0].outputs[0].token_ids
     b = LLM("qwen3-30b-a3b", overrides=shape, seed=5, max_model_len=64).generate([4, 5, 6], p)[0].outputs[0].token_ids
     assert a == b
+
+
+def test_routing_recorder_counts_every_token(tiny_checkpoints: dict[str, Path]) -> None:
+    llm = LLM(str(tiny_checkpoints["qwen2-moe-dense-first"]), max_model_len=64, block_size=4,
+              max_num_batched_tokens=8, record_routing=True)
+    outs = llm.generate([[5] * 13, [6] * 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    rec = llm.engine.runner.recorder
+    counts = rec.as_array()  # [steps, moe layers, E]
+    spec = llm.engine.spec
+    assert counts.shape[1:] == (spec.num_moe_layers, spec.num_experts)
+    fed = 13 + 3 + sum(len(o.outputs[0].token_ids) - 1 for o in outs)  # prompts + every token fed back
+    assert sum(rec.tokens) == fed
+    assert (counts.sum(axis=2) == [[t * spec.top_k] * spec.num_moe_layers for t in rec.tokens]).all()

@@ -38,6 +38,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     top_k: int | None = None  # override of the model's experts per token
     seed: int = 0
+    record_routing: bool = False  # tokens per expert per step and layer (moelab.engine.routing_recorder)
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -103,6 +103,8 @@ class LLMEngine:
         t1 = time.perf_counter()
         self.runner.capture_graphs()
         self.graph_seconds = time.perf_counter() - t1
+        if self.runner.recorder is not None:
+            self.runner.recorder.reset()
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_steps = 0

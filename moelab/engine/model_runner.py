@@ -42,6 +42,12 @@ class ModelRunner:
         self.seq_generators: dict[int, torch.Generator] = {}
         self.graphs: DecodeGraphs | None = None
         self.num_blocks = 0
+        self.recorder = None
+        if config.record_routing:
+            from moelab.engine.routing_recorder import RoutingRecorder
+
+            self.recorder = RoutingRecorder(model, max(config.max_num_batched_tokens, config.cuda_graph_max_bs,
+                                                       config.max_num_seqs), device)
 
     # ----- KV pool -----
     def profile_peak_bytes(self) -> int:
@@ -137,20 +143,22 @@ class ModelRunner:
             max_blocks = max(max_blocks, len(table))
             last.append(len(ids) - 1)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
-        dev = self.device
-        pin = dev.type == "cuda"
-
-        def t(x: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype, pin_memory=pin).to(dev, non_blocking=True)
-
         cu = [0]
         for n in query_lens:
             cu.append(cu[-1] + n)
-        ctx = ForwardContext(cu_seqlens_q=t(cu, torch.int32), query_lens=query_lens, seq_lens=seq_lens,
-                             slot_mapping=t(slots, torch.long), block_tables=t(tables, torch.int32),
-                             block_size=bs, seq_lens_t=t(seq_lens, torch.int32), max_query_len=max(query_lens),
-                             max_seq_len=self.max_model_len)
-        return t(ids, torch.long), t(pos, torch.long), ctx, last
+        # one host buffer and one copy for the 1-D inputs, one for the block tables
+        T, B = len(ids), len(query_lens)
+        pin = self.device.type == "cuda"
+        flat = torch.tensor(ids + pos + slots + seq_lens + cu, dtype=torch.long, pin_memory=pin)
+        flat = flat.to(self.device, non_blocking=True)
+        ids_t, pos_t, slots_t = flat[:T], flat[T:2 * T], flat[2 * T:3 * T]
+        seq_lens_t = flat[3 * T:3 * T + B].to(torch.int32)
+        cu_t = flat[3 * T + B:].to(torch.int32)
+        tables_t = torch.tensor(tables, dtype=torch.int32, pin_memory=pin).to(self.device, non_blocking=True)
+        ctx = ForwardContext(cu_seqlens_q=cu_t, query_lens=query_lens, seq_lens=seq_lens, slot_mapping=slots_t,
+                             block_tables=tables_t, block_size=bs, seq_lens_t=seq_lens_t,
+                             max_query_len=max(query_lens), max_seq_len=self.max_model_len)
+        return ids_t, pos_t, ctx, last
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         temps, ks, ps, gens, banned = [], [], [], [], []
@@ -187,16 +195,32 @@ class ModelRunner:
         n = len(batch)
         sampling = [i for i in range(n) if batch.samples(i)]
         input_ids, positions, ctx, last = self._prepare(batch)
+        rec = self.recorder
         if self.graphs is not None and batch.is_pure_decode and n <= self.graphs.max_bs:
+            if rec is not None:
+                rec.set_valid(n, self.graphs.bucket(n))
             logits = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.seq_lens_t)
         else:
+            if rec is not None:
+                rec.set_valid(input_ids.shape[0], input_ids.shape[0])
             with forward_context(ctx):
                 hidden = self.model(input_ids, positions)
             if not sampling:
+                if rec is not None:
+                    rec.snapshot(input_ids.shape[0])
+                    rec.collect(synced=False)  # a sync, only on prompt-chunk steps that sample nothing
                 return [None] * n
             idx = torch.tensor([last[i] for i in sampling], device=self.device)
             logits = self.model.compute_logits(hidden[idx])
-        tokens = sample(logits, self._sampling_batch([batch.seqs[i] for i in sampling]), self.generator).tolist()
+        if rec is not None:
+            rec.snapshot(input_ids.shape[0])
+        seqs = [batch.seqs[i] for i in sampling]
+        if all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs):
+            tokens = logits.argmax(dim=-1).tolist()  # the common benchmark case: no sampling tensors at all
+        else:
+            tokens = sample(logits, self._sampling_batch(seqs), self.generator).tolist()
+        if rec is not None:
+            rec.collect()
         out: list[int | None] = [None] * n
         for i, tok in zip(sampling, tokens):
             out[i] = tok

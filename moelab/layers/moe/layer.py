@@ -57,8 +57,15 @@ class SparseMoE(nn.Module):
         self.gate = Router(num_experts, hidden_size, correction_bias=router.topk_method == "noaux_tc")
         self.experts = ExpertWeights(num_experts, hidden_size, intermediate_size)
         self.backend = get_backend(backend)
+        # set by the engine's routing recorder: this layer's row of the counts buffer, and the valid-row mask
+        self.routing_counts: torch.Tensor | None = None
+        self.routing_valid: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = x.float() @ self.gate.weight.float().T  # [T, E]; routing in float32 as the references do
         topk_weights, topk_ids = route(logits, self.router_config, self.gate.e_score_correction_bias)
+        if self.routing_counts is not None:
+            T, K = topk_ids.shape
+            valid = self.routing_valid[:T, None].expand(T, K).reshape(-1)
+            self.routing_counts.scatter_add_(0, topk_ids.reshape(-1), valid)
         return self.backend(x, topk_ids, topk_weights, self.experts.w13, self.experts.w2, None)
