@@ -92,6 +92,8 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         self.max_model_len = config.max_model_len or min(self.spec.max_position_embeddings, 8192)
         self.eos_token_id = self.spec.eos_token_id
+        if r.attention == "triton":
+            self.model.prepare_fast_path(self.max_model_len)
         self.device = torch.device(r.device)
         run_cfg = config if r.cuda_graphs or config.enforce_eager else _eager(config)
         self.runner = ModelRunner(run_cfg, self.model, self.device, TORCH_DTYPES[r.dtype], self.max_model_len,

@@ -100,10 +100,31 @@ class GQAttention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(hd, spec.rms_norm_eps), RMSNorm(hd, spec.rms_norm_eps)
         self.rotary = RotaryEmbedding(hd, spec.rope_theta, spec.rope_scaling)
         self.attn = Attention(H, KV, hd, hd ** -0.5)
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """One GEMM for q, k and v: the three weights move into one buffer and the Linear weights become views
+        of it (no extra memory; checkpoint names and state_dict stay as they were)."""
+        if self.qkv_weight is not None:
+            return
+        self.qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        for lin, w in zip((self.q_proj, self.k_proj, self.v_proj), self.qkv_weight.split(sizes)):
+            lin.weight = nn.Parameter(w, requires_grad=False)
+        if self.q_proj.bias is not None:
+            self.qkv_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            for lin, b in zip((self.q_proj, self.k_proj, self.v_proj), self.qkv_bias.split(sizes)):
+                lin.bias = nn.Parameter(b, requires_grad=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

@@ -62,6 +62,15 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
             self.attention_factor = 1.0
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.cos: torch.Tensor | None = None  # [max_positions, dim/2] float32 tables of the "triton" path
+        self.sin: torch.Tensor | None = None
+
+    def build_tables(self, max_positions: int) -> None:
+        """Switch to the one-kernel path over precomputed cos/sin tables (attention factor folded in)."""
+        pos = torch.arange(max_positions, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = pos[:, None] * self.inv_freq.float()
+        self.cos = (freqs.cos() * self.attention_factor).contiguous()
+        self.sin = (freqs.sin() * self.attention_factor).contiguous()
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x [T, heads, dim]; cos/sin [T, 1, dim/2]
@@ -73,6 +82,10 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is not None:
+            from moelab.kernels.rotary import rotary
+
+            return rotary(q, k, positions, self.cos, self.sin, self.interleaved)
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)  # [T, dim/2]
         cos = (freqs.cos() * self.attention_factor)[:, None, :]
         sin = (freqs.sin() * self.attention_factor)[:, None, :]

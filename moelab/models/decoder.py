@@ -72,6 +72,25 @@ class MoECausalLM(nn.Module):
         """The modules that own a KV cache (they define cache_shape, a kv_cache attribute and impl)."""
         return [m for m in self.modules() if hasattr(m, "cache_shape")]
 
+    @torch.no_grad()
+    def prepare_fast_path(self, max_positions: int) -> None:
+        """Kernels for everything small: one-kernel RMSNorm and rotary (tables up to max_positions), fused QKV
+        projections, float32 router weights kept instead of cast per call. Same math as the reference path."""
+        from moelab.layers.attention import GQAttention
+        from moelab.layers.moe.layer import Router
+        from moelab.layers.norm import RMSNorm
+        from moelab.layers.rotary import RotaryEmbedding
+
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.impl = "triton"
+            elif isinstance(m, RotaryEmbedding):
+                m.build_tables(max_positions)
+            elif isinstance(m, GQAttention):
+                m.fuse_qkv()
+            elif isinstance(m, Router) and m.weight.dtype != torch.float32:
+                m.weight_f32 = m.weight.float()
+
     def set_attention_impl(self, impl: str) -> None:
         """"sdpa" (reference, any device) or "triton" (paged kernel; needs a KV cache)."""
         from moelab.layers.attention import check_impl

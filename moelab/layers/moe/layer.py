@@ -25,6 +25,12 @@ class Router(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        self.weight_f32: torch.Tensor | None = None  # a float32 copy kept by prepare_fast_path()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, E] router logits in float32 (as the references compute them)."""
+        w = self.weight_f32 if self.weight_f32 is not None else self.weight.float()
+        return x.float() @ w.T
 
 
 class ExpertWeights(nn.Module):
@@ -62,7 +68,7 @@ class SparseMoE(nn.Module):
         self.routing_valid: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = x.float() @ self.gate.weight.float().T  # [T, E]; routing in float32 as the references do
+        logits = self.gate.logits(x)
         topk_weights, topk_ids = route(logits, self.router_config, self.gate.e_score_correction_bias)
         if self.routing_counts is not None:
             T, K = topk_ids.shape

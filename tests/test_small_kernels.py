@@ -1,0 +1,34 @@
+"""RMSNorm and rotary Triton kernels against their references (under the interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelab.kernels.rms_norm import rms_norm, rms_norm_ref
+from moelab.kernels.rotary import rotary, rotary_ref
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (7, 48), (3, 5, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm(shape, dtype) -> None:
+    x = torch.randn(shape, dtype=dtype) * 3
+    w = torch.rand(shape[-1], dtype=dtype) + 0.5
+    got, want = rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.allclose(got.float(), want.float(), atol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("T,Hq,Hk,rot", [(1, 4, 4, 16), (5, 6, 2, 8), (3, 20, 1, 32)])
+def test_rotary(interleaved, T, Hq, Hk, rot) -> None:
+    P = 64
+    inv = 1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)
+    f = torch.arange(P).float()[:, None] * inv
+    cos, sin = f.cos() * 1.1, f.sin() * 1.1
+    q = torch.randn(T, Hq, 2 * rot)[..., :rot]  # strided view: heads not contiguous with tokens
+    k = torch.randn(T, Hk, rot)
+    pos = torch.randint(0, P, (T,))
+    gq, gk = rotary(q, k, pos, cos, sin, interleaved)
+    wq, wk = rotary_ref(q, k, pos, cos, sin, interleaved)
+    assert torch.allclose(gq, wq, atol=1e-5) and torch.allclose(gk, wk, atol=1e-5)
