@@ -1,0 +1,1 @@
+"""Triton kernels, each beside its plain-torch `*_ref` twin. Importing a kernel module needs triton."""
