@@ -67,4 +67,6 @@ def route(logits: torch.Tensor, cfg: RouterConfig, correction_bias: torch.Tensor
         raise ValueError(f"unknown topk_method {cfg.topk_method!r}; allowed: greedy, group_limited_greedy, noaux_tc")
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor, ids
+    if cfg.routed_scaling_factor != 1.0:
+        weights = weights * cfg.routed_scaling_factor
+    return weights, ids
