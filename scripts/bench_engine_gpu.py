@@ -177,10 +177,14 @@ def bench_offline(llm: LLM, B: int, n_in: int, n_out: int, c: Ceilings, device: 
             "preemptions": llm.engine.scheduler.num_preemptions}
 
 
-CATEGORIES = [("attention", ("paged_attention", "attn", "flash")), ("moe", ("fused_moe", "moe", "align", "grouped")),
-              ("routing", ("topk", "sort", "softmax", "sigmoid")), ("gemm", ("gemm", "nvjet", "cutlass", "sm90",
-                                                                               "xmma", "cublas")),
-              ("norm/rope/elementwise", ("")),]
+# kernel name fragments per category, checked in this order; the rest is "other"
+CATEGORIES = [("attention", ("paged_attention", "split_reduce", "store_kv", "index_put")),
+              ("moe", ("gate_up", "_down_kernel", "_place", "align", "moe")),
+              ("routing", ("topk", "sort", "softmax", "sigmoid", "router", "dot_kernel", "gemv")),
+              ("norm/rope", ("rms_norm", "rotary")),
+              ("sampling", ("argmax", "exponential")),
+              ("gemm", ("gemm", "nvjet", "cutlass", "sm90", "xmma", "cublas")),
+              ("other", ("",))]
 
 
 def profile_decode(llm: LLM, B: int, ctx: int, steps: int, device: str) -> dict:
@@ -214,9 +218,7 @@ def profile_decode(llm: LLM, B: int, ctx: int, steps: int, device: str) -> dict:
         kernels[ev.name] = kernels.get(ev.name, 0.0) + dur
         for cat, keys in CATEGORIES:
             if any(k in name for k in keys):
-                if "sampl" in name or "exponential" in name or "argmax" in name:
-                    cat = "sampling"
-                out[cat] = out.get(cat, 0.0) + dur
+                out[cat] += dur
                 break
     per_step = {k: v / steps for k, v in out.items()}
     gpu = sum(per_step.values())
@@ -229,6 +231,12 @@ def profile_decode(llm: LLM, B: int, ctx: int, steps: int, device: str) -> dict:
 
 
 def main() -> None:
+    from moelab.layers.moe.backends import BACKENDS
+
+    if "triton" not in BACKENDS:  # the backend module exists before it is registered during development
+        from moelab.layers.moe.backends.triton import triton_moe
+
+        BACKENDS["triton"] = triton_moe
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["olmoe-1b-7b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite"])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))

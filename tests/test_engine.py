@@ -181,3 +181,20 @@ def test_triton_attention_path_matches_sdpa(name: str, tiny_checkpoints: dict[st
     ref = LLM(path, attention="sdpa", **kw).generate(prompts, p)
     got = LLM(path, attention="triton", **kw).generate(prompts, p)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+
+
+def test_prepare_pads_decode_batches_for_graphs(olmoe: LLM) -> None:
+    """Padding rows of a graph bucket: token 0, position 0, slot 0, one token of context, block 0."""
+    eng = olmoe.engine
+    for i in range(3):
+        eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=5), request_id=f"pad{i}")
+    eng.step()
+    batch = eng.scheduler.schedule()
+    assert batch.all_decode and len(batch) == 3
+    ids, pos, ctx, last = eng.runner._prepare(batch, pad_to=4)
+    assert ids.shape == (4,) and ids[3] == 0 and pos.tolist() == [3, 3, 3, 0]
+    assert ctx.slot_mapping[3] == 0 and ctx.seq_lens_t.tolist() == [4, 4, 4, 1] and ctx.block_tables[3].sum() == 0
+    assert ctx.cu_seqlens_q.tolist() == [0, 1, 2, 3] and last == [0, 1, 2]
+    for seq in batch.seqs:
+        eng.abort_request(seq.request_id)
+    assert eng.block_manager.num_free_blocks == eng.num_blocks - 1

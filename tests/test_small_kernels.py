@@ -32,3 +32,29 @@ def test_rotary(interleaved, T, Hq, Hk, rot) -> None:
     gq, gk = rotary(q, k, pos, cos, sin, interleaved)
     wq, wk = rotary_ref(q, k, pos, cos, sin, interleaved)
     assert torch.allclose(gq, wq, atol=1e-5) and torch.allclose(gk, wk, atol=1e-5)
+
+
+@pytest.mark.parametrize("scoring,renorm,scale", [("softmax", False, 1.0), ("softmax", True, 1.0),
+                                                  ("sigmoid", True, 2.5)])
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (9, 60, 4), (5, 64, 8), (3, 6, 6)])
+def test_topk_router(scoring, renorm, scale, T, E, K) -> None:
+    from moelab.kernels.topk_router import topk_router, topk_router_ref
+
+    logits = torch.randn(T, E) * 2
+    w, ids = topk_router(logits, K, scoring, renorm, scale)
+    rw, rids = topk_router_ref(logits, K, scoring, renorm, scale)
+    assert torch.equal(ids, rids) and torch.allclose(w, rw, atol=1e-6)
+
+
+@pytest.mark.parametrize("has_v", [True, False])
+def test_store_kv(has_v) -> None:
+    from moelab.kernels.store_kv import store_kv, store_kv_ref
+
+    T, S, W, Wv = 5, 32, 24, 16
+    k, v = torch.randn(T, W), torch.randn(T, Wv) if has_v else None
+    slots = torch.randperm(S)[:T]
+    caches = [torch.randn(S, W), torch.randn(S, Wv) if has_v else None]
+    want = [c.clone() if c is not None else None for c in caches]
+    store_kv(k, v, caches[0], caches[1], slots)
+    store_kv_ref(k, v, want[0], want[1], slots)
+    assert torch.equal(caches[0], want[0]) and (not has_v or torch.equal(caches[1], want[1]))

@@ -74,19 +74,17 @@ class DecodeGraphs:
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Replay for a decode batch of n <= max_bs rows; returns logits [n, V] (valid until the next run)."""
+        """Replay for a decode batch of n rows, already padded by the caller to a bucket size (padding rows: token
+        0 at position 0, slot 0 of the reserved block, one token of context). Returns logits [bucket, V], valid
+        until the next run."""
         n = input_ids.shape[0]
         bs = self.bucket(n)
+        if bs != n:
+            raise ValueError(f"decode batch of {n} rows: pad it to the bucket size {bs}")
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
         self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
         self.block_tables[:n, :block_tables.shape[1]].copy_(block_tables, non_blocking=True)
-        if bs > n:  # padding rows: token 0 at position 0 in the reserved block
-            self.input_ids[n:bs].zero_()
-            self.positions[n:bs].zero_()
-            self.slot_mapping[n:bs].zero_()
-            self.seq_lens[n:bs].fill_(1)
-            self.block_tables[n:bs].zero_()
         self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        return self.logits[bs]

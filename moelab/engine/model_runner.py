@@ -124,39 +124,61 @@ class ModelRunner:
         self.graphs.capture()
 
     # ----- one step -----
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
+    def _prepare(self, batch: ScheduledBatch, pad_to: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
+        """Device inputs of the step. pad_to (decode under a CUDA graph): rows up to the bucket size that feed
+        token 0 at position 0 of the reserved block 0 with one token of context."""
         bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        query_lens, seq_lens, last = [], [], []
-        max_blocks = 1
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            c = seq.num_computed_tokens
-            ids += seq.token_ids[c:c + n]
-            r = range(c, c + n)
-            pos += r
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in r]
-            query_lens.append(n)
-            seq_lens.append(c + n)
-            max_blocks = max(max_blocks, len(table))
-            last.append(len(ids) - 1)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
-        cu = [0]
-        for n in query_lens:
-            cu.append(cu[-1] + n)
+        seqs = batch.seqs
+        if batch.all_decode:
+            pos = [s.num_computed_tokens for s in seqs]
+            ids = [s.token_ids[-1] for s in seqs]
+            slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+            seq_lens = [p + 1 for p in pos]
+            query_lens = [1] * len(seqs)
+            last = list(range(len(seqs)))
+            max_blocks = max(len(s.block_table) for s in seqs)
+            if pad_to > len(seqs):
+                extra = pad_to - len(seqs)
+                ids, pos, slots, seq_lens = ids + [0] * extra, pos + [0] * extra, slots + [0] * extra, \
+                    seq_lens + [1] * extra
+        else:
+            ids, pos, slots = [], [], []
+            query_lens, seq_lens, last = [], [], []
+            max_blocks = 1
+            for seq, n in zip(seqs, batch.num_tokens):
+                c = seq.num_computed_tokens
+                ids += seq.token_ids[c:c + n]
+                r = range(c, c + n)
+                pos += r
+                table = seq.block_table
+                slots += [table[p // bs] * bs + p % bs for p in r]
+                query_lens.append(n)
+                seq_lens.append(c + n)
+                max_blocks = max(max_blocks, len(table))
+                last.append(len(ids) - 1)
+        flat_tables: list[int] = []
+        for s in seqs:
+            flat_tables += s.block_table
+            flat_tables += [0] * (max_blocks - len(s.block_table))
+        if pad_to > len(seqs):
+            flat_tables += [0] * (max_blocks * (pad_to - len(seqs)))
+        cu = list(range(len(query_lens) + 1)) if batch.all_decode else [0]
+        if not batch.all_decode:
+            for n in query_lens:
+                cu.append(cu[-1] + n)
         # one host buffer and one copy for the 1-D inputs, one for the block tables
-        T, B = len(ids), len(query_lens)
+        T, B = len(ids), len(seq_lens)  # padded sizes under a CUDA graph
         pin = self.device.type == "cuda"
         flat = torch.tensor(ids + pos + slots + seq_lens + cu, dtype=torch.long, pin_memory=pin)
         flat = flat.to(self.device, non_blocking=True)
         ids_t, pos_t, slots_t = flat[:T], flat[T:2 * T], flat[2 * T:3 * T]
         seq_lens_t = flat[3 * T:3 * T + B].to(torch.int32)
         cu_t = flat[3 * T + B:].to(torch.int32)
-        tables_t = torch.tensor(tables, dtype=torch.int32, pin_memory=pin).to(self.device, non_blocking=True)
-        ctx = ForwardContext(cu_seqlens_q=cu_t, query_lens=query_lens, seq_lens=seq_lens, slot_mapping=slots_t,
-                             block_tables=tables_t, block_size=bs, seq_lens_t=seq_lens_t,
+        tables_t = torch.tensor(flat_tables, dtype=torch.int32, pin_memory=pin).view(-1, max_blocks)
+        tables_t = tables_t.to(self.device, non_blocking=True)
+        ctx = ForwardContext(cu_seqlens_q=cu_t, query_lens=query_lens, seq_lens=seq_lens[:len(query_lens)],
+                             slot_mapping=slots_t, block_tables=tables_t, block_size=bs, seq_lens_t=seq_lens_t,
                              max_query_len=max(query_lens), max_seq_len=self.max_model_len)
         return ids_t, pos_t, ctx, last
 
@@ -193,13 +215,15 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
         """Run one step; returns, per scheduled sequence, the sampled token id or None (prompt chunk only)."""
         n = len(batch)
-        sampling = [i for i in range(n) if batch.samples(i)]
-        input_ids, positions, ctx, last = self._prepare(batch)
+        sampling = list(range(n)) if batch.all_decode else [i for i in range(n) if batch.samples(i)]
         rec = self.recorder
-        if self.graphs is not None and batch.is_pure_decode and n <= self.graphs.max_bs:
+        graphs = self.graphs if batch.all_decode and self.graphs is not None and n <= self.graphs.max_bs else None
+        bucket = graphs.bucket(n) if graphs is not None else 0
+        input_ids, positions, ctx, last = self._prepare(batch, pad_to=bucket)
+        if graphs is not None:
             if rec is not None:
-                rec.set_valid(n, self.graphs.bucket(n))
-            logits = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.seq_lens_t)
+                rec.set_valid(n, bucket)
+            logits = graphs.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.seq_lens_t)[:n]
         else:
             if rec is not None:
                 rec.set_valid(input_ids.shape[0], input_ids.shape[0])

@@ -28,6 +28,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # tokens fed per sequence this step
     preempted: list[Sequence] = field(default_factory=list)
+    all_decode: bool = False  # every sequence feeds its one last sampled token (set by the scheduler)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -96,10 +97,20 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
 
+        bs = self.bm.block_size
+        running = SequenceStatus.RUNNING
         for seq in list(self.running):  # 1. decodes, oldest first
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or not seq.is_decode:
+            n_tok = len(seq.token_ids)
+            if seq.status is not running or n_tok - seq.num_computed_tokens != 1 \
+                    or n_tok == len(seq.prompt_token_ids):
+                continue  # not a decode (a prompt chunk, or preempted by an earlier iteration)
+            if seq.num_computed_tokens < len(seq.block_table) * bs:  # room in its last block: the common case
+                batch.seqs.append(seq)
+                batch.num_tokens.append(1)
+                scheduled.add(id(seq))
+                budget -= 1
                 continue
             while not self.bm.can_allocate(seq, 1):
                 victims = [s for s in self.running if id(s) not in scheduled and s is not seq]
@@ -116,8 +127,9 @@ class Scheduler:
             scheduled.add(id(seq))
             budget -= 1
 
+        n_decode = len(batch.seqs)
         for seq in self.running:  # 2. chunked prefills in progress
-            if budget == 0:
+            if budget == 0 or len(scheduled) == len(self.running):
                 break
             if id(seq) in scheduled or seq.is_decode:
                 continue
@@ -143,6 +155,7 @@ class Scheduler:
             batch.num_tokens.append(n)
             scheduled.add(id(seq))
             budget -= n
+        batch.all_decode = len(batch.seqs) == n_decode > 0
         return batch
 
     def finish(self, seq: Sequence) -> None:

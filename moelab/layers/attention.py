@@ -73,14 +73,18 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
+        if self.kv_cache is not None and ctx.has_cache and self.impl == "triton":
+            from moelab.kernels.paged_attention import paged_attention
+            from moelab.kernels.store_kv import store_kv
+
+            T, W = k.shape[0], self.num_kv_heads * self.head_dim
+            store_kv(k.reshape(T, W), v.reshape(T, W), self.kv_cache[0].view(-1, W), self.kv_cache[1].view(-1, W),
+                     ctx.slot_mapping)
+            return paged_attention(q, self.kv_cache[0], self.kv_cache[1], ctx.cu_seqlens_q, ctx.seq_lens_t,
+                                   ctx.block_tables, self.scale, ctx.max_query_len, max_seq_len=ctx.max_seq_len)
         if self.kv_cache is not None and ctx.has_cache:
             self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
             self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
-            if self.impl == "triton":
-                from moelab.kernels.paged_attention import paged_attention
-
-                return paged_attention(q, self.kv_cache[0], self.kv_cache[1], ctx.cu_seqlens_q, ctx.seq_lens_t,
-                                       ctx.block_tables, self.scale, ctx.max_query_len, max_seq_len=ctx.max_seq_len)
         return paged_attention_ref(q, k, v, self.kv_cache, ctx, self.scale)
 
 

@@ -84,7 +84,12 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         ctx = get_forward_context()
         cached = self.kv_cache is not None and ctx.has_cache
-        if cached:
+        if cached and self.impl == "triton":
+            from moelab.kernels.store_kv import store_kv
+
+            store_kv(torch.cat((latent, k_pe), -1), None, self.kv_cache.view(-1, self.kv_lora_rank + self.rope),
+                     None, ctx.slot_mapping)
+        elif cached:
             self.kv_cache.view(-1, self.kv_lora_rank + self.rope)[ctx.slot_mapping] = torch.cat((latent, k_pe), -1)
         if cached and self.impl == "triton":
             return self.o_proj(self._absorbed(q_nope, q_pe, ctx).reshape(T, H * self.v_dim))

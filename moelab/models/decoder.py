@@ -75,9 +75,10 @@ class MoECausalLM(nn.Module):
     @torch.no_grad()
     def prepare_fast_path(self, max_positions: int) -> None:
         """Kernels for everything small: one-kernel RMSNorm and rotary (tables up to max_positions), fused QKV
-        projections, float32 router weights kept instead of cast per call. Same math as the reference path."""
+        projections, float32 router weights kept instead of cast per call, one-kernel top-k routing. Same math as
+        the reference path."""
         from moelab.layers.attention import GQAttention
-        from moelab.layers.moe.layer import Router
+        from moelab.layers.moe.layer import Router, SparseMoE
         from moelab.layers.norm import RMSNorm
         from moelab.layers.rotary import RotaryEmbedding
 
@@ -90,6 +91,8 @@ class MoECausalLM(nn.Module):
                 m.fuse_qkv()
             elif isinstance(m, Router) and m.weight.dtype != torch.float32:
                 m.weight_f32 = m.weight.float()
+            elif isinstance(m, SparseMoE):
+                m.use_fused_routing()
 
     def set_attention_impl(self, impl: str) -> None:
         """"sdpa" (reference, any device) or "triton" (paged kernel; needs a KV cache)."""

@@ -66,10 +66,22 @@ class SparseMoE(nn.Module):
         # set by the engine's routing recorder: this layer's row of the counts buffer, and the valid-row mask
         self.routing_counts: torch.Tensor | None = None
         self.routing_valid: torch.Tensor | None = None
+        self.fused_routing = False  # one-kernel top-k (moelab.kernels.topk_router); set by prepare_fast_path
+
+    def use_fused_routing(self) -> None:
+        """Plain top-k of softmax/sigmoid scores goes through one kernel; group-limited schemes stay in torch."""
+        self.fused_routing = self.router_config.topk_method == "greedy"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate.logits(x)
-        topk_weights, topk_ids = route(logits, self.router_config, self.gate.e_score_correction_bias)
+        cfg = self.router_config
+        if self.fused_routing:
+            from moelab.kernels.topk_router import topk_router
+
+            topk_weights, topk_ids = topk_router(logits, cfg.top_k, cfg.scoring_func, cfg.norm_topk_prob,
+                                                 cfg.routed_scaling_factor)
+        else:
+            topk_weights, topk_ids = route(logits, cfg, self.gate.e_score_correction_bias)
         if self.routing_counts is not None:
             T, K = topk_ids.shape
             valid = self.routing_valid[:T, None].expand(T, K).reshape(-1)
