@@ -9,7 +9,8 @@ from pathlib import Path
 
 # Modules that add their own subcommands: each has add_commands(sub, bench_sub) where sub is the top-level
 # subparsers and bench_sub the subparsers of `moelab bench`. A listed module that does not exist yet is skipped.
-COMMAND_MODULES = ["moelab.lab.cli", "moelab.lab.analysis_cli", "moelab.lab.kernels_cli", "moelab.server.cli"]
+COMMAND_MODULES = ["moelab.lab.cli", "moelab.lab.analysis_cli", "moelab.lab.kernels_cli", "moelab.lab.trace_cli",
+                   "moelab.server.cli"]
 
 TINY = dict(layers=2, hidden_size=128, heads=4, kv_heads=4, experts=8, top_k=2, moe_intermediate_size=64,
             vocab_size=512)
