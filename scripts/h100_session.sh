@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
+#   bash scripts/h100_session.sh engine trace serve lab     (on the device, from the repository root)
+# Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
+# (pip download fastapi uvicorn httpx pyyaml rich -d .wheels --python-version 3.12 --only-binary=:all: ...).
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONPATH=. MOELAB_STORE="$OUT/lab.sqlite"
+if [ -d .wheels ]; then
+  pip install -q --no-index --find-links .wheels fastapi uvicorn httpx pyyaml rich 2>&1 | grep -v WARNING | tail -2
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+for section in "$@"; do
+  echo "== $section $(date +%T)"
+  case "$section" in
+    engine)
+      python scripts/bench_engine_gpu.py --out "$OUT" --steps 20 2>&1 | grep -v -i warn ;;
+    trace)
+      python -m moelab trace --model olmoe-1b-7b --batch 64 --input-len 128 --output-len 128 --measure-overhead \
+        --trials 3 --out "$OUT/olmoe_routing.npz" --json "$OUT/trace.json" 2>&1 | grep -v -i warn ;;
+    serve)
+      python -m moelab serve olmoe-1b-7b --port 8011 --max-model-len 1024 --disable-uvicorn-access-log \
+        > "$OUT/serve.log" 2>&1 &
+      pid=$!
+      for c_n in 1:16 16:64 64:256 256:512; do
+        python -m moelab bench serve --base-url http://127.0.0.1:8011 --concurrency "${c_n%%:*}" \
+          --num-prompts "${c_n##*:}" --input-len 128 --output-len 128 --ignore-eos --num-warmups 2 \
+          --save-result --result-dir "$OUT" --label "moelab-olmoe-c${c_n%%:*}" 2>&1 | grep -v -i warn | tail -25
+      done
+      kill -TERM "$pid"; wait "$pid"; tail -5 "$OUT/serve.log" ;;
+    lab)
+      python -m moelab calibrate
+      python -m moelab bench sweep --model olmoe-1b-7b --grid batch=1,16,64 len=128,512 \
+        --trials 2 --resume --plain 2>&1 | grep -v -i warn | tail -30 ;;
+    *) echo "unknown section $section; allowed: engine trace serve lab" >&2 ;;
+  esac
+done
