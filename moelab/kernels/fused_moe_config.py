@@ -1,0 +1,112 @@
+"""Tile configs of the fused MoE kernels: a heuristic for any shape, and tuned JSON files that override it.
+
+A tuned file lives in `moelab/kernels/configs/`, named by shape, device and dtype, e.g.
+`E=64,N=1024,D=2048,device=NVIDIA_H100_80GB_HBM3,dtype=bf16.json` (N = I, the expert intermediate size),
+and maps the token count M to a config; the key nearest to M wins. `scripts/bench_moe_gpu.py --tune` writes
+them. No torch import: callers pass the dtype and device names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile of one grouped GEMM: BLOCK_N output columns x BLOCK_K reduction per step; GROUP_M M-blocks
+    share a column of tiles in launch order (L2 reuse of the weight tile); tma: weight tiles (and the down
+    GEMM's contiguous rows) through TMA descriptors where the device and strides allow."""
+
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    tma: bool = False
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """BLOCK_M rows of the sorted routing per program (shared by both GEMMs), then each GEMM's tile."""
+
+    block_m: int
+    gate_up: GemmConfig
+    down: GemmConfig
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MoEConfig:
+        return cls(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]))
+
+
+def use_naive_blocks(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Decode shortcut: one program row-block per slot, no sort. Exact when T == 1 (a token's slots have distinct
+    experts); for sparse batches an expert's weights are read once per slot instead of once, so only when
+    T*K*4 <= E."""
+    return num_tokens == 1 or num_tokens * top_k * 4 <= num_experts
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return max(lo, min(hi, p))
+
+
+def heuristic_config(M: int, E: int, K: int, N: int, D: int, dtype: str, device_type: str = "cuda") -> MoEConfig:
+    """Config for M tokens, E experts, top-K, intermediate N (=I), hidden D; dtype like "bfloat16".
+
+    Small M is weight-streaming: BLOCK_M 16 and narrow N tiles so that every SM has loads in flight. Large M is
+    compute-bound: 128-row tiles, 8 warps. Under the interpreter (device "cpu") the fewest, largest programs."""
+    if device_type == "cpu":
+        bn, bk = _pow2_clamp(N, 16, 64), _pow2_clamp(D, 16, 64)
+        return MoEConfig(16, GemmConfig(bn, bk), GemmConfig(_pow2_clamp(D, 16, 64), _pow2_clamp(N, 16, 64)))
+    per_expert = M * K / E  # tiles below: the H100 tuning results of docs/perf/moe_kernels.md, generalised
+    if use_naive_blocks(M, K, E) or per_expert <= 16:
+        return MoEConfig(16, GemmConfig(32, 256, 1, 4, 3), GemmConfig(64, 256, 1, 4, 3, tma=True))
+    if per_expert <= 48:
+        return MoEConfig(32, GemmConfig(128, 128, 1, 4, 3), GemmConfig(128, 128, 1, 4, 3))
+    if per_expert <= 192:
+        return MoEConfig(64, GemmConfig(128, 64, 1, 4, 4, tma=True), GemmConfig(128, 64, 8, 4, 4, tma=True))
+    return MoEConfig(128, GemmConfig(128, 64, 8, 8, 3, tma=True), GemmConfig(256, 64, 8, 8, 3, tma=True))
+
+
+def config_file_name(E: int, N: int, D: int, device_name: str, dtype: str) -> str:
+    """E experts, N = I intermediate, D hidden; device as torch names it (spaces become _), dtype like bfloat16."""
+    return f"E={E},N={N},D={D},device={device_name.replace(' ', '_')},dtype={DTYPE_NAMES.get(dtype, dtype)}.json"
+
+
+def load_config_file(path: Path) -> dict[int, MoEConfig]:
+    """{M: MoEConfig} from a tuned file ({"<M>": {"block_m": .., "gate_up": {..}, "down": {..}}, ...})."""
+    raw = json.loads(Path(path).read_text())
+    return {int(m): MoEConfig.from_dict(c) for m, c in raw.items() if not m.startswith("_")}
+
+
+def save_config_file(path: Path, configs: dict[int, MoEConfig], note: str = "") -> None:
+    body = {"_note": note} if note else {}
+    body.update({str(m): configs[m].to_dict() for m in sorted(configs)})
+    Path(path).write_text(json.dumps(body, indent=1) + "\n")
+
+
+@cache
+def tuned_configs(E: int, N: int, D: int, device_name: str, dtype: str, config_dir: str = str(CONFIG_DIR)
+                  ) -> dict[int, MoEConfig] | None:
+    path = Path(config_dir) / config_file_name(E, N, D, device_name, dtype)
+    return load_config_file(path) if path.is_file() else None
+
+
+def get_config(M: int, E: int, K: int, N: int, D: int, dtype: str, device_type: str, device_name: str
+               ) -> MoEConfig:
+    """The tuned config whose M is nearest (ties to the smaller M), else the heuristic."""
+    table = tuned_configs(E, N, D, device_name, dtype) if device_type == "cuda" else None
+    if not table:
+        return heuristic_config(M, E, K, N, D, dtype, device_type)
+    return table[min(table, key=lambda m: (abs(m - M), m))]

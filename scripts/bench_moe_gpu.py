@@ -1,0 +1,638 @@
+"""Check every MoE backend against the float32 naive oracle in bf16, then time the triton backend's whole layer
+(align + both GEMMs + top-k sum) as CUDA-graph replays against the floor and the published reference
+(../shared/guide/MEASURING.md). With --tune, first search a small grid of tile configs per (shape, M) and write
+the best into $OUT/configs/ (copy them to moelab/kernels/configs/).
+
+    PYTHONPATH=. python scripts/bench_moe_gpu.py [--tune] [--shapes olmoe,qwen3] [--ms 1,64]
+    PYTHONPATH=. python scripts/bench_moe_gpu.py --dry     # tiny shapes on the CPU (Triton interpreter)
+
+Writes $OUT/bench_moe.json (default ./out): ceilings, check rows, tuning rows, timing rows. Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import tarfile
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+
+if "--dry" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from moelab.kernels import fused_moe as fm  # noqa: E402
+from moelab.kernels import moe_align as ma  # noqa: E402
+from moelab.kernels import moe_sum as msum  # noqa: E402
+from moelab.kernels.fused_moe_config import (  # noqa: E402
+    GemmConfig,
+    MoEConfig,
+    config_file_name,
+    heuristic_config,
+    save_config_file,
+    use_naive_blocks,
+)
+from moelab.layers.moe.backends import BACKENDS, naive_moe  # noqa: E402
+
+SHAPES = {"olmoe": (64, 8, 2048, 1024), "mixtral": (8, 2, 4096, 14336), "qwen3": (128, 8, 2048, 768),
+          "dsv2-lite": (64, 6, 2048, 1408)}  # (E, K, D, I)
+MS = (1, 16, 64, 256, 1024, 4096, 16384)
+# Published reference (MEASURING.md): the most widely used open Triton fused MoE, bf16, H100, one CUDA graph, ms.
+REFERENCE_MS = {"olmoe": (0.047, 0.310, 0.372, 0.401, 0.546, 1.212, 4.121),
+                "mixtral": (0.245, 1.001, 1.008, 1.120, 1.828, 5.499, 20.41),
+                "qwen3": (0.038, 0.348, 0.502, 0.535, 0.652, 1.012, 3.099),
+                "dsv2-lite": (0.049, 0.362, 0.467, 0.504, 0.620, 1.512, 3.875)}
+DRY_SHAPES = {"tiny": (8, 2, 64, 48), "tiny-e60": (60, 6, 32, 16)}
+DRY_MS = (1, 5, 40)
+ROTATE = 3  # input sets per timed graph
+REL_ERR_MAX = 2e-2
+SMEM_BYTES = 227 * 1024
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per BLOCK_M, each tried with and without TMA; group_m is refined
+# around the winner.
+CANDIDATES = {
+    16: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3),
+         (16, 256, 4, 4)],
+    32: [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3)],
+    64: [(64, 64, 4, 4), (128, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3)],
+    128: [(64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3),
+          (256, 64, 8, 4), (64, 64, 8, 5)],
+    256: [(64, 64, 8, 3), (64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3)],
+}
+GROUP_MS = (1, 8, 32)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def block_m_candidates(per_expert: float, naive: bool) -> list[int]:
+    if naive or per_expert <= 8:
+        return [16]
+    if per_expert <= 24:
+        return [16, 32]
+    if per_expert <= 96:
+        return [32, 64]
+    return [64, 128] if per_expert <= 768 else [128, 256]
+
+
+def fits(kind: str, block_m: int, c: tuple) -> bool:
+    """Shared memory of the pipelined tiles, and at most 128 accumulator registers per thread."""
+    bn, bk, warps, stages = c[:4]
+    b_tiles = 2 if kind == "up" else 1
+    acc_regs = b_tiles * block_m * bn / (32 * warps)
+    return stages * (block_m * bk + b_tiles * bn * bk) * 2 <= SMEM_BYTES and acc_regs <= 128
+
+
+def gemm_candidates(kind: str, block_m: int, dry: bool) -> list[GemmConfig]:
+    if dry:
+        return [GemmConfig(16, 32), GemmConfig(32, 16, tma=True)]
+    group_m = 8 if block_m >= 64 else 1
+    return [GemmConfig(bn, bk, group_m, w, s, tma) for tma in (False, True) for bn, bk, w, s in CANDIDATES[block_m]
+            if fits(kind, block_m, (bn, bk, w, s))]
+
+
+# ---------------------------------------------------------------- timing
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], dev: torch.device, reps: int = 20) -> float:
+    """Median of eager timings (CUDA events on the GPU), after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    sync(dev)
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def graph_ms(fn: Callable[[int], torch.Tensor], n_sets: int, dev: torch.device, budget_ms: float = 150.0
+             ) -> tuple[float, list[torch.Tensor]]:
+    """fn(i) on input set i, i < n_sets, captured as one CUDA graph; median replay time / n_sets (ms), outputs."""
+    outs = [fn(i) for i in range(n_sets)]  # compile, warm up
+    if dev.type != "cuda":
+        return median_ms(lambda: [fn(i) for i in range(n_sets)], dev, reps=1) / n_sets, outs
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fn(i) for i in range(n_sets)]
+    graph.replay()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    graph.replay()
+    e.record()
+    e.synchronize()
+    reps = int(min(100, max(7, budget_ms / max(s.elapsed_time(e), 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in events:
+        s.record()
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize()
+    ms = statistics.median(s.elapsed_time(e) for s, e in events) / n_sets
+    del graph
+    return ms, outs
+
+
+def sm_clock_mhz(dev: torch.device) -> int | None:
+    """The SM clock right after a timing (power or thermal limits lower it under sustained tensor-core load)."""
+    try:
+        return torch.cuda.clock_rate(dev) if dev.type == "cuda" else None
+    except Exception:  # no NVML here
+        return None
+
+
+def measure_ceilings(dev: torch.device) -> dict:
+    """Device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate, measured here."""
+    src = torch.randn(1 << 28, device=dev, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 2 / (median_ms(lambda: dst.copy_(src), dev) * 1e-3)
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    rate = 2 * 8192 ** 3 / (median_ms(lambda: a @ b, dev) * 1e-3)
+    return {"copy_bytes_per_s": bw, "matmul_flop_per_s": rate}
+
+
+# ---------------------------------------------------------------- inputs and checks
+
+
+def make_weights(E: int, D: int, I: int, dev: torch.device, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    w13 = (torch.randn(E, 2 * I, D, device=dev, generator=g) / D ** 0.5).bfloat16()
+    w2 = (torch.randn(E, D, I, device=dev, generator=g) / I ** 0.5).bfloat16()
+    return w13, w2
+
+
+def make_inputs(M: int, E: int, K: int, D: int, dev: torch.device, g: torch.Generator, skew: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, D] bf16, topk_ids [M, K] int64, topk_weights [M, K] fp32. Uniform routing, or Zipf-skewed
+    (expert popularity ~ 1/(e+1)^1.2, sampled without replacement by Gumbel top-k)."""
+    x = torch.randn(M, D, device=dev, generator=g).bfloat16()
+    u = torch.rand(M, E, device=dev, generator=g).clamp_min(1e-9)
+    logits = -torch.log(-torch.log(u))
+    if skew:
+        logits = logits - 1.2 * torch.log(torch.arange(1, E + 1, device=dev, dtype=torch.float32))
+    vals, ids = logits.topk(K, dim=-1)
+    return x, ids, vals.softmax(-1).float()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def check_cell(name: str, M: int, shape: tuple, w13, w2, w13f, w2f, dev, g) -> list[dict]:
+    E, K, D, I = shape
+    rows = []
+    for skew in (False, True):
+        x, ids, w = make_inputs(M, E, K, D, dev, g, skew)
+        ref = naive_moe(x.float(), ids, w, w13f, w2f)
+        for bname, fn in BACKENDS.items():
+            if bname == "naive" and M > 64:
+                continue
+            try:
+                out = fn(x, ids, w, w13, w2, None)
+            except Exception as exc:  # record it and go on to the timings
+                log(f"CHECK RAISED {name} M={M} {bname}: {type(exc).__name__}: {str(exc)[:300]}")
+                out = torch.full_like(x, float("nan"))
+            err = rel_err(out, ref)
+            ok = bool(torch.isfinite(out).all()) and err < REL_ERR_MAX and out.dtype == x.dtype
+            rows.append(dict(kind="check", shape=name, M=M, routing="skewed" if skew else "uniform",
+                             backend=bname, rel_err=err, ok=ok))
+            if not ok:
+                log(f"CHECK FAILED {name} M={M} {rows[-1]['routing']} {bname}: rel err {err:.3e}")
+    return rows
+
+
+# ---------------------------------------------------------------- precompile (parallel) and tuning
+
+
+def _compile_job(job: tuple) -> tuple[tuple, float, str]:
+    """Run one kernel variant on a tiny problem so that Triton compiles it into the on-disk cache."""
+    kind, D, I, E, block_m, naive, cfg, device = job
+    t0 = time.perf_counter()
+    try:
+        dev = torch.device(device)
+        if kind == "align":  # E is the real expert count; naive = chunked (many slots)
+            n_tok = 5000 if naive else 64
+            ma.moe_align(torch.randint(0, E, (n_tok, 1), device=dev), E, block_m)
+        else:
+            T, K, E2 = (1 if naive else 8), 2, 2
+            ids = torch.tensor([[0, 1]] * T, device=dev)
+            r = fm.route(ids, E2, block_m)
+            assert r.naive == naive
+            gc = GemmConfig(*cfg)
+            if kind == "up":
+                x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+                fm.gate_up(x, torch.randn(E2, 2 * I, D, device=dev, dtype=torch.bfloat16), r, gc)
+            else:
+                h = torch.randn(r.num_pid_m * r.block_m, I, device=dev, dtype=torch.bfloat16)
+                fm.down(h, torch.randn(E2, D, I, device=dev, dtype=torch.bfloat16),
+                        torch.rand(T * K, device=dev), r, gc)
+        sync(dev)
+        return job, time.perf_counter() - t0, ""
+    except Exception as exc:  # a config that does not fit is skipped by the tuner
+        return job, time.perf_counter() - t0, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def compile_jobs(shapes: dict, ms: tuple, device: str, dry: bool) -> list[tuple]:
+    """Every kernel variant the checks, the tuning and the timings will launch, one job per compiled binary."""
+    jobs, seen = [], set()
+    for E, K, D, I in shapes.values():
+        for M in ms:
+            naive = use_naive_blocks(M, K, E)
+            heur = heuristic_config(M, E, K, I, D, "bfloat16", "cpu" if dry else "cuda")
+            for bm in sorted(set(block_m_candidates(M * K / E, naive) + [heur.block_m])):
+                bm = fm.NAIVE_BLOCK_M if naive else bm
+                for kind, kdim in (("up", D), ("down", I)):
+                    cands = gemm_candidates(kind, bm, dry) + [heur.gate_up if kind == "up" else heur.down]
+                    for c in cands:
+                        key = (kind, bm, naive, c.block_n, c.block_k, c.num_warps, c.num_stages, c.tma,
+                               kdim % c.block_k)
+                        if key not in seen:
+                            seen.add(key)
+                            cfg = (c.block_n, c.block_k, 1, c.num_warps, c.num_stages, c.tma)
+                            jobs.append((kind, D, I, E, bm, naive, cfg, device))
+                if not naive:
+                    for chunked in (False, True):
+                        if ("align", E, bm, chunked) not in seen:
+                            seen.add(("align", E, bm, chunked))
+                            jobs.append(("align", D, I, E, bm, chunked, None, device))
+    return jobs
+
+
+def tune_gemm(kind: str, block_m: int, run: Callable[[GemmConfig, int], torch.Tensor], dev, dry: bool,
+              failed: set) -> tuple[GemmConfig | None, float, list[dict]]:
+    """Best config of one GEMM at this BLOCK_M: a pass over the candidates, then group_m around the winner."""
+    rows, best, best_ms = [], None, math.inf
+
+    def trial(c: GemmConfig) -> None:
+        nonlocal best, best_ms
+        key = (kind, block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.tma)
+        if key in failed:
+            return
+        try:
+            ms, _ = graph_ms(lambda i: run(c, i), ROTATE, dev, budget_ms=60.0)
+        except Exception as exc:  # out of shared memory or registers
+            failed.add(key)
+            rows.append(dict(kind="tune", gemm=kind, block_m=block_m, config=c.__dict__, error=str(exc)[:200]))
+            return
+        rows.append(dict(kind="tune", gemm=kind, block_m=block_m, config=c.__dict__, ms=ms))
+        if ms < best_ms:
+            best, best_ms = c, ms
+
+    for c in gemm_candidates(kind, block_m, dry):
+        trial(c)
+    if best is not None and block_m >= 32 and not dry:
+        for gm in GROUP_MS:
+            if gm != best.group_m:
+                trial(replace(best, group_m=gm))
+    return best, best_ms, rows
+
+
+def tune_block_m(shape: tuple, bm: int, naive: bool, w13, w2, inputs: list, dev, dry: bool, failed: set
+                 ) -> tuple[MoEConfig | None, float, list[dict]]:
+    """Best gate_up and down tiles at this BLOCK_M, and align + gate_up + down ms with them."""
+    E = shape[0]
+    routes = [fm.route(ids, E, bm) for _, ids, _ in inputs]
+    align_ms = 0.0 if naive else graph_ms(lambda i: fm.moe_align(inputs[i][1], E, bm).sorted_ids, ROTATE, dev)[0]
+    up, up_ms, rows = tune_gemm("up", bm, lambda c, i: fm.gate_up(inputs[i][0], w13, routes[i], c), dev, dry,
+                                failed)
+    rows.append(dict(kind="tune", gemm="align", block_m=bm, ms=align_ms))
+    if up is None:
+        return None, math.inf, rows
+    hs = [fm.gate_up(inputs[i][0], w13, routes[i], up) for i in range(ROTATE)]
+    ws = [w.reshape(-1) for _, _, w in inputs]
+    dn, dn_ms, r2 = tune_gemm("down", bm, lambda c, i: fm.down(hs[i], w2, ws[i], routes[i], c), dev, dry, failed)
+    if dn is None:
+        return None, math.inf, rows + r2
+    return MoEConfig(bm, up, dn), align_ms + up_ms + dn_ms, rows + r2
+
+
+def tune_cell(shape: tuple, M: int, w13, w2, inputs: list, dev, dry: bool, failed: set
+              ) -> tuple[list[MoEConfig], list[dict]]:
+    """MoEConfigs for M tokens, fastest first by align + gate_up + down time (one per BLOCK_M tried)."""
+    E, K, D, I = shape
+    naive = use_naive_blocks(M, K, E)
+    rows, ranked = [], []
+    for bm in block_m_candidates(M * K / E, naive):
+        cfg, ms, r = tune_block_m(shape, bm, naive, w13, w2, inputs, dev, dry, failed)
+        rows += r
+        if cfg is not None:
+            ranked.append((ms, cfg))
+    ranked.sort(key=lambda t: t[0])
+    return [c for _, c in ranked] or [heuristic_config(M, E, K, I, D, "bfloat16", dev.type)], rows
+
+
+# ---------------------------------------------------------------- timing the layer
+
+
+def floor_ms(shape: tuple, M: int, ceilings: dict) -> tuple[float, float, float]:
+    """(floor ms, weight bytes, FLOPs): max(touched-expert bytes / copy bandwidth, FLOPs / matmul rate),
+    touched experts = E (1 - (1 - K/E)^M) under uniform routing (MEASURING.md)."""
+    E, K, D, I = shape
+    touched = E * (1 - (1 - K / E) ** M)
+    nbytes, flops = touched * 3 * D * I * 2, 2 * M * K * 3 * D * I
+    return max(nbytes / ceilings["copy_bytes_per_s"], flops / ceilings["matmul_flop_per_s"]) * 1e3, nbytes, flops
+
+
+def time_cell(name: str, shape: tuple, M: int, w13, w2, inputs: list, cfg: MoEConfig | None, label: str,
+              ceilings: dict, dev) -> dict:
+    """Whole layer (align + gate_up + down + top-k sum) of the triton backend, graph replay over ROTATE sets."""
+    if cfg is None:
+        fn = BACKENDS["triton"]
+        ms, outs = graph_ms(lambda i: fn(*inputs[i], w13, w2, None), ROTATE, dev)
+    else:
+        ms, outs = graph_ms(lambda i: fm.fused_moe(*inputs[i], w13, w2, config=cfg), ROTATE, dev)
+    clock = sm_clock_mhz(dev)
+    eager = fm.fused_moe(*inputs[0], w13, w2, config=cfg)
+    graph_diff = (outs[0].float() - eager.float()).abs().max().item()
+    fl, nbytes, flops = floor_ms(shape, M, ceilings)
+    ref = REFERENCE_MS.get(name)
+    ref_ms = ref[MS.index(M)] if ref and M in MS else None
+    return dict(kind="time", label=label, shape=name, M=M, ms=ms, tflops=flops / ms * 1e-9, gbps=nbytes / ms * 1e-6,
+                floor_ms=fl, pct_floor=100 * fl / ms, ref_ms=ref_ms, speedup=ref_ms / ms if ref_ms else None,
+                graph_vs_eager_maxdiff=graph_diff, sm_clock_mhz=clock, config=cfg.to_dict() if cfg else "shipped")
+
+
+def _align_call(sets: list, E: int, bm: int, single: int, i: int) -> torch.Tensor:
+    return ma.moe_align(sets[i], E, bm, single).sorted_ids
+
+
+def align_sweep(dev: torch.device) -> tuple[list[dict], int]:
+    """moe_align alone (graph replay), one program vs chunked programs; returns the rows and the largest slot
+    count below the first one where one program is slower by more than 1 us (timing noise at a few us), the
+    one-launch limit used for the rest of the run."""
+    rows, g, limit = [], torch.Generator(device=dev).manual_seed(7), 1 << 30
+    for E, K in ((8, 2), (64, 8), (128, 8)):
+        for M in (8, 32, 64, 128, 256, 512, 1024, 2048):
+            sets = [make_inputs(M, E, K, 16, dev, g)[1] for _ in range(ROTATE)]
+            for bm in (16, 64):
+                one, _ = graph_ms(functools.partial(_align_call, sets, E, bm, 1 << 30), ROTATE, dev, 30.0)
+                chunked, _ = graph_ms(functools.partial(_align_call, sets, E, bm, 0), ROTATE, dev, 30.0)
+                rows.append(dict(kind="align", E=E, K=K, M=M, slots=M * K, block_m=bm, one_ms=one, chunked_ms=chunked))
+                if one > chunked + 1e-3:
+                    limit = min(limit, M * K // 2)
+    return rows, max(limit, 64)
+
+
+def _sum_call(fn: Callable, ys: list, K: int, i: int) -> torch.Tensor:
+    return fn(ys[i], K)
+
+
+def sum_sweep(dev: torch.device) -> list[dict]:
+    """The top-k sum alone: Triton moe_sum vs torch (graph replay), GB/s of bytes read + written."""
+    rows, g = [], torch.Generator(device=dev).manual_seed(8)
+    for T, K, D in ((1, 8, 2048), (64, 8, 2048), (1024, 8, 2048), (4096, 2, 4096), (16384, 2, 4096),
+                    (16384, 8, 2048)):
+        ys = [torch.randn(T * K, D, device=dev, generator=g).bfloat16() for _ in range(ROTATE)]
+        row = dict(kind="sum", T=T, K=K, D=D)
+        for name, fn in (("triton", msum.moe_sum), ("torch", msum.moe_sum_ref)):
+            ms, _ = graph_ms(functools.partial(_sum_call, fn, ys, K), ROTATE, dev, 30.0)
+            row[f"{name}_ms"], row[f"{name}_gbps"] = ms, (T * K + T) * D * 2 / ms * 1e-6
+        rows.append(row)
+    return rows
+
+
+def self_test(dev: torch.device) -> list[str]:
+    """moe_align and moe_sum against their references on this device; a kernel that fails or differs is
+    replaced by its reference for the rest of the run (and the run says so), so that the timings still come."""
+    notes, g = [], torch.Generator(device=dev).manual_seed(9)
+    for M, E, K, bm in ((1, 64, 8, 16), (300, 64, 8, 16), (2000, 128, 8, 64), (5000, 8, 2, 128)):
+        ids = make_inputs(M, E, K, 16, dev, g)[1]
+        try:
+            a, r = ma.moe_align(ids, E, bm), ma.moe_align_ref(ids, E, bm)
+            n = int(r.num_padded)
+            run = r.expert_ids.long().repeat_interleave(bm)[:n]
+            canon = [torch.sort(run * (ids.numel() + 1) + t.sorted_ids[:n].long()).values for t in (a, r)]
+            ok = int(a.num_padded) == n and torch.equal(a.expert_ids, r.expert_ids) and torch.equal(*canon)
+        except Exception as exc:
+            ok, n = False, f"{type(exc).__name__}: {exc}"[:300]
+        if not ok:
+            notes.append(f"moe_align FAILED self-test (M={M}, E={E}, K={K}, bm={bm}: {n}); using moe_align_ref")
+            fm.moe_align = ma.moe_align_ref
+            break
+    y = torch.randn(37 * 8, 2048, device=dev, generator=g).bfloat16()
+    try:
+        ok = torch.allclose(msum.moe_sum(y, 8).float(), msum.moe_sum_ref(y, 8).float(), atol=3e-2, rtol=1e-2)
+    except Exception as exc:
+        ok = False
+        notes.append(f"moe_sum raised {type(exc).__name__}: {str(exc)[:300]}")
+    if not ok:
+        notes.append("moe_sum FAILED self-test; using moe_sum_ref")
+        fm.moe_sum = msum.moe_sum_ref
+    return notes
+
+
+def breakdown(name: str, M: int, w13, w2, inputs: list, cfg: MoEConfig, dev) -> dict:
+    """Stage times inside the layer: graphs of align, align + gate_up, align + gate_up + down (differences)."""
+    E = w13.shape[0]
+    ws = [w.reshape(-1) for _, _, w in inputs]
+
+    def upto(stage: int, i: int) -> torch.Tensor:
+        r = fm.route(inputs[i][1], E, cfg.block_m)
+        if stage == 0:
+            return r.sorted_ids
+        h = fm.gate_up(inputs[i][0], w13, r, cfg.gate_up)
+        return h if stage == 1 else fm.down(h, w2, ws[i], r, cfg.down)
+
+    t = [graph_ms(functools.partial(upto, s), ROTATE, dev)[0] for s in range(3)]
+    return dict(kind="breakdown", shape=name, M=M, align_ms=t[0], gate_up_ms=t[1] - t[0], down_ms=t[2] - t[1],
+                upto_down_ms=t[2])
+
+
+# ---------------------------------------------------------------- main
+
+
+def print_table(rows: list[dict], label: str) -> None:
+    timed = [r for r in rows if r["kind"] == "time" and r["label"] == label]
+    print(f"\n{label}: shape M ms TFLOP/s GB/s floor_ms %floor ref_ms speedup")
+    for r in timed:
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        print(f"{r['shape']:10s} {r['M']:6d} {r['ms']:8.4f} {r['tflops']:7.1f} {r['gbps']:7.0f} {r['floor_ms']:8.4f} "
+              f"{r['pct_floor']:5.1f} {r['ref_ms'] or 0:8.3f} {sp:>7s}", flush=True)
+    sps = [r["speedup"] for r in timed if r["speedup"]]
+    if sps:
+        geo = math.exp(sum(math.log(s) for s in sps) / len(sps))
+        print(f"{label}: geomean speedup {geo:.3f}x over {len(sps)} cells; min {min(sps):.2f}x; "
+              f"cells slower than reference: {sum(s < 1 for s in sps)}", flush=True)
+
+
+def save(out: Path, result: dict) -> None:
+    (out / "bench_moe.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+def check_shape(name: str, shape: tuple, ms: tuple, dev: torch.device) -> list[dict]:
+    E, K, D, I = shape
+    g = torch.Generator(device=dev).manual_seed(zlib.crc32(name.encode()) % 1000)
+    w13, w2 = make_weights(E, D, I, dev, g)
+    w13f, w2f = w13.float(), w2.float()
+    rows = [r for M in ms for r in check_cell(name, M, shape, w13, w2, w13f, w2f, dev, g)]
+    log(f"{name}: {sum(r['ok'] for r in rows)}/{len(rows)} checks passed")
+    return rows
+
+
+def bench_shape(name: str, shape: tuple, ms: tuple, tune: bool, result: dict, out: Path, dev, failed: set) -> None:
+    """Per M: tune (optional), then time the tuned, heuristic and shipped configs; write tuned configs."""
+    E, K, D, I = shape
+    g = torch.Generator(device=dev).manual_seed(1 + zlib.crc32(name.encode()) % 1000)
+    w13, w2 = make_weights(E, D, I, dev, g)
+    tuned, rows, ceil = {}, result["rows"], result["ceilings"]
+    for M in ms:
+        inputs = [make_inputs(M, E, K, D, dev, g) for _ in range(ROTATE)]
+        msg = f"{name} M={M}:"
+        if tune:  # the faster whole layer of the two best BLOCK_M choices
+            ranked, trows = tune_cell(shape, M, w13, w2, inputs, dev, dev.type == "cpu", failed)
+            rows += [dict(r, shape=name, M=M) for r in trows]
+            trials = [time_cell(name, shape, M, w13, w2, inputs, c, "tuned", ceil, dev) for c in ranked[:2]]
+            best = min(range(len(trials)), key=lambda j: trials[j]["ms"])
+            tuned[M] = ranked[best]
+            rows += [dict(t, label="tuned-runner-up") for j, t in enumerate(trials) if j != best] + [trials[best]]
+            r = rows[-1]
+            msg += f" tuned {r['ms']:.4f} ms ({r['pct_floor']:.0f}% floor, {r['speedup'] or 0:.2f}x);"
+            if M >= 1024 and dev.type == "cuda":
+                rows.append(breakdown(name, M, w13, w2, inputs, tuned[M], dev))
+        rows.append(time_cell(name, shape, M, w13, w2, inputs, None, "shipped", ceil, dev))
+        r = rows[-1]
+        msg += f" shipped {r['ms']:.4f} ms ({r['pct_floor']:.0f}% floor, {r['speedup'] or 0:.2f}x)"
+        heur = heuristic_config(M, E, K, I, D, "bfloat16", dev.type)
+        rows.append(time_cell(name, shape, M, w13, w2, inputs, heur, "heuristic", ceil, dev))
+        diffs = [r["graph_vs_eager_maxdiff"] for r in rows[-2:] if r["kind"] == "time"]
+        log(msg + f"; heuristic {rows[-1]['ms']:.4f} ms" + (f"; GRAPH != EAGER {diffs}" if max(diffs) > 0 else ""))
+        save(out, result)
+    if tune:
+        dev_name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+        note = f"scripts/bench_moe_gpu.py --tune, triton {triton.__version__}, torch {torch.__version__}, {dev_name}"
+        path = out / "configs" / config_file_name(E, I, D, dev_name, "bfloat16")
+        path.parent.mkdir(exist_ok=True)
+        save_config_file(path, tuned, note)
+        bundle = out / "tuned_configs.json"  # all files in one, for copying back from machines that only pass
+        files = json.loads(bundle.read_text()) if bundle.is_file() else {}  # plain file names
+        files[path.name] = json.loads(path.read_text())
+        bundle.write_text(json.dumps(files, indent=1))
+
+
+def precompile(shapes: dict, ms: tuple, dev: torch.device, workers: int):
+    jobs = compile_jobs(shapes, ms, str(dev), dev.type == "cpu")
+    log(f"precompiling {len(jobs)} kernel variants on {workers} processes")
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    return pool, [pool.submit(_compile_job, j) for j in jobs]
+
+
+def save_cache(out: Path) -> None:
+    """The compiled kernels (cubin + metadata only) as one file, to seed TRITON_CACHE_DIR on a later run."""
+    cache = os.environ.get("TRITON_CACHE_DIR")
+    if cache and Path(cache).is_dir():
+        with tarfile.open(out / "triton_cache.tgz", "w:gz") as tar:
+            for f in Path(cache).rglob("*"):
+                if f.is_file() and f.suffix in (".cubin", ".json"):
+                    tar.add(f, arcname=str(f.relative_to(cache)))
+
+
+def run_sweeps(result: dict, dev: torch.device) -> None:
+    """Align (sets the one-launch limit for the run) and top-k sum microbenchmarks."""
+    if fm.moe_align is ma.moe_align:
+        rows, ma.SINGLE_PROGRAM_SLOTS = align_sweep(dev)
+        result["rows"] += rows
+        result["single_program_slots"] = ma.SINGLE_PROGRAM_SLOTS
+        log(f"align: one program up to {ma.SINGLE_PROGRAM_SLOTS} slots; " + " ".join(
+            f"E{r['E']}/n{r['slots']}/bm{r['block_m']}={r['one_ms'] * 1e3:.1f}|{r['chunked_ms'] * 1e3:.1f}us"
+            for r in rows))
+    result["rows"] += sum_sweep(dev)
+    log("sum (T, K, D): triton | torch GB/s " + " ".join(
+        f"({r['T']},{r['K']},{r['D']})={r['triton_gbps']:.0f}|{r['torch_gbps']:.0f}"
+        for r in result["rows"] if r["kind"] == "sum"))
+
+
+def report(result: dict, t0: float) -> None:
+    for label in ("tuned", "shipped", "heuristic"):
+        print_table(result["rows"], label)
+    for r in result["rows"]:
+        if r["kind"] == "breakdown":
+            print(f"breakdown {r['shape']:10s} {r['M']:6d}: align {r['align_ms'] * 1e3:7.1f} us, gate_up "
+                  f"{r['gate_up_ms'] * 1e3:8.1f} us, down {r['down_ms'] * 1e3:8.1f} us (in the layer)")
+    checks = [r for r in result["rows"] if r["kind"] == "check"]
+    print(f"checks: {sum(r['ok'] for r in checks)}/{len(checks)} passed; worst rel err "
+          f"{max((r['rel_err'] for r in checks), default=0):.2e}; total {time.time() - t0:.0f} s", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tune", action="store_true")
+    p.add_argument("--dry", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
+    p.add_argument("--shapes", default="")
+    p.add_argument("--ms", default="")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
+    return p.parse_args()
+
+
+def main() -> None:
+    args, t0 = parse_args(), time.time()
+    dev = torch.device("cpu" if args.dry else "cuda")
+    all_shapes = DRY_SHAPES if args.dry else SHAPES
+    shapes = {k: all_shapes[k] for k in (args.shapes.split(",") if args.shapes else all_shapes)}
+    ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else (DRY_MS if args.dry else MS)
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
+                  triton=triton.__version__, args=vars(args), rows=[], notes=[],
+                  ceilings=measure_ceilings(dev) if dev.type == "cuda" else {"copy_bytes_per_s": 3e12,
+                                                                             "matmul_flop_per_s": 7.98e14})
+    c = result["ceilings"]
+    log(f"{result['device']} torch {torch.__version__} triton {triton.__version__}; ceilings "
+        f"{c['copy_bytes_per_s'] / 1e12:.2f} TB/s copy, {c['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s bf16 matmul")
+    if dev.type == "cuda":
+        result["notes"] = self_test(dev)
+        for note in result["notes"]:
+            log(note)
+    pool, futures = precompile(shapes, ms, dev, args.workers) if args.tune and args.workers > 1 else (None, [])
+    if not args.no_check:
+        for name, shape in shapes.items():
+            result["rows"] += check_shape(name, shape, ms, dev)
+        save(out, result)
+    if pool is not None:
+        done = [f.result() for f in futures]
+        pool.shutdown()
+        result["precompile"] = [dict(job=str(j[:7]), s=s, error=e) for j, s, e in done]
+        log(f"precompiled {len(done)} variants ({sum(bool(e) for _, _, e in done)} failed), "
+            f"{time.time() - t0:.0f} s since start")
+    if args.tune and dev.type == "cuda":
+        run_sweeps(result, dev)
+    failed: set = set()
+    for name, shape in shapes.items():
+        bench_shape(name, shape, ms, args.tune, result, out, dev, failed)
+    if dev.type == "cuda":
+        result["ceilings_end"] = measure_ceilings(dev)
+        save_cache(out)
+    save(out, result)
+    report(result, t0)
+
+
+if __name__ == "__main__":
+    main()
