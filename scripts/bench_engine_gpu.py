@@ -161,6 +161,9 @@ def bench_offline(llm: LLM, B: int, n_in: int, n_out: int, c: Ceilings, device: 
     g = torch.Generator().manual_seed(1000 + B)
     prompts = [torch.randint(3, 500, (n_in,), generator=g).tolist() for _ in range(B)]
     params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+    # warm-up with the same prefill and decode shapes: Triton compiles a kernel per tile config, and the tuned
+    # MoE configs change with the number of tokens, so a first prefill of a new size would time the compiler
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     sync(device)
     t = time.perf_counter()
     outs = llm.generate(prompts, params)

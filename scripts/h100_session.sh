@@ -8,8 +8,13 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH=. MOELAB_STORE="$OUT/lab.sqlite"
 if [ -d .wheels ]; then
-  pip install -q --no-index --find-links .wheels fastapi uvicorn httpx pyyaml rich 2>&1 | grep -v WARNING | tail -2
+  python -m pip install -q --no-index --find-links .wheels fastapi uvicorn httpx pyyaml rich 2>&1 | tail -3 \
+    || true
+  python -c "import fastapi, uvicorn, httpx" 2>/dev/null \
+    || python -m pip install -q --break-system-packages --no-index --find-links .wheels fastapi uvicorn httpx \
+      pyyaml rich 2>&1 | tail -3
 fi
+python -c "import fastapi, uvicorn, httpx; print('server packages: ok')" || echo "server packages missing" >&2
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 for section in "$@"; do
   echo "== $section $(date +%T)"
@@ -23,9 +28,16 @@ for section in "$@"; do
       python -m moelab serve olmoe-1b-7b --port 8011 --max-model-len 1024 --disable-uvicorn-access-log \
         > "$OUT/serve.log" 2>&1 &
       pid=$!
+      for _ in $(seq 240); do  # wait for /health; give up as soon as the server process is gone
+        kill -0 "$pid" 2>/dev/null || { echo "server died:"; tail -20 "$OUT/serve.log"; break; }
+        python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health', timeout=1)" 2>/dev/null \
+          && break
+        sleep 1
+      done
+      kill -0 "$pid" 2>/dev/null || continue
       for c_n in 1:16 16:64 64:256 256:512; do
         python -m moelab bench serve --base-url http://127.0.0.1:8011 --concurrency "${c_n%%:*}" \
-          --num-prompts "${c_n##*:}" --input-len 128 --output-len 128 --ignore-eos --num-warmups 2 \
+          --num-prompts "${c_n##*:}" --input-len 128 --output-len 128 --ignore-eos --num-warmups 2 --ready-check-timeout-sec 30 \
           --save-result --result-dir "$OUT" --label "moelab-olmoe-c${c_n%%:*}" 2>&1 | grep -v -i warn | tail -25
       done
       kill -TERM "$pid"; wait "$pid"; tail -5 "$OUT/serve.log" ;;
