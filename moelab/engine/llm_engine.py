@@ -103,6 +103,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         t1 = time.perf_counter()
+        self.runner.warmup_prefill()
         self.runner.capture_graphs()
         self.graph_seconds = time.perf_counter() - t1
         if self.runner.recorder is not None:

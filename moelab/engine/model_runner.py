@@ -116,6 +116,28 @@ class ModelRunner:
         self._allocate(num_blocks)
         return num_blocks
 
+    @torch.inference_mode()
+    def warmup_prefill(self) -> None:
+        """Compile the prefill kernels of every token-count bucket now rather than in a user's first request
+        (Triton compiles per tile config, and the MoE configs change with the number of tokens). Each warm-up
+        step is one sequence whose tokens all write slot 0 and read block 0, the reserved block."""
+        if self.device.type != "cuda":
+            return
+        n = 16
+        while n <= min(self.config.max_num_batched_tokens, self.max_model_len):
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            ctx = ForwardContext(
+                cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device), query_lens=[n],
+                seq_lens=[n], slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
+                block_tables=torch.zeros(1, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
+                block_size=self.block_size, seq_lens_t=torch.tensor([n], dtype=torch.int32, device=self.device),
+                max_query_len=n, max_seq_len=self.max_model_len)
+            with forward_context(ctx):
+                hidden = self.model(ids, torch.arange(n, device=self.device))
+            self.model.compute_logits(hidden[-1:])
+            n *= 4
+        torch.cuda.synchronize()
+
     def capture_graphs(self) -> None:
         if self.device.type != "cuda" or self.config.enforce_eager:
             return
