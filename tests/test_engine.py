@@ -198,3 +198,23 @@ def test_prepare_pads_decode_batches_for_graphs(olmoe: LLM) -> None:
     for seq in batch.seqs:
         eng.abort_request(seq.request_id)
     assert eng.block_manager.num_free_blocks == eng.num_blocks - 1
+
+
+@pytest.mark.parametrize("name", ["qwen2-moe-shared-e6", "deepseek-v3"])
+def test_fast_path_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]) -> None:
+    """prepare_fast_path (kernels for the small ops, fused QKV and gate/up, MLA absorption weights) changes no
+    number that matters: prefill logits equal the reference path's to float32 rounding."""
+    from moelab.context import ForwardContext, forward_context
+    from moelab.models.loader import load_model
+
+    path = tiny_checkpoints[name]
+    ids = torch.randint(4, 320, (9,))
+    ref_model, fast_model = load_model(path), load_model(path)
+    fast_model.prepare_fast_path(64)
+    with torch.no_grad(), forward_context(ForwardContext.for_prompts([9])):
+        want = ref_model.compute_logits(ref_model(ids, torch.arange(9)))
+    with torch.no_grad(), forward_context(ForwardContext.for_prompts([9])):
+        got = fast_model.compute_logits(fast_model(ids, torch.arange(9)))
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    assert {k: v.shape for k, v in fast_model.state_dict().items()} == \
+        {k: v.shape for k, v in ref_model.state_dict().items()}

@@ -45,6 +45,16 @@ class MLAttention(nn.Module):
         self.scale = qk ** -0.5 * yarn_softmax_scale_factor(spec.rope_scaling)
         self.kv_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_lora_rank + rope]
         self.impl = "sdpa"
+        self.w_uk: torch.Tensor | None = None  # [H, nope, r]: kv_b_proj's key half, contiguous (absorbed path)
+        self.w_uv_t: torch.Tensor | None = None  # [H, r, v]: its value half, transposed
+
+    @torch.no_grad()
+    def split_kv_b(self) -> None:
+        """Contiguous copies of kv_b_proj's two halves for the absorbed path (batched GEMMs over heads would
+        otherwise read strided views); 2 * H * (nope + v) * r extra elements per layer."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        self.w_uk = w[:, :self.nope].contiguous()
+        self.w_uv_t = w[:, self.nope:].transpose(1, 2).contiguous()
 
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (num_blocks, block_size, self.kv_lora_rank + self.rope)
@@ -62,16 +72,16 @@ class MLAttention(nn.Module):
         from moelab.kernels.paged_attention import paged_attention
 
         r = self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, r)
-        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [H, nope, r], [H, v, r]
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, r]
+        if self.w_uk is None:
+            self.split_kv_b()
+        q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, r]
         q_full = torch.cat((q_lat, q_pe), dim=-1)
         N, bs, _ = self.kv_cache.shape
         k_cache = self.kv_cache.view(N, bs, 1, r + self.rope)
         v_cache = self.kv_cache[..., :r].unsqueeze(2)
         o_lat = paged_attention(q_full, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens_t, ctx.block_tables,
                                 self.scale, ctx.max_query_len, max_seq_len=ctx.max_seq_len)  # [T, H, r]
-        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
+        return torch.bmm(o_lat.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # [T, H, v]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         T, H = x.shape[0], self.num_heads

@@ -13,6 +13,20 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_gate_up(self) -> None:
+        """One GEMM for gate and up: both weights move into one buffer and become views of it (no extra memory)."""
+        if self.gate_up_weight is not None:
+            return
+        self.gate_up_weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        g, u = self.gate_up_weight.chunk(2)
+        self.gate_proj.weight = nn.Parameter(g, requires_grad=False)
+        self.up_proj.weight = nn.Parameter(u, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -75,9 +75,11 @@ class MoECausalLM(nn.Module):
     @torch.no_grad()
     def prepare_fast_path(self, max_positions: int) -> None:
         """Kernels for everything small: one-kernel RMSNorm and rotary (tables up to max_positions), fused QKV
-        projections, float32 router weights kept instead of cast per call, one-kernel top-k routing. Same math as
-        the reference path."""
+        projections, gate and up of dense/shared MLPs as one GEMM, float32 router weights kept instead of cast per
+        call, one-kernel top-k routing, contiguous MLA absorption weights. Same math as the reference path."""
         from moelab.layers.attention import GQAttention
+        from moelab.layers.mla import MLAttention
+        from moelab.layers.mlp import GatedMLP
         from moelab.layers.moe.layer import Router, SparseMoE
         from moelab.layers.norm import RMSNorm
         from moelab.layers.rotary import RotaryEmbedding
@@ -93,6 +95,10 @@ class MoECausalLM(nn.Module):
                 m.weight_f32 = m.weight.float()
             elif isinstance(m, SparseMoE):
                 m.use_fused_routing()
+            elif isinstance(m, MLAttention):
+                m.split_kv_b()
+            elif isinstance(m, GatedMLP):
+                m.fuse_gate_up()
 
     def set_attention_impl(self, impl: str) -> None:
         """"sdpa" (reference, any device) or "triton" (paged kernel; needs a KV cache)."""
