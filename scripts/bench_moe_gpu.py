@@ -5,6 +5,7 @@ the best into $OUT/configs/ (copy them to moelab/kernels/configs/).
 
     PYTHONPATH=. python scripts/bench_moe_gpu.py [--tune] [--shapes olmoe,qwen3] [--ms 1,64]
     PYTHONPATH=. python scripts/bench_moe_gpu.py --dry     # tiny shapes on the CPU (Triton interpreter)
+    PYTHONPATH=. python scripts/bench_moe_gpu.py --quant [--dry]  # quantized formats vs bf16 (moelab.lab.kernel_bench)
 
 Writes $OUT/bench_moe.json (default ./out): ceilings, check rows, tuning rows, timing rows. Prints a table last.
 """
@@ -44,6 +45,7 @@ from moelab.kernels.fused_moe_config import (  # noqa: E402
     save_config_file,
     use_naive_blocks,
 )
+from moelab.lab import kernel_bench as kb  # noqa: E402
 from moelab.layers.moe.backends import BACKENDS, naive_moe  # noqa: E402
 
 SHAPES = {"olmoe": (64, 8, 2048, 1024), "mixtral": (8, 2, 4096, 14336), "qwen3": (128, 8, 2048, 768),
@@ -581,6 +583,49 @@ def report(result: dict, t0: float) -> None:
           f"{max((r['rel_err'] for r in checks), default=0):.2e}; total {time.time() - t0:.0f} s", flush=True)
 
 
+def quant_summary(rows: list[dict]) -> list[str]:
+    """Per (shape, M): each format's triton time and speedup over bf16 triton, against the issue's targets
+    (fp8 >= 1.6x at M <= 256, >= 1.3x at M >= 4096); per format: worst rel err vs its dequantized oracle and vs
+    the float32 oracle of the unquantized weights."""
+    ms = {(r["shape"], r["M"], r["dtype"]): r["value"] for r in rows
+          if r["metric"] == "layer_ms" and r["backend"] == "triton"}
+    lines = ["quant: shape M format ms speedup_vs_bf16 target"]
+    for (shape, M, dtype), t in sorted(ms.items()):
+        base = ms.get((shape, M, "bf16"))
+        if dtype == "bf16" or base is None:
+            continue
+        target = 1.6 if M <= 256 else 1.3 if M >= 4096 else None
+        sp = base / t
+        verdict = "" if target is None or not dtype.startswith("fp8") else (" ok" if sp >= target else " MISSED")
+        lines.append(f"quant: {shape:10s} {M:6d} {dtype:13s} {t:8.4f} {sp:5.2f}x" + (
+            f" (target {target}x{verdict})" if target and dtype.startswith("fp8") else ""))
+    for dtype in kb.QUANT_FORMATS:
+        checks = [r for r in rows if r["metric"] == "rel_err" and r["dtype"] == dtype and r["backend"] == "triton"]
+        if checks:
+            lines.append(f"quant: {dtype}: {sum(bool(r['ok']) for r in checks)}/{len(checks)} checks ok; worst rel "
+                         f"err vs dequantized oracle {max(r['value'] for r in checks):.2e}, vs float32 "
+                         f"unquantized {max(r['rel_err_vs_float'] for r in checks):.2e}")
+    return lines
+
+
+def quant_main(args: argparse.Namespace, dev: torch.device, out: Path) -> None:
+    """--quant: bf16 and every quantized format through moelab.lab.kernel_bench (checks, then graph timings)."""
+    shapes = DRY_SHAPES if args.dry else SHAPES
+    shapes = {k: shapes[k] for k in (args.shapes.split(",") if args.shapes else shapes)}
+    ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else (DRY_MS if args.dry else MS)
+    dtypes = ("fp32" if args.dry else "bf16",) + kb.QUANT_FORMATS
+    cfg = kb.KernelBenchConfig(shapes=shapes, ms=ms, dtypes=dtypes, backends=("naive", "triton"),
+                               device=dev.type)
+    rows = kb.run(cfg, log=log)
+    if args.dry:  # the summary compares against "bf16"
+        rows = [dict(r, dtype="bf16") if r.get("dtype") == "fp32" else r for r in rows]
+    (out / "bench_moe_quant.json").write_text(json.dumps(dict(device=str(dev), torch=torch.__version__,
+                                                              triton=triton.__version__, rows=rows), indent=1,
+                                                         default=str))
+    print(kb.format_table(rows))
+    print("\n".join(quant_summary(rows)), flush=True)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tune", action="store_true")
@@ -588,6 +633,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shapes", default="")
     p.add_argument("--ms", default="")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--quant", action="store_true", help="bf16 vs fp8_tensor/channel/block and int8_channel")
     p.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     return p.parse_args()
 
@@ -600,6 +646,9 @@ def main() -> None:
     ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else (DRY_MS if args.dry else MS)
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.quant:
+        quant_main(args, dev, out)
+        return
     result = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
                   triton=triton.__version__, args=vars(args), rows=[], notes=[],
                   ceilings=measure_ceilings(dev) if dev.type == "cuda" else {"copy_bytes_per_s": 3e12,

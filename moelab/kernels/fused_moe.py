@@ -6,10 +6,19 @@ gate_up: h[r] = silu(x[t] G[e]^T) * (x[t] U[e]^T) for each sorted row r (slot s 
 down: y[s] = w[s] * (h[r] W2[e]^T) [T*K, D], rows in slot order.
 sum: out[t] = sum_k y[t*K + k] [T, D] (moe_sum.py).
 
-Both accumulate in float32 and write the activation dtype. The grid is sized on the host from (T*K, E,
-BLOCK_M); programs past the padded row count return at once, so nothing reads the routing on the host and the
-whole layer can be captured in a CUDA graph. Decode (see fused_moe_config.use_naive_blocks) skips the sort:
-program row-block b holds slot b alone.
+Both accumulate in float32 and write the activation dtype.
+
+Quantized experts (`quant`, formats as in moelab/layers/moe/quant.py; W = Q * S):
+- int8_channel (W8A16): int8 weight tiles are converted to the activation dtype inside the K loop (exact: |Q|
+  <= 127), the per-output-channel scale S [E, N] multiplies the fp32 accumulator in the epilogue.
+- fp8_tensor / fp8_channel / fp8_block (W8A8): x (and h between the GEMMs) are quantized per token by
+  per_token_quant.py (s [rows]); fp8 x fp8 `tl.dot` with fp32 accumulation; the epilogue multiplies by s[row]
+  and by S (per expert [E] or per output channel [E, N]); 128x128 block scales [E, N/128, K/128] multiply each
+  K-tile's partial product instead (BLOCK_K is capped at 128 so that a K-tile never straddles two blocks).
+
+The grid is sized on the host from (T*K, E, BLOCK_M); programs past the padded row count return at once, so
+nothing reads the routing on the host and the whole layer can be captured in a CUDA graph.
+Decode (see fused_moe_config.use_naive_blocks) skips the sort: program row-block b holds slot b alone.
 
 Variants: `fused_moe` (Triton, tile config from fused_moe_config), `fused_moe_ref` (plain torch, float32).
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -29,8 +39,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, get_config, use_naive_blocks
 from moelab.kernels.moe_align import moe_align
 from moelab.kernels.moe_sum import moe_sum
+from moelab.kernels.per_token_quant import per_token_quant
 
 NAIVE_BLOCK_M = 16
+# quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
+# 3 per 128x128 block) and the weight dtype
+QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
+                 "fp8_block": (3, torch.float8_e4m3fn), "int8_channel": (2, torch.int8)}
+SCALE_BLOCK = 128
 
 
 @triton.jit
@@ -62,11 +78,16 @@ _RUNTIME_INTS = ["num_slots", "top_k", "num_pid_m", "group_m"]  # no recompile p
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, topk_ids_ptr,
-                    num_slots, top_k, num_pid_m, group_m, N, K, stride_xt, stride_we, stride_wn, stride_wk,
-                    stride_hr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    NAIVE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+                    a_scale_ptr, w_scale_ptr, num_slots, top_k, num_pid_m, group_m, N, K, stride_xt, stride_we,
+                    stride_wn, stride_wk, stride_hr, stride_se, stride_sn, stride_sk, up_scale_row,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
+                    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
+                    A_SCALE: tl.constexpr, W_SCALE: tl.constexpr):
     """h[rows, n-tile] = silu(A G^T) * (A U^T), A = x[slot // top_k] gathered; N = I, K = D.
-    USE_TMA: w_ptr is a TMA descriptor over w13 viewed [E * 2N, K] with [BLOCK_N, BLOCK_K] boxes."""
+    USE_TMA: w_ptr is a TMA descriptor over w13 viewed [E * 2N, K] with [BLOCK_N, BLOCK_K] boxes.
+    Quantized (see the module docstring): W_INT8 converts weight tiles to x's dtype; A_SCALE multiplies row r by
+    a_scale[token]; W_SCALE 1/2/3 = per expert / per channel / 128x128 block, the up rows' scales starting at
+    scale row up_scale_row (N for channels, the gate's block-row count for blocks)."""
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
         num_rows = num_pid_m * BLOCK_M
@@ -88,6 +109,8 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
         u_ptrs = g_ptrs + N * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if W_SCALE > 0:
+        s_base = w_scale_ptr + expert * stride_se
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
@@ -103,12 +126,33 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
         else:
             g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+        if W_INT8:
+            g = g.to(a.dtype)
+            u = u.to(a.dtype)
+        if W_SCALE == 3:  # this K-tile lies in one 128-column block: scale its partial products per column
+            kb = (k * BLOCK_K) // 128 * stride_sk
+            sg = tl.load(s_base + (w_rows // 128) * stride_sn + kb)
+            su = tl.load(s_base + (up_scale_row + w_rows // 128) * stride_sn + kb)
+            acc_g += tl.dot(a, g, input_precision=PRECISION) * sg[None, :]
+            acc_u += tl.dot(a, u, input_precision=PRECISION) * su[None, :]
+        else:
+            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         if not USE_TMA:
             g_ptrs += BLOCK_K * stride_wk
             u_ptrs += BLOCK_K * stride_wk
+    if W_SCALE == 1:
+        s = tl.load(s_base)
+        acc_g *= s
+        acc_u *= s
+    elif W_SCALE == 2:
+        acc_g *= tl.load(s_base + w_rows * stride_sn)[None, :]
+        acc_u *= tl.load(s_base + (up_scale_row + w_rows) * stride_sn)[None, :]
+    if A_SCALE:
+        a_s = tl.load(a_scale_ptr + tokens, mask=live, other=0.0)[:, None]
+        acc_g *= a_s
+        acc_u *= a_s
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     tl.store(h_ptr + rows[:, None] * stride_hr + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
@@ -117,12 +161,15 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS[:1] + _RUNTIME_INTS[2:])
 def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
-                 topk_ids_ptr, num_slots, num_pid_m, group_m, N, K, stride_hr, stride_we, stride_wn, stride_wk,
-                 stride_ys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NAIVE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+                 topk_ids_ptr, a_scale_ptr, w_scale_ptr, num_slots, num_pid_m, group_m, N, K, stride_hr, stride_we,
+                 stride_wn, stride_wk, stride_ys, stride_se, stride_sn, stride_sk, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr, EVEN_K: tl.constexpr,
+                 PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr, A_SCALE: tl.constexpr,
+                 W_SCALE: tl.constexpr):
     """y[slot, n-tile] = w[slot] * (h[rows] W2^T); N = D, K = I.
     USE_TMA: h_ptr and w_ptr are TMA descriptors over h [P, K] ([BLOCK_M, BLOCK_K] boxes) and w2 viewed
-    [E * N, K] ([BLOCK_N, BLOCK_K] boxes); zero fill past K replaces the masks."""
+    [E * N, K] ([BLOCK_N, BLOCK_K] boxes); zero fill past K replaces the masks.
+    Quantized: as _gate_up_kernel, with a_scale per h row."""
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
         num_rows = num_pid_m * BLOCK_M
@@ -141,6 +188,8 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
     else:
         a_ptrs = h_ptr + rows[:, None] * stride_hr + offs_k[None, :]
         b_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    if W_SCALE > 0:
+        s_base = w_scale_ptr + expert * stride_se
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if USE_TMA:
@@ -153,18 +202,30 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
             k_ok = offs_k < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if W_INT8:
+            b = b.to(a.dtype)
+        if W_SCALE == 3:
+            sb = tl.load(s_base + (w_rows // 128) * stride_sn + (k * BLOCK_K) // 128 * stride_sk)
+            acc += tl.dot(a, b, input_precision=PRECISION) * sb[None, :]
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if not USE_TMA:
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_wk
+    if W_SCALE == 1:
+        acc *= tl.load(s_base)
+    elif W_SCALE == 2:
+        acc *= tl.load(s_base + w_rows * stride_sn)[None, :]
     weight = tl.load(topk_weights_ptr + slots, mask=live, other=0.0)
+    if A_SCALE:
+        weight *= tl.load(a_scale_ptr + rows)
     y = acc * weight[:, None]
     tl.store(y_ptr + slots.to(tl.int64)[:, None] * stride_ys + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=live[:, None] & (offs_n[None, :] < N))
 
 
 def _check(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-           w2: torch.Tensor) -> None:
+           w2: torch.Tensor, quant: str | None = None) -> None:
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3 or topk_ids.dim() != 2:
         raise ValueError(f"fused_moe: want x [T, D], topk_ids [T, K], w13 [E, 2I, D], w2 [E, D, I]; got x "
                          f"{tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)}, w13 {tuple(w13.shape)}, "
@@ -178,7 +239,15 @@ def _check(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, 
                          f"{tuple(topk_weights.shape)} must both be [T={T}, K]")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fused_moe: topk_ids must be int32/int64, got {topk_ids.dtype}")
-    if not (x.dtype == w13.dtype == w2.dtype) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if quant is not None:
+        if quant not in QUANT_FORMATS:
+            raise ValueError(f"fused_moe: unknown quant format {quant!r}; available: {', '.join(QUANT_FORMATS)}")
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"fused_moe: x must be bf16/fp16/fp32, got {x.dtype}")
+        if not (w13.dtype == w2.dtype == QUANT_FORMATS[quant][1]):
+            raise ValueError(f"fused_moe: {quant} weights must be {QUANT_FORMATS[quant][1]}, got {w13.dtype}, "
+                             f"{w2.dtype}")
+    elif not (x.dtype == w13.dtype == w2.dtype) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"fused_moe: x, w13, w2 must share one of bf16/fp16/fp32; got {x.dtype}, {w13.dtype}, "
                          f"{w2.dtype}")
     if len({t.device for t in (x, topk_ids, topk_weights, w13, w2)}) != 1:
@@ -194,10 +263,11 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def config_for(x: torch.Tensor, top_k: int, w13: torch.Tensor) -> MoEConfig:
-    """The tile config fused_moe uses for this x [T, D], top-k and w13 [E, 2I, D]."""
+def config_for(x: torch.Tensor, top_k: int, w13: torch.Tensor, quant: str | None = None) -> MoEConfig:
+    """The tile config fused_moe uses for this x [T, D], top-k and w13 [E, 2I, D]; tuned files of a quantized
+    format carry the format as their dtype (e.g. dtype=fp8_channel)."""
     (T, D), E, I = x.shape, w13.shape[0], w13.shape[1] // 2
-    dtype = str(x.dtype).removeprefix("torch.")
+    dtype = quant or str(x.dtype).removeprefix("torch.")
     name = _device_name(x.device.index or 0) if x.device.type == "cuda" else "cpu"
     return get_config(T, E, top_k, I, D, dtype, x.device.type, name)
 
@@ -226,9 +296,11 @@ def route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
 
 
 def _launch_args(r: Routing, cfg: GemmConfig, K: int, dtype: torch.dtype, tma: bool) -> dict:
+    """dtype: the dot operands' dtype (fp32: exact "ieee" dots; fp8: the default precision)."""
+    precision = "ieee" if dtype == torch.float32 else None if dtype == torch.float8_e4m3fn else "tf32"
     return dict(BLOCK_M=r.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NAIVE=r.naive,
-                EVEN_K=K % cfg.block_k == 0, PRECISION="ieee" if dtype == torch.float32 else "tf32", USE_TMA=tma,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                EVEN_K=K % cfg.block_k == 0, PRECISION=precision, USE_TMA=tma, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
 
 
 def _tma_ok(*ts: torch.Tensor) -> bool:
@@ -243,46 +315,105 @@ def _desc(t: torch.Tensor, rows: int, box: list[int]) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t.view(rows, t.shape[-1]), box)
 
 
-def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig) -> torch.Tensor:
-    """x [T, D], w13 [E, 2I, D] -> h [num_pid_m * block_m, I]: silu(gate) * up per sorted row."""
+class Quant(NamedTuple):
+    """One GEMM's quantized weights: format (a QUANT_FORMATS key), weight scale S (float32, see
+    moelab/layers/moe/quant.py) and, for fp8, the per-row activation scales of its A operand."""
+
+    fmt: str
+    w_scale: torch.Tensor
+    a_scale: torch.Tensor | None = None
+
+
+def _quant_args(w: torch.Tensor, q: Quant | None) -> tuple[list, dict]:
+    """(positional scale args, constexpr flags) of a GEMM launch; w stands in for absent pointers."""
+    if q is None:
+        return [w, w, 0, 0, 0], dict(W_INT8=False, A_SCALE=False, W_SCALE=0)
+    code, wdtype = QUANT_FORMATS[q.fmt]
+    st = list(q.w_scale.stride()) + [0] * (3 - q.w_scale.dim())
+    a_s = q.a_scale if q.a_scale is not None else q.w_scale
+    return [a_s, q.w_scale, *st], dict(W_INT8=wdtype == torch.int8, A_SCALE=q.a_scale is not None, W_SCALE=code)
+
+
+def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: Quant | None = None,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [T, D], w13 [E, 2I, D] -> h [num_pid_m * block_m, I]: silu(gate) * up per sorted row, in out_dtype
+    (default x's). Quantized: x fp8 with q.a_scale [T] (W8A8) or x bf16/fp16/fp32 (int8 W8A16)."""
     (E, two_i, D), I = w13.shape, w13.shape[1] // 2
-    h = torch.empty(r.num_pid_m * r.block_m, I, dtype=x.dtype, device=x.device)
+    h = torch.empty(r.num_pid_m * r.block_m, I, dtype=out_dtype or x.dtype, device=x.device)
     tma = cfg.tma and _tma_ok(w13)
     w = _desc(w13, E * two_i, [cfg.block_n, cfg.block_k]) if tma else w13
+    qargs, qflags = _quant_args(w13, q)
+    code = qflags["W_SCALE"]
+    up_row = I if code == 2 else q.w_scale.shape[1] // 2 if code == 3 else 0  # scale row of the first up row
     _gate_up_kernel[(r.num_pid_m * triton.cdiv(I, cfg.block_n),)](
-        x, w, h, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, r.ids.numel(), r.top_k, r.num_pid_m,
-        cfg.group_m, I, D, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
-        **_launch_args(r, cfg, D, x.dtype, tma))
+        x, w, h, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], r.ids.numel(), r.top_k,
+        r.num_pid_m, cfg.group_m, I, D, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
+        *qargs[2:], up_row, **_launch_args(r, cfg, D, x.dtype, tma), **qflags)
     return h
 
 
-def down(h: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, r: Routing, cfg: GemmConfig
-         ) -> torch.Tensor:
-    """h [P, I], w2 [E, D, I], topk_weights [T*K] float32 -> y [T*K, D]: router-weighted rows in slot order."""
+def down(h: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, r: Routing, cfg: GemmConfig,
+         q: Quant | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """h [P, I], w2 [E, D, I], topk_weights [T*K] float32 -> y [T*K, D]: router-weighted rows in slot order, in
+    out_dtype (default h's). Quantized: h fp8 with q.a_scale [P] (W8A8) or h bf16/fp16/fp32 (int8 W8A16)."""
     E, D, I = w2.shape
-    y = torch.empty(r.ids.numel(), D, dtype=h.dtype, device=h.device)
+    y = torch.empty(r.ids.numel(), D, dtype=out_dtype or h.dtype, device=h.device)
     tma = cfg.tma and _tma_ok(w2, h)
     a = _desc(h, h.shape[0], [r.block_m, cfg.block_k]) if tma else h
     w = _desc(w2, E * D, [cfg.block_n, cfg.block_k]) if tma else w2
+    qargs, qflags = _quant_args(w2, q)
     _down_kernel[(r.num_pid_m * triton.cdiv(D, cfg.block_n),)](
-        a, w, y, topk_weights, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, r.ids.numel(), r.num_pid_m,
-        cfg.group_m, D, I, h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
-        **_launch_args(r, cfg, I, h.dtype, tma))
+        a, w, y, topk_weights, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], r.ids.numel(),
+        r.num_pid_m, cfg.group_m, D, I, h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
+        *qargs[2:], **_launch_args(r, cfg, I, h.dtype, tma), **qflags)
     return y
 
 
+def _check_scales(quant: str, w13: torch.Tensor, w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None
+                  ) -> None:
+    (E, two_i, D), I, b = w13.shape, w13.shape[1] // 2, SCALE_BLOCK
+    want = {1: ((E,), (E,)), 2: ((E, two_i), (E, D)),
+            3: ((E, 2 * triton.cdiv(I, b), triton.cdiv(D, b)), (E, triton.cdiv(D, b), triton.cdiv(I, b)))}
+    got = tuple(tuple(s.shape) if s is not None else None for s in (w13_scale, w2_scale))
+    if got != want[QUANT_FORMATS[quant][0]] or any(s.dtype != torch.float32 for s in (w13_scale, w2_scale)):
+        raise ValueError(f"fused_moe: {quant} wants float32 scales of shapes {want[QUANT_FORMATS[quant][0]]}, got "
+                         f"{got} {[getattr(s, 'dtype', None) for s in (w13_scale, w2_scale)]}")
+
+
+def quant_config(cfg: MoEConfig, quant: str | None) -> MoEConfig:
+    """cfg with BLOCK_K capped at 128 for block scales (a K-tile must lie in one scale block)."""
+    if quant != "fp8_block":
+        return cfg
+    return replace(cfg, gate_up=replace(cfg.gate_up, block_k=min(cfg.gate_up.block_k, SCALE_BLOCK)),
+                   down=replace(cfg.down, block_k=min(cfg.down.block_k, SCALE_BLOCK)))
+
+
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-              w2: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+              w2: torch.Tensor, config: MoEConfig | None = None, quant: str | None = None,
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, D], topk_ids [T, K], topk_weights [T, K], w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I]
-    -> [T, D] in x's dtype: sum_k w[t,k] * W2[e] (silu(G[e] x[t]) * (U[e] x[t])), e = topk_ids[t,k]."""
-    _check(x, topk_ids, topk_weights, w13, w2)
+    -> [T, D] in x's dtype: sum_k w[t,k] * W2[e] (silu(G[e] x[t]) * (U[e] x[t])), e = topk_ids[t,k].
+    quant: a QUANT_FORMATS key; then w13/w2 hold Q (fp8/int8) and W = Q * scale (shapes: module docstring)."""
+    _check(x, topk_ids, topk_weights, w13, w2, quant)
+    if quant is not None:
+        _check_scales(quant, w13, w13_scale, w2_scale)
     (T, D), K = x.shape, topk_ids.shape[1]
     if T * K == 0:
         return x.new_zeros(T, D)
-    cfg = config or config_for(x, K, w13)
+    cfg = quant_config(config or config_for(x, K, w13, quant), quant)
     r = route(topk_ids, w13.shape[0], cfg.block_m)
-    h = gate_up(x, w13, r, cfg.gate_up)
-    y = down(h, w2, topk_weights.reshape(-1).contiguous().float(), r, cfg.down)  # [T*K, D]
+    weights = topk_weights.reshape(-1).contiguous().float()
+    if quant is None:
+        h = gate_up(x, w13, r, cfg.gate_up)
+        y = down(h, w2, weights, r, cfg.down)  # [T*K, D]
+    elif QUANT_FORMATS[quant][1] == torch.int8:
+        h = gate_up(x, w13, r, cfg.gate_up, Quant(quant, w13_scale))
+        y = down(h, w2, weights, r, cfg.down, Quant(quant, w2_scale))
+    else:  # W8A8: fp8 x and h, per-row scales
+        xq, xs = per_token_quant(x)
+        h = gate_up(xq, w13, r, cfg.gate_up, Quant(quant, w13_scale, xs), out_dtype=x.dtype)
+        hq, hs = per_token_quant(h, None if r.naive else r.num_padded)
+        y = down(hq, w2, weights, r, cfg.down, Quant(quant, w2_scale, hs), out_dtype=x.dtype)
     return y if K == 1 else moe_sum(y, K)
 
 

@@ -1,7 +1,8 @@
-"""The triton MoE backend: moe_align + the fused gate_up / down grouped GEMMs of moelab/kernels/fused_moe.py.
+"""The triton MoE backend: moe_align + the fused gate_up / down grouped GEMMs of moelab/kernels/fused_moe.py,
+for bf16/fp16/fp32 experts and the quantized formats of moelab/layers/moe/quant.py.
 
 On the CPU it runs under the Triton interpreter (TRITON_INTERPRET=1), where bf16 `tl.dot` returns garbage, so
-there bf16 inputs are computed in float32 and the result cast back; bf16 itself is checked on the GPU.
+there bf16 activations are computed in float32 and the result cast back; bf16 itself is checked on the GPU.
 """
 
 from __future__ import annotations
@@ -9,13 +10,20 @@ from __future__ import annotations
 import torch
 
 from moelab.kernels.fused_moe import fused_moe
+from moelab.layers.moe.quant import QuantScales
 
 
 def triton_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-               w2: torch.Tensor, scales: object | None = None) -> torch.Tensor:
-    """Same contract as naive_moe: x [T, D], topk [T, K], w13 [E, 2I, D], w2 [E, D, I] -> [T, D] in x's dtype."""
-    if scales is not None:
-        raise NotImplementedError("triton backend: bf16/fp16/fp32 weights only so far")
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        return fused_moe(x.float(), topk_ids, topk_weights, w13.float(), w2.float()).to(x.dtype)
-    return fused_moe(x, topk_ids, topk_weights, w13, w2)
+               w2: torch.Tensor, scales: QuantScales | None = None) -> torch.Tensor:
+    """Same contract as naive_moe: x [T, D], topk [T, K], w13 [E, 2I, D], w2 [E, D, I] -> [T, D] in x's dtype.
+    With scales, w13/w2 hold the quantized weights (fp8 formats: W8A8 with dynamic per-token activations)."""
+    cpu_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    xa = x.float() if cpu_bf16 else x
+    if scales is None:
+        out = fused_moe(xa, topk_ids, topk_weights, w13.float() if cpu_bf16 else w13,
+                        w2.float() if cpu_bf16 else w2)
+    else:
+        scales.check(w13, w2)
+        out = fused_moe(xa, topk_ids, topk_weights, w13, w2, quant=scales.format, w13_scale=scales.w13_scale,
+                        w2_scale=scales.w2_scale)
+    return out.to(x.dtype)

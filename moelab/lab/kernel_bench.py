@@ -1,0 +1,355 @@
+"""The MoE kernel benchmark: every backend x weight format against the naive oracle on fresh random inputs, then
+the whole layer timed as CUDA-graph replays against the floor; and the tile-config tuner. Used by
+`moelab bench kernels`, `moelab tune-kernels` and scripts/bench_moe_gpu.py.
+
+Floor (../shared/guide/MEASURING.md) = max(touched-expert weight bytes / copy bandwidth, FLOPs / matmul rate),
+FLOPs = 2 M K 3 D I, touched experts = E (1 - (1 - K/E)^M) (uniform routing); 1 byte per weight for the 8-bit
+formats. The fp8 matmul rate is taken as twice the measured bf16 rate (the H100's dense fp8 peak is 2x bf16).
+On the CPU (Triton interpreter) only the checks mean anything; times are labelled device=cpu and have no floor.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+SHAPES = {"olmoe": (64, 8, 2048, 1024), "mixtral": (8, 2, 4096, 14336), "qwen3": (128, 8, 2048, 768),
+          "dsv2-lite": (64, 6, 2048, 1408)}  # (E, K, D, I)
+TINY_SHAPES = {"tiny": (8, 2, 64, 48), "tiny-e60": (60, 6, 32, 16)}
+MS = (1, 16, 64, 256, 1024, 4096, 16384)
+# published reference, bf16, H100, one CUDA graph (MEASURING.md), ms at MS
+REFERENCE_MS = {"olmoe": (0.047, 0.310, 0.372, 0.401, 0.546, 1.212, 4.121),
+                "mixtral": (0.245, 1.001, 1.008, 1.120, 1.828, 5.499, 20.41),
+                "qwen3": (0.038, 0.348, 0.502, 0.535, 0.652, 1.012, 3.099),
+                "dsv2-lite": (0.049, 0.362, 0.467, 0.504, 0.620, 1.512, 3.875)}
+FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANT_FORMATS = ("fp8_tensor", "fp8_channel", "fp8_block", "int8_channel")
+DTYPES = tuple(FLOAT_DTYPES) + QUANT_FORMATS
+ROTATE = 3  # input sets per timed graph
+REL_ERR_MAX = 2e-2
+
+
+@dataclass(frozen=True)
+class KernelBenchConfig:
+    """shapes: name -> (E, K, D, I); dtypes: keys of FLOAT_DTYPES or quantized formats (activations bf16, or
+    fp32 on the CPU, where the interpreter's bf16 dots are wrong)."""
+
+    shapes: dict[str, tuple[int, int, int, int]]
+    ms: tuple[int, ...] = MS
+    dtypes: tuple[str, ...] = ("bf16",)
+    backends: tuple[str, ...] = ("naive", "grouped", "triton")
+    routings: tuple[str, ...] = ("uniform", "skewed")
+    time_layer: bool = True
+    naive_max_m: int = 64  # the oracle loops over experts with host syncs: checked up to this M only
+    seed: int = 0
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+
+    def __post_init__(self) -> None:
+        bad = [d for d in self.dtypes if d not in DTYPES]
+        assert not bad, f"unknown dtype(s) {bad}; available: {', '.join(DTYPES)}"
+        bad = [r for r in self.routings if r not in ("uniform", "skewed")]
+        assert not bad, f"unknown routing(s) {bad}; available: uniform, skewed"
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """"E,K,D,I" -> (E, K, D, I); ValueError names the bad text."""
+    try:
+        E, K, D, I = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--shape wants E,K,D,I (four integers), got {text!r}") from None
+    if min(E, K, D, I) < 1 or K > E:
+        raise ValueError(f"--shape {text!r}: all sizes must be >= 1 and top-k K <= E")
+    return E, K, D, I
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def act_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype in FLOAT_DTYPES:
+        return FLOAT_DTYPES[dtype] if not (device == "cpu" and dtype == "bf16") else torch.float32
+    return torch.bfloat16 if device != "cpu" else torch.float32
+
+
+def make_weights(shape: tuple, dtype: str, device: str, g: torch.Generator) -> dict:
+    """{"w13", "w2" (the backend's weights), "scales" (QuantScales | None), "w13_ref", "w2_ref" (the bf16-rounded
+    float32 weights they came from: the unquantized oracle)}; N(0, 1/D) and N(0, 1/I)."""
+    from moelab.layers.moe.quant import quantize_experts
+
+    E, K, D, I = shape
+    w13 = (torch.randn(E, 2 * I, D, device=device, generator=g) / D ** 0.5).bfloat16().float()
+    w2 = (torch.randn(E, D, I, device=device, generator=g) / I ** 0.5).bfloat16().float()
+    out = dict(w13_ref=w13, w2_ref=w2, scales=None)
+    if dtype in FLOAT_DTYPES:
+        ad = act_dtype(dtype, device)
+        return dict(out, w13=w13.to(ad), w2=w2.to(ad))
+    q13, q2, scales = quantize_experts(w13, w2, dtype)
+    return dict(out, w13=q13, w2=q2, scales=scales)
+
+
+def make_inputs(M: int, shape: tuple, dtype: torch.dtype, device: str, g: torch.Generator, skew: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, D], topk_ids [M, K] int64, topk_weights [M, K] fp32: uniform routing, or Zipf-skewed (expert
+    popularity ~ 1/(e+1)^1.2, K distinct experts per token by Gumbel top-k)."""
+    E, K, D, _ = shape
+    x = torch.randn(M, D, device=device, generator=g).to(dtype)
+    u = torch.rand(M, E, device=device, generator=g).clamp_min(1e-9)
+    logits = -torch.log(-torch.log(u))
+    if skew:
+        logits = logits - 1.2 * torch.log(torch.arange(1, E + 1, device=device, dtype=torch.float32))
+    vals, ids = logits.topk(K, dim=-1)
+    return x, ids, vals.softmax(-1).float()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+# ---------------------------------------------------------------- timing
+
+
+def graph_ms(fn: Callable[[int], torch.Tensor], n_sets: int, device: str, budget_ms: float = 150.0
+             ) -> tuple[float, list[torch.Tensor]]:
+    """fn(i) on input set i < n_sets captured as one CUDA graph: median replay ms / n_sets, and the outputs.
+    On the CPU: one eager pass (wall clock), for labelling only."""
+    outs = [fn(i) for i in range(n_sets)]  # compile and warm up
+    if device == "cpu":
+        t = time.perf_counter()
+        outs = [fn(i) for i in range(n_sets)]
+        return (time.perf_counter() - t) * 1e3 / n_sets, outs
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fn(i) for i in range(n_sets)]
+    graph.replay()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    graph.replay()
+    e.record()
+    e.synchronize()
+    reps = int(min(100, max(7, budget_ms / max(s.elapsed_time(e), 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in events:
+        s.record()
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events) / n_sets, outs
+
+
+def measure_ceilings(device: str) -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate, measured now; fixed MEASURING.md values
+    on the CPU (where no floor is reported)."""
+    if device == "cpu":
+        return {"copy_bytes_per_s": 3.0e12, "matmul_flop_per_s": 7.98e14, "measured": False}
+    src = torch.randn(1 << 28, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    copy_ms = graph_ms(lambda i: dst.copy_(src), 1, device)[0]
+    mm_ms = graph_ms(lambda i: a @ a, 1, device)[0]
+    return {"copy_bytes_per_s": 2 * src.numel() * 2 / (copy_ms * 1e-3), "matmul_flop_per_s": 2 * 8192 ** 3 / (
+        mm_ms * 1e-3), "measured": True}
+
+
+def floor_ms(shape: tuple, M: int, dtype: str, ceilings: dict) -> tuple[float, float, float]:
+    """(floor ms, touched-expert weight bytes, FLOPs) of one layer call; see the module docstring."""
+    E, K, D, I = shape
+    touched = E * (1 - (1 - K / E) ** M)
+    wbytes = 1 if dtype in QUANT_FORMATS else FLOAT_DTYPES[dtype].itemsize
+    rate = ceilings["matmul_flop_per_s"] * (2 if dtype.startswith("fp8") else 1)
+    nbytes, flops = touched * 3 * D * I * wbytes, 2 * M * K * 3 * D * I
+    return max(nbytes / ceilings["copy_bytes_per_s"], flops / rate) * 1e3, nbytes, flops
+
+
+# ---------------------------------------------------------------- checks and timings
+
+
+def _call(backend: str, x, ids, w, wts: dict) -> torch.Tensor:
+    from moelab.layers.moe.backends import get_backend
+
+    return get_backend(backend)(x, ids, w, wts["w13"], wts["w2"], wts["scales"])
+
+
+def check_cell(cfg: KernelBenchConfig, name: str, shape: tuple, M: int, dtype: str, wts: dict,
+               g: torch.Generator) -> list[dict]:
+    """One row per (routing, backend): rel err vs the naive oracle of the same weights (quantized formats:
+    dequantized weights, fp8 activation rounding), and vs the unquantized float32 oracle (rel_err_vs_float)."""
+    from moelab.layers.moe.backends import naive_moe
+
+    rows, ad = [], act_dtype(dtype, cfg.device)
+    for routing in cfg.routings:
+        x, ids, w = make_inputs(M, shape, ad, cfg.device, g, routing == "skewed")
+        exact = naive_moe(x.float(), ids, w, wts["w13_ref"], wts["w2_ref"])
+        ref = exact if wts["scales"] is None else naive_moe(x, ids, w, wts["w13"], wts["w2"], wts["scales"]).float()
+        point = dict(shape=name, M=M, dtype=dtype, routing=routing)
+        if wts["scales"] is not None:
+            rows.append(dict(point, metric="rel_err_vs_float", value=rel_err(ref, exact), unit="", backend="naive"))
+        for backend in cfg.backends:
+            if backend == "naive" and M > cfg.naive_max_m:
+                continue
+            try:
+                out = _call(backend, x, ids, w, wts)
+            except NotImplementedError as exc:  # e.g. grouped has no quantized path
+                rows.append(dict(point, metric="check", value=None, unit="", backend=backend, ok=None,
+                                 note=f"unsupported: {exc}"))
+                continue
+            except Exception as exc:  # record and go on: the run reports every cell
+                out, note = torch.full_like(x, float("nan")), f"{type(exc).__name__}: {str(exc)[:200]}"
+            else:
+                note = ""
+            err = rel_err(out, ref)
+            ok = bool(torch.isfinite(out).all()) and err < REL_ERR_MAX and out.dtype == x.dtype
+            rows.append(dict(point, metric="rel_err", value=err, unit="", backend=backend, ok=ok, note=note,
+                             rel_err_vs_float=rel_err(out, exact)))
+    return rows
+
+
+def time_cell(cfg: KernelBenchConfig, name: str, shape: tuple, M: int, dtype: str, backend: str, wts: dict,
+              ceilings: dict, g: torch.Generator) -> list[dict]:
+    """Whole layer of one backend, ROTATE input sets in one CUDA graph: ms, TFLOP/s, GB/s with the floor."""
+    inputs = [make_inputs(M, shape, act_dtype(dtype, cfg.device), cfg.device, g) for _ in range(ROTATE)]
+    ms, _ = graph_ms(lambda i: _call(backend, *inputs[i], wts), ROTATE, cfg.device)
+    fl, nbytes, flops = floor_ms(shape, M, dtype, ceilings)
+    on_gpu = cfg.device != "cpu"
+    ref = REFERENCE_MS.get(name)
+    point = dict(shape=name, E=shape[0], K=shape[1], D=shape[2], I=shape[3], M=M, dtype=dtype, backend=backend,
+                 device=cfg.device, routing="uniform")
+    rows = [dict(point, metric="layer_ms", value=ms, unit="ms", floor=fl if on_gpu else None,
+                 pct_of_floor=100 * fl / ms if on_gpu else None),
+            dict(point, metric="tflops", value=flops / ms * 1e-9, unit="TFLOP/s"),
+            dict(point, metric="weight_gbps", value=nbytes / ms * 1e-6, unit="GB/s")]
+    if ref and M in MS and dtype == "bf16" and on_gpu:
+        rows.append(dict(point, metric="speedup_vs_reference", value=ref[MS.index(M)] / ms, unit="x"))
+    return rows
+
+
+def run(cfg: KernelBenchConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Checks (every backend, routing, dtype, M), then layer timings (cfg.time_layer; backends other than
+    naive). Returns tidy rows (metric, value, unit, floor, pct_of_floor + point keys)."""
+    from moelab.layers.moe.backends import BACKENDS
+
+    missing = [b for b in cfg.backends if b not in BACKENDS]
+    if missing:
+        raise ValueError(f"unknown or unavailable backend(s) {missing}; available: {', '.join(BACKENDS)}")
+    ceilings = measure_ceilings(cfg.device)
+    rows: list[dict] = []
+    for name, shape in cfg.shapes.items():
+        for dtype in cfg.dtypes:
+            g = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+            wts = make_weights(shape, dtype, cfg.device, g)
+            for M in cfg.ms:
+                cell = check_cell(cfg, name, shape, M, dtype, wts, g)
+                rows += cell
+                bad = [r for r in cell if r.get("ok") is False]
+                log(f"check {name} {dtype} M={M}: {len(cell) - len(bad)}/{len(cell)} ok" + "".join(
+                    f"; FAILED {r['backend']} {r['routing']} rel err {r['value']:.2e} {r['note']}" for r in bad))
+                for backend in cfg.backends if cfg.time_layer else ():
+                    if backend == "naive" or any(r.get("backend") == backend and r["metric"] == "check"
+                                                 for r in cell):
+                        continue
+                    rows += time_cell(cfg, name, shape, M, dtype, backend, wts, ceilings, g)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The timing rows as a text table (one line per shape, M, dtype, backend), checks summarised last."""
+    timed = {}
+    for r in rows:
+        if r["metric"] in ("layer_ms", "tflops", "weight_gbps", "speedup_vs_reference"):
+            timed.setdefault((r["shape"], r["M"], r["dtype"], r["backend"], r["device"]), {})[r["metric"]] = r
+    lines = ["shape       M      dtype         backend  ms         TFLOP/s  GB/s    %floor  vs ref"]
+    for (shape, M, dtype, backend, _), m in timed.items():
+        ms = m["layer_ms"]
+        pct = f"{ms['pct_of_floor']:.0f}" if ms.get("pct_of_floor") else "-"
+        sp = f"{m['speedup_vs_reference']['value']:.2f}x" if "speedup_vs_reference" in m else "-"
+        lines.append(f"{shape:11s} {M:<6d} {dtype:13s} {backend:8s} {ms['value']:<10.4f} {m['tflops']['value']:<8.1f} "
+                     f"{m['weight_gbps']['value']:<7.0f} {pct:7s} {sp}")
+    if any(k[4] == "cpu" for k in timed):
+        lines.append("(device cpu: Triton interpreter wall-clock times, not GPU times; no floor)")
+    checks = [r for r in rows if r["metric"] == "rel_err"]
+    worst = max((r["value"] for r in checks), default=0.0)
+    lines.append(f"checks: {sum(bool(r['ok']) for r in checks)}/{len(checks)} passed; worst rel err {worst:.2e}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- tuning
+
+
+def gemm_candidates(device: str) -> list[tuple[int, int, int, int, bool]]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, tma) tried per GEMM; two tiny ones under the interpreter."""
+    if device == "cpu":
+        return [(16, 32, 4, 3, False), (32, 16, 4, 3, True)]
+    return [(bn, bk, w, s, tma) for tma in (False, True) for bn, bk, w, s in (
+        (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4),
+        (128, 128, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (256, 64, 8, 3))]
+
+
+def block_m_candidates(M: int, K: int, E: int) -> list[int]:
+    per_expert = M * K / E
+    return [16] if per_expert <= 8 else [16, 32] if per_expert <= 24 else [32, 64] if per_expert <= 96 else \
+        [64, 128] if per_expert <= 768 else [128, 256]
+
+
+def _layer_ms(c, inputs: list, wts: dict, quant: dict, device: str) -> float:
+    """Whole-layer graph ms of fused_moe with config c; inf when the config does not compile or run."""
+    from moelab.kernels import fused_moe as fm
+
+    try:
+        return graph_ms(lambda i: fm.fused_moe(*inputs[i], wts["w13"], wts["w2"], config=c, **quant), ROTATE,
+                        device, budget_ms=60.0)[0]
+    except Exception:  # out of shared memory / registers: not a candidate
+        return math.inf
+
+
+def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int = 0,
+         log: Callable[[str], None] = print) -> dict:
+    """{M: best MoEConfig} by whole-layer graph time: per BLOCK_M, the gate_up tile (down at the heuristic),
+    then the down tile; configs that fail to compile or run are skipped."""
+    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, heuristic_config
+
+    E, K, D, I = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    wts = make_weights(shape, dtype, device, g)
+    quant = dict(quant=dtype, w13_scale=wts["scales"].w13_scale, w2_scale=wts["scales"].w2_scale) \
+        if wts["scales"] is not None else {}
+    best: dict[int, MoEConfig] = {}
+    for M in ms:
+        inputs = [make_inputs(M, shape, act_dtype(dtype, device), device, g) for _ in range(ROTATE)]
+        layer_ms = functools.partial(_layer_ms, inputs=inputs, wts=wts, quant=quant, device=device)
+
+        heur = heuristic_config(M, E, K, I, D, dtype, "cpu" if device == "cpu" else "cuda")
+        trials: list[tuple[float, MoEConfig]] = [(layer_ms(heur), heur)]
+        for bm in block_m_candidates(M, K, E):
+            c = replace(heur, block_m=bm)
+            ups = [(layer_ms(replace(c, gate_up=GemmConfig(bn, bk, 1, w, s, tma))), GemmConfig(bn, bk, 1, w, s, tma))
+                   for bn, bk, w, s, tma in gemm_candidates(device)]
+            c = replace(c, gate_up=min(ups, key=lambda t: t[0])[1])
+            downs = [(layer_ms(replace(c, down=GemmConfig(bn, bk, 1, w, s, tma))), GemmConfig(bn, bk, 1, w, s, tma))
+                     for bn, bk, w, s, tma in gemm_candidates(device)]
+            trials.append(min(((t, replace(c, down=d)) for t, d in downs), key=lambda t: t[0]))
+        ms_best, best[M] = min(trials, key=lambda t: t[0])
+        log(f"tune {shape} {dtype} M={M}: {ms_best:.4f} ms (heuristic {trials[0][0]:.4f} ms) {best[M].to_dict()}")
+    return best
+
+
+def write_tuned(shape: tuple, dtype: str, configs: dict, device: str, out_dir: Path | str | None = None) -> Path:
+    """The JSON config file of this shape, dtype and device (moelab/kernels/configs/ by default)."""
+    import triton
+
+    from moelab.kernels.fused_moe_config import CONFIG_DIR, config_file_name, save_config_file
+
+    E, K, D, I = shape
+    dev_name = torch.cuda.get_device_name() if device != "cpu" else "cpu"
+    dt = str(FLOAT_DTYPES[dtype]).removeprefix("torch.") if dtype in FLOAT_DTYPES else dtype
+    path = Path(out_dir or CONFIG_DIR) / config_file_name(E, I, D, dev_name, dt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_config_file(path, configs, note=f"moelab tune-kernels, top-k {K}, triton {triton.__version__}, torch "
+                     f"{torch.__version__}, {dev_name}")
+    return path

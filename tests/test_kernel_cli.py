@@ -1,0 +1,58 @@
+"""`moelab bench kernels` and `moelab tune-kernels` on the CPU (Triton interpreter, tiny shapes), and the
+kernel benchmark's floor arithmetic."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+pytest.importorskip("triton")
+
+from moelab.cli import main  # noqa: E402
+from moelab.kernels.fused_moe_config import config_file_name, load_config_file  # noqa: E402
+from moelab.lab import kernel_bench as kb  # noqa: E402
+
+
+def test_bench_kernels_checks_times_and_stores(tmp_path, capsys) -> None:
+    store = tmp_path / "r.sqlite"
+    rc = main(["bench", "kernels", "--shape", "6,2,16,16", "--m", "1,3", "--dtype", "fp32,fp8_block",
+               "--backends", "naive,grouped,triton", "--store", str(store), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "checks: 20/20 passed" in out and "Triton interpreter wall-clock" in out
+    con = sqlite3.connect(store)
+    assert con.execute("SELECT status FROM runs").fetchall() == [("ok",)]
+    metrics = dict(con.execute("SELECT metric, COUNT(*) FROM rows GROUP BY metric").fetchall())
+    # checks: 2 M x 2 routings x (3 backends for fp32 + naive/triton for fp8_block, grouped unsupported)
+    assert metrics["rel_err"] == 12 + 8 and metrics["check"] == 4 and metrics["rel_err_vs_float"] == 4
+    assert metrics["layer_ms"] == 2 * 2 + 2 * 1  # grouped + triton for fp32, triton for fp8_block
+    assert con.execute("SELECT COUNT(*) FROM rows WHERE metric = 'layer_ms' AND floor IS NOT NULL").fetchone() == (0,)
+
+
+def test_tune_kernels_writes_named_config(tmp_path, capsys) -> None:
+    rc = main(["tune-kernels", "--shape", "4,2,16,16", "--m", "3", "--dtype", "int8_channel", "--out",
+               str(tmp_path), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr()
+    path = tmp_path / config_file_name(4, 16, 16, "cpu", "int8_channel")
+    assert path.is_file() and set(load_config_file(path)) == {3}
+
+
+@pytest.mark.parametrize("argv,msg", [(["bench", "kernels", "--shape", "4,2,16"], "E,K,D,I"),
+                                      (["bench", "kernels", "--shape", "4,2,16,16", "--dtype", "fp4"], "fp4"),
+                                      (["bench", "kernels", "--shape", "4,2,16,16", "--backends", "cutlass"],
+                                       "cutlass"),
+                                      (["tune-kernels", "--preset", "nope"], "nope")])
+def test_bad_input_is_a_clear_error(argv, msg, tmp_path, capsys) -> None:
+    assert main(argv + (["--store", str(tmp_path / "s.sqlite")] if argv[0] == "bench" else [])) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_floor_counts_one_byte_weights_and_fp8_rate() -> None:
+    ceil = {"copy_bytes_per_s": 3e12, "matmul_flop_per_s": 8e14}
+    bf16, nbytes, flops = kb.floor_ms((8, 2, 4096, 14336), 1, "bf16", ceil)
+    fp8, nbytes8, _ = kb.floor_ms((8, 2, 4096, 14336), 1, "fp8_channel", ceil)
+    assert nbytes8 == nbytes / 2 and fp8 == pytest.approx(bf16 / 2)
+    big, _, flops = kb.floor_ms((8, 2, 4096, 14336), 16384, "fp8_block", ceil)
+    assert big == pytest.approx(flops / 1.6e15 * 1e3)
+    assert kb.parse_shape("60,6,32,16") == (60, 6, 32, 16)
