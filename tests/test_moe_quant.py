@@ -229,3 +229,29 @@ def test_checkpoint_converter_and_collector(fmt, tmp_path) -> None:
         out = naive_moe(x, ids, torch.rand(5, 2), module.w13, module.w2, module.scales)
         assert torch.isfinite(out).all()
 
+
+
+@pytest.mark.parametrize("fmt", ["int8_channel", "fp8_channel"])
+def test_quantized_checkpoint_through_the_engine(fmt, tmp_path) -> None:
+    """A quantized checkpoint loads through load_model / LLM; naive and triton agree on its logits and the engine
+    generates from it."""
+    from conftest import write_tiny
+
+    from moelab.context import ForwardContext, forward_context
+    from moelab.engine.sampling_params import SamplingParams
+    from moelab.layers.moe.quant_load import quantize_checkpoint
+    from moelab.llm import LLM
+    from moelab.models.loader import load_model
+
+    dst = quantize_checkpoint(write_tiny("olmoe", tmp_path / "src"), tmp_path / fmt, fmt)
+    ids = torch.randint(4, 320, (7,))
+    logits = {}
+    for backend in ("naive", "triton"):
+        model = load_model(dst, moe_backend=backend)
+        assert model.model.layers[0].mlp.experts.scales is not None
+        with torch.no_grad(), forward_context(ForwardContext.for_prompts([7])):
+            logits[backend] = model.compute_logits(model(ids, torch.arange(7)))
+    assert rel(logits["triton"], logits["naive"]) < 1e-5
+    out = LLM(str(dst), max_model_len=32).generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=4,
+                                                                              ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4

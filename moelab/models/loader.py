@@ -146,8 +146,15 @@ def _skip(name: str, spec: ModelSpec) -> bool:
 
 
 def load_weights(model: MoECausalLM, path: Path) -> None:
+    """Every tensor of the checkpoint into the model. A checkpoint whose config.json has a quantization_config
+    of a supported expert format (moelab.layers.moe.quant_load) keeps its experts quantized: their weights and
+    scales go to QuantExpertLoader, which replaces w13/w2 and attaches the scales the MoE backends read."""
+    from moelab.layers.moe.quant_load import QuantExpertLoader, quant_format
+
     device = next(model.parameters()).device
     targets = _Targets(model)
+    fmt = quant_format(read_config(path))
+    collector = QuantExpertLoader(targets.experts, model.expert_proj_names, fmt) if fmt else None
     for f, promised in shard_files(path).items():
         try:
             with safe_open(str(f), framework="pt", device=str(device)) as sf:
@@ -155,10 +162,16 @@ def load_weights(model: MoECausalLM, path: Path) -> None:
                 if promised is not None and (absent := set(promised) - set(names)):
                     raise CheckpointError(f"{f}: missing tensor {sorted(absent)[0]} (listed in the index)")
                 for name in names:
-                    if not _skip(name, model.spec):
-                        targets.load(name, sf.get_tensor(name), f)
+                    if _skip(name, model.spec):
+                        continue
+                    tensor = sf.get_tensor(name)
+                    if collector is None or not collector.claim(name, tensor):
+                        targets.load(name, tensor, f)
         except SafetensorError as err:
             raise CheckpointError(f"{f}: cannot read safetensors file ({err})") from err
+    if collector is not None:
+        collector.finish()
+        targets.expert_filled |= collector.filled
     targets.check_complete(Path(path))
 
 

@@ -86,4 +86,5 @@ class SparseMoE(nn.Module):
             T, K = topk_ids.shape
             valid = self.routing_valid[:T, None].expand(T, K).reshape(-1)
             self.routing_counts.scatter_add_(0, topk_ids.reshape(-1), valid)
-        return self.backend(x, topk_ids, topk_weights, self.experts.w13, self.experts.w2, None)
+        return self.backend(x, topk_ids, topk_weights, self.experts.w13, self.experts.w2,
+                            getattr(self.experts, "scales", None))

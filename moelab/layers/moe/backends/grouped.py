@@ -35,8 +35,10 @@ def _gmm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor, fused: bool) ->
 def grouped_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor, scales: object | None = None) -> torch.Tensor:
     """Same contract as naive_moe: x [T, D], topk [T, K], w13 [E, 2I, D], w2 [E, D, I] -> [T, D]."""
-    if scales is not None:
-        raise NotImplementedError("grouped backend: bf16/fp16/fp32 weights only")
+    if scales is not None:  # quantized experts: no grouped GEMM for them here; the oracle computes them
+        from moelab.layers.moe.backends.naive import naive_moe
+
+        return naive_moe(x, topk_ids, topk_weights, w13, w2, scales)
     T, K = topk_ids.shape
     flat = topk_ids.flatten()  # [T*K]
     order = flat.argsort(stable=True)
