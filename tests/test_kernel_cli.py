@@ -20,13 +20,13 @@ def test_bench_kernels_checks_times_and_stores(tmp_path, capsys) -> None:
                "--backends", "naive,grouped,triton", "--store", str(store), "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "checks: 20/20 passed" in out and "Triton interpreter wall-clock" in out
+    assert "checks: 24/24 passed" in out and "Triton interpreter wall-clock" in out
     con = sqlite3.connect(store)
     assert con.execute("SELECT status FROM runs").fetchall() == [("ok",)]
     metrics = dict(con.execute("SELECT metric, COUNT(*) FROM rows GROUP BY metric").fetchall())
-    # checks: 2 M x 2 routings x (3 backends for fp32 + naive/triton for fp8_block, grouped unsupported)
-    assert metrics["rel_err"] == 12 + 8 and metrics["check"] == 4 and metrics["rel_err_vs_float"] == 4
-    assert metrics["layer_ms"] == 2 * 2 + 2 * 1  # grouped + triton for fp32, triton for fp8_block
+    # checks: 2 M x 2 routings x 3 backends for each dtype (grouped hands quantized experts to the oracle)
+    assert metrics["rel_err"] == 12 + 12 and "check" not in metrics and metrics["rel_err_vs_float"] == 4
+    assert metrics["layer_ms"] == 2 * 2 + 2 * 2  # grouped + triton, for each dtype
     assert con.execute("SELECT COUNT(*) FROM rows WHERE metric = 'layer_ms' AND floor IS NOT NULL").fetchone() == (0,)
 
 
