@@ -218,3 +218,30 @@ def test_fast_path_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     assert {k: v.shape for k, v in fast_model.state_dict().items()} == \
         {k: v.shape for k, v in ref_model.state_dict().items()}
+
+
+def test_overlapped_steps_change_nothing(tiny_checkpoints: dict[str, Path]) -> None:
+    """async_scheduling (step N+1 planned and launched before step N's tokens reach the host) gives the same
+    tokens, finish reasons and stop reasons as settling every step, with EOS, stop strings, seeds, min_tokens,
+    chunked prefill and preemption in play, and frees every block."""
+    path = str(tiny_checkpoints["olmoe"])
+    prompts = [[5, 6, 7], [9] * 21, [11, 12], [13] * 7, [4, 8, 15, 16, 23, 42]]
+    base = dict(max_model_len=64, block_size=4, num_kv_blocks=17, max_num_batched_tokens=16)
+    probe = LLM(path, async_scheduling=False, **base)
+    free = probe.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    eos = free.token_ids[3]
+    params = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0.9, seed=3, max_tokens=9),
+              SamplingParams(temperature=0, max_tokens=10, stop=probe.tokenizer.decode(free.token_ids)[2:4]),
+              SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=7, min_tokens=5),
+              SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)]
+    results = []
+    for overlap in (False, True):
+        llm = LLM(path, async_scheduling=overlap, **base)
+        llm.engine.eos_token_id = eos
+        outs = llm.generate(prompts, params)
+        results.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs])
+        eng = llm.engine
+        assert eng.block_manager.num_free_blocks == eng.num_blocks - 1 and not eng.has_unfinished_requests()
+        assert all(len(o.metrics.token_times) == len(o.outputs[0].token_ids) for o in outs)
+    assert results[0] == results[1]
+    assert {r[1] for r in results[0]} == {"stop", "length"}

@@ -18,7 +18,8 @@ class EngineConfig:
     gpu_memory_utilization of the GPU's memory minus weights and the measured activation peak, or exactly
     num_kv_blocks blocks when that is set (on the CPU: enough for max_num_seqs full-length sequences, capped
     by cpu_kv_cache_gib). CUDA graphs capture decode steps of up to cuda_graph_max_bs sequences unless
-    enforce_eager.
+    enforce_eager. async_scheduling plans and launches each step before the previous one's tokens are on the
+    host (they are fed on the device), so host bookkeeping overlaps the GPU; outputs then lag one step.
     """
 
     model: str
@@ -38,6 +39,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     top_k: int | None = None  # override of the model's experts per token
     seed: int = 0
+    async_scheduling: bool = True  # overlap the host work of step N+1 with the device work of step N
     record_routing: bool = False  # tokens per expert per step and layer (moelab.engine.routing_recorder)
     overrides: dict[str, Any] = field(default_factory=dict)
 

@@ -109,6 +109,7 @@ class LLMEngine:
         if self.runner.recorder is not None:
             self.runner.recorder.reset()
         self.requests: dict[str, Sequence] = {}
+        self._inflight = None  # the launched step not settled yet (overlapped steps)
         self._ids = itertools.count()
         self.num_steps = 0
 
@@ -148,26 +149,52 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ----- the loop body -----
     def step(self) -> list[tuple[Sequence, list[int]]]:
-        """Schedule and run one step; returns (sequence, tokens added this step) for every sequence that got a
-        token or finished. Finished sequences are released before returning."""
+        """Plan and launch one step; returns (sequence, tokens that reached the host) for every sequence that got
+        a token. Finished sequences are released before returning.
+
+        With overlapped steps (config.async_scheduling) the step launched here runs on the device while the host
+        settles the previous one (tokens, stop checks, outputs) and returns its tokens: outputs lag one call,
+        and a sequence that stopped (EOS, stop string) computes one token that is dropped. Before a step that
+        might preempt, the previous step is settled first, so no preempted sequence has a token in flight."""
+        out: list[tuple[Sequence, list[int]]] = []
+        if self._inflight is not None and self.scheduler.may_preempt():
+            out += self._settle(self._inflight)
+            self._inflight = None
         batch = self.scheduler.schedule()
-        if not len(batch):
-            return []
-        now = time.perf_counter()
-        for seq in batch.seqs:
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-        tokens = self.runner.execute(batch)
+        launched = None
+        if len(batch):
+            now = time.perf_counter()
+            samples = [batch.samples(i) for i in range(len(batch))]
+            for seq in batch.seqs:
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
+            launched = self.runner.launch(batch, self._inflight)
+            self.num_steps += 1
+            for seq, n, s in zip(batch.seqs, batch.num_tokens, samples):
+                seq.num_computed_tokens += n
+                seq.pending += s
+        if self._inflight is not None:
+            out += self._settle(self._inflight)
+        self._inflight = launched
+        if launched is not None and not self.config.async_scheduling:
+            out += self._settle(launched)
+            self._inflight = None
+        return out
+
+    def _settle(self, flight) -> list[tuple[Sequence, list[int]]]:
+        """Wait for a launched step and apply its tokens."""
+        tokens = self.runner.collect(flight)
         t = time.perf_counter()
-        self.num_steps += 1
         out = []
-        for seq, n, tok in zip(batch.seqs, batch.num_tokens, tokens):
-            seq.num_computed_tokens += n
+        for seq, tok in zip(flight.batch.seqs, tokens):
             if tok is None:
+                continue
+            seq.pending -= 1
+            if seq.finished:  # stopped (or aborted) while this token was in flight: drop it
                 continue
             seq.token_ids.append(tok)
             seq.token_times.append(t)
@@ -181,7 +208,7 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
-        n_out = seq.num_output_tokens
+        n_out = len(seq.token_ids) - len(seq.prompt_token_ids)  # settled tokens (one may still be in flight)
         if n_out >= p.min_tokens:
             if not p.ignore_eos and tok == self.eos_token_id:
                 return seq.finish("stop", tok)
@@ -194,7 +221,7 @@ class LLMEngine:
                     at, s = min(hits)
                     seq.text = text[:at]
                     return seq.finish("stop", s)
-        if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        if n_out >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len:
             seq.finish("length")
 
     def output_text(self, seq: Sequence) -> str:

@@ -8,6 +8,8 @@ decode), then the sampler runs on the device and one copy brings the token ids b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moelab.context import ForwardContext, forward_context
@@ -146,15 +148,23 @@ class ModelRunner:
         self.graphs.capture()
 
     # ----- one step -----
-    def _prepare(self, batch: ScheduledBatch, pad_to: int = 0
+    def _prepare(self, batch: ScheduledBatch, pad_to: int = 0, prev: InFlight | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
         """Device inputs of the step. pad_to (decode under a CUDA graph): rows up to the bucket size that feed
-        token 0 at position 0 of the reserved block 0 with one token of context."""
+        token 0 at position 0 of the reserved block 0 with one token of context. A sequence whose last token is
+        still in flight (prev's sampled ids, on the device) gets it copied in on the device."""
         bs = self.block_size
         seqs = batch.seqs
+        fix_at: list[int] = []  # positions in ids whose token comes from prev's device ids
+        fix_from: list[int] = []
         if batch.all_decode:
             pos = [s.num_computed_tokens for s in seqs]
-            ids = [s.token_ids[-1] for s in seqs]
+            ids = [s.token_ids[-1] if not s.pending else 0 for s in seqs]
+            if prev is not None:
+                for i, s in enumerate(seqs):
+                    if s.pending:
+                        fix_at.append(i)
+                        fix_from.append(prev.rows[id(s)])
             slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
             seq_lens = [p + 1 for p in pos]
             query_lens = [1] * len(seqs)
@@ -170,7 +180,12 @@ class ModelRunner:
             max_blocks = 1
             for seq, n in zip(seqs, batch.num_tokens):
                 c = seq.num_computed_tokens
-                ids += seq.token_ids[c:c + n]
+                if seq.pending:  # a decode of the token in flight
+                    fix_at.append(len(ids))
+                    fix_from.append(prev.rows[id(seq)])
+                    ids.append(0)
+                else:
+                    ids += seq.token_ids[c:c + n]
                 r = range(c, c + n)
                 pos += r
                 table = seq.block_table
@@ -192,11 +207,16 @@ class ModelRunner:
         # one host buffer and one copy for the 1-D inputs, one for the block tables
         T, B = len(ids), len(seq_lens)  # padded sizes under a CUDA graph
         pin = self.device.type == "cuda"
-        flat = torch.tensor(ids + pos + slots + seq_lens + cu, dtype=torch.long, pin_memory=pin)
+        C = len(cu)
+        flat = torch.tensor(ids + pos + slots + seq_lens + cu + fix_at + fix_from, dtype=torch.long, pin_memory=pin)
         flat = flat.to(self.device, non_blocking=True)
         ids_t, pos_t, slots_t = flat[:T], flat[T:2 * T], flat[2 * T:3 * T]
         seq_lens_t = flat[3 * T:3 * T + B].to(torch.int32)
-        cu_t = flat[3 * T + B:].to(torch.int32)
+        cu_t = flat[3 * T + B:3 * T + B + C].to(torch.int32)
+        if fix_at:
+            k = 3 * T + B + C
+            ids_t = ids_t.clone()
+            ids_t[flat[k:k + len(fix_at)]] = prev.tokens_dev[flat[k + len(fix_at):]]
         tables_t = torch.tensor(flat_tables, dtype=torch.int32, pin_memory=pin).view(-1, max_blocks)
         tables_t = tables_t.to(self.device, non_blocking=True)
         ctx = ForwardContext(cu_seqlens_q=cu_t, query_lens=query_lens, seq_lens=seq_lens[:len(query_lens)],
@@ -233,15 +253,22 @@ class ModelRunner:
     def forget(self, seq: Sequence) -> None:
         self.seq_generators.pop(id(seq), None)
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step; returns, per scheduled sequence, the sampled token id or None (prompt chunk only)."""
+        """Run one step to the end; returns, per scheduled sequence, the sampled token id or None."""
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: InFlight | None = None) -> InFlight:
+        """Enqueue one step on the device (inputs, forward or graph replay, sampling, the copy of the sampled ids
+        to the host) without waiting for it. prev: the step still in flight, whose sampled ids some of this
+        step's sequences feed (they are read on the device)."""
         n = len(batch)
         sampling = list(range(n)) if batch.all_decode else [i for i in range(n) if batch.samples(i)]
         rec = self.recorder
         graphs = self.graphs if batch.all_decode and self.graphs is not None and n <= self.graphs.max_bs else None
         bucket = graphs.bucket(n) if graphs is not None else 0
-        input_ids, positions, ctx, last = self._prepare(batch, pad_to=bucket)
+        input_ids, positions, ctx, last = self._prepare(batch, pad_to=bucket, prev=prev)
+        flight = InFlight(batch, sampling, {id(batch.seqs[i]): r for r, i in enumerate(sampling)})
         if graphs is not None:
             if rec is not None:
                 rec.set_valid(n, bucket)
@@ -253,21 +280,50 @@ class ModelRunner:
                 hidden = self.model(input_ids, positions)
             if not sampling:
                 if rec is not None:
-                    rec.snapshot(input_ids.shape[0])
-                    rec.collect(synced=False)  # a sync, only on prompt-chunk steps that sample nothing
-                return [None] * n
+                    flight.routing = rec.snapshot(input_ids.shape[0])
+                return flight
             idx = torch.tensor([last[i] for i in sampling], device=self.device)
             logits = self.model.compute_logits(hidden[idx])
         if rec is not None:
-            rec.snapshot(input_ids.shape[0])
+            flight.routing = rec.snapshot(input_ids.shape[0])
         seqs = [batch.seqs[i] for i in sampling]
         if all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs):
-            tokens = logits.argmax(dim=-1).tolist()  # the common benchmark case: no sampling tensors at all
+            tokens = logits.argmax(dim=-1)  # the common benchmark case: no sampling tensors at all
         else:
-            tokens = sample(logits, self._sampling_batch(seqs), self.generator).tolist()
-        if rec is not None:
-            rec.collect()
-        out: list[int | None] = [None] * n
-        for i, tok in zip(sampling, tokens):
-            out[i] = tok
+            tokens = sample(logits, self._sampling_batch(seqs), self.generator)
+        flight.tokens_dev = tokens
+        if self.device.type == "cuda":
+            flight.tokens_host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            flight.tokens_host.copy_(tokens, non_blocking=True)
+            flight.event = torch.cuda.Event()
+            flight.event.record()
+        else:
+            flight.tokens_host = tokens
+        return flight
+
+    def collect(self, flight: InFlight) -> list[int | None]:
+        """Wait for a launched step; per scheduled sequence, its sampled token id or None."""
+        if flight.event is not None:
+            flight.event.synchronize()
+        elif flight.routing is not None and self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # a prompt-chunk step: only the routing copy to wait for
+        if flight.routing is not None:
+            self.recorder.collect(flight.routing)
+        out: list[int | None] = [None] * len(flight.batch)
+        if flight.tokens_host is not None:
+            for i, tok in zip(flight.sampling, flight.tokens_host.tolist()):
+                out[i] = tok
         return out
+
+
+@dataclass(eq=False)
+class InFlight:
+    """A launched step: its batch, which rows sample, their ids on the device and (after an event) the host."""
+
+    batch: ScheduledBatch
+    sampling: list[int]
+    rows: dict[int, int]  # id(sequence) -> row of tokens_dev
+    tokens_dev: torch.Tensor | None = None
+    tokens_host: torch.Tensor | None = None
+    event: torch.cuda.Event | None = None
+    routing: tuple | None = None  # the routing recorder's snapshot of this step

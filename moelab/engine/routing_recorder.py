@@ -3,8 +3,7 @@
 Each MoE layer adds its step's counts into its row of a preallocated device buffer [layers, E] with one
 scatter-add (so it is captured inside the decode CUDA graphs too); a `valid` mask [max_tokens] keeps graph
 padding rows out of the counts. Once per step the runner copies the buffer into pinned host memory right
-after the forward (the sampler's own sync then covers the copy) and zeroes it; `collect()` hands the
-host copy of the step over.
+after the forward and zeroes it (`snapshot`); when the step has finished, `collect` keeps that copy.
 """
 
 from __future__ import annotations
@@ -24,13 +23,11 @@ class RoutingRecorder:
         E = self.layers[0].experts.num_experts
         self.counts = torch.zeros(len(self.layers), E, dtype=torch.int32, device=device)
         self.valid = torch.ones(max_tokens, dtype=torch.int32, device=device)
-        self.host = torch.zeros(len(self.layers), E, dtype=torch.int32, pin_memory=device.type == "cuda")
         for i, m in enumerate(self.layers):
             m.routing_counts = self.counts[i]
             m.routing_valid = self.valid
         self.steps: list[np.ndarray] = []
         self.tokens: list[int] = []
-        self._pending: int | None = None
 
     def set_valid(self, n: int, padded: int) -> None:
         """The step feeds n real tokens, padded to `padded` rows (CUDA graph bucket)."""
@@ -38,27 +35,26 @@ class RoutingRecorder:
             self.valid[n:padded].zero_()
         self.valid[:n].fill_(1)
 
-    def snapshot(self, num_tokens: int) -> None:
-        """Queue the device counts of this step for the host (no sync) and clear them."""
-        self.host.copy_(self.counts, non_blocking=True)
+    def snapshot(self, num_tokens: int) -> tuple[torch.Tensor, int]:
+        """Queue the device counts of this step for the host (no sync) and clear them; returns the host buffer
+        and the token count, for `collect` once the step has finished (a buffer per step, since the next step
+        may be launched before this one is collected)."""
+        host = torch.empty(self.counts.shape, dtype=torch.int32, pin_memory=self.counts.is_cuda)
+        host.copy_(self.counts, non_blocking=True)
         self.counts.zero_()
-        self._pending = num_tokens
+        return host, num_tokens
 
-    def collect(self, synced: bool = True) -> None:
-        """Keep the host copy of the step; synced=False waits for the copy first."""
-        if not synced and self.counts.is_cuda:
-            torch.cuda.current_stream().synchronize()
-        if self._pending is not None:
-            self.steps.append(self.host.numpy().copy())
-            self.tokens.append(self._pending)
-            self._pending = None
+    def collect(self, snap: tuple[torch.Tensor, int]) -> None:
+        """Keep a finished step's counts (the caller has waited for the step)."""
+        host, num_tokens = snap
+        self.steps.append(host.numpy().copy())
+        self.tokens.append(num_tokens)
 
     def reset(self) -> None:
         """Forget everything recorded so far (warm-up, profiling and graph capture also route tokens)."""
         self.counts.zero_()
         self.steps.clear()
         self.tokens.clear()
-        self._pending = None
 
     def detach(self) -> None:
         for m in self.layers:

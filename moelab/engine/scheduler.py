@@ -63,7 +63,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def may_preempt(self) -> bool:
+        """Could the next schedule() preempt? (Some decode needs a new block and there are too few free.) The
+        engine settles its in-flight step first then, so that no preempted sequence has a token in flight."""
+        bs = self.bm.block_size
+        need = sum(1 for s in self.running if s.num_computed_tokens >= len(s.block_table) * bs)
+        return need > self.bm.num_free_blocks or (not need and self.bm.num_free_blocks == 0 and bool(self.running))
+
     def _preempt(self, seq: Sequence) -> None:
+        if seq.pending:
+            raise RuntimeError(f"{seq.request_id}: cannot preempt a sequence whose sampled token is in flight")
         self.running.remove(seq)
         self.bm.free(seq)
         seq.num_computed_tokens = 0
@@ -85,7 +94,9 @@ class Scheduler:
         batch = self._schedule()
         # Running prompts whose chunks cannot continue because others hold every block: preempt the newest
         # until something runs (a lone sequence always fits, so this ends).
-        while not len(batch) and self.running:
+        # (Not while a running sequence waits for its token in flight: then nothing is stuck, the next step will
+        # have work.)
+        while not len(batch) and self.running and not any(s.pending for s in self.running):
             victim = self.running[-1]
             self._preempt(victim)
             batch = self._schedule()
@@ -102,10 +113,12 @@ class Scheduler:
         for seq in list(self.running):  # 1. decodes, oldest first
             if budget == 0:
                 break
-            n_tok = len(seq.token_ids)
+            n_tok = len(seq.token_ids) + seq.pending
             if seq.status is not running or n_tok - seq.num_computed_tokens != 1 \
                     or n_tok == len(seq.prompt_token_ids):
                 continue  # not a decode (a prompt chunk, or preempted by an earlier iteration)
+            if seq.pending and n_tok - len(seq.prompt_token_ids) >= seq.max_tokens:
+                continue  # its in-flight token is its last: it finishes when that token arrives
             if seq.num_computed_tokens < len(seq.block_table) * bs:  # room in its last block: the common case
                 batch.seqs.append(seq)
                 batch.num_tokens.append(1)
@@ -113,7 +126,7 @@ class Scheduler:
                 budget -= 1
                 continue
             while not self.bm.can_allocate(seq, 1):
-                victims = [s for s in self.running if id(s) not in scheduled and s is not seq]
+                victims = [s for s in self.running if id(s) not in scheduled and s is not seq and not s.pending]
                 victim = victims[-1] if victims else seq
                 self._preempt(victim)
                 batch.preempted.append(victim)

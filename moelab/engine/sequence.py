@@ -2,6 +2,8 @@
 
 Progress is `num_computed_tokens`, the tokens whose K/V are in the cache. A step feeds tokens
 [num_computed_tokens, num_computed_tokens + n) and, when that reaches the last token, samples the next one.
+With overlapped steps the sampled token may still be on the device when the next step is planned: it counts
+in num_tokens (`pending`), and the next step reads it from the device.
 Preemption by recompute resets num_computed_tokens to 0 and frees the blocks; prompt and output so far are
 fed again as one longer prompt.
 """
@@ -39,13 +41,14 @@ class Sequence:
     finished_time: float | None = None
     num_preemptions: int = 0
     text: str = ""  # detokenized output (kept up to date only when stop strings need it)
+    pending: int = 0  # sampled tokens not on the host yet (0 or 1; overlapped steps)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.pending
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -57,11 +60,11 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.prompt_token_ids)
+        return len(self.token_ids) + self.pending - len(self.prompt_token_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.pending - self.num_computed_tokens
 
     @property
     def is_decode(self) -> bool:
