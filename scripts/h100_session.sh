@@ -2,13 +2,13 @@
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
 #   bash scripts/h100_session.sh engine trace serve lab     (on the device, from the repository root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
-# (pip download fastapi uvicorn httpx pyyaml rich -d .wheels --python-version 3.12 --only-binary=:all: ...).
+# (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH=. MOELAB_STORE="$OUT/lab.sqlite"
 if [ -d .wheels ]; then
-  python -m pip install -q --no-index --find-links .wheels fastapi uvicorn httpx pyyaml rich 2>&1 | tail -3 \
+  python -m pip install -q --no-index --find-links .wheels fastapi uvicorn httpx pyyaml rich jinja2 2>&1 | tail -3 \
     || true
   python -c "import fastapi, uvicorn, httpx" 2>/dev/null \
     || python -m pip install -q --break-system-packages --no-index --find-links .wheels fastapi uvicorn httpx \
