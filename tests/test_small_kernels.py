@@ -58,3 +58,14 @@ def test_store_kv(has_v) -> None:
     store_kv(k, v, caches[0], caches[1], slots)
     store_kv_ref(k, v, want[0], want[1], slots)
     assert torch.equal(caches[0], want[0]) and (not has_v or torch.equal(caches[1], want[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_rms_norm(dtype) -> None:
+    from moelab.kernels.rms_norm import add_rms_norm, add_rms_norm_ref
+
+    x, r = torch.randn(5, 40, dtype=dtype), torch.randn(5, 40, dtype=dtype)
+    w = torch.rand(40, dtype=dtype) + 0.5
+    (y, s), (wy, ws) = add_rms_norm(x, r, w, 1e-5), add_rms_norm_ref(x, r, w, 1e-5)
+    assert torch.equal(s, ws)
+    assert torch.allclose(y.float(), wy.float(), atol=1e-5 if dtype == torch.float32 else 2e-3)

@@ -34,6 +34,12 @@ class DecoderLayer(nn.Module):
         return h + self.ffn(self.post_attention_layernorm(h))
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        norm = self.post_attention_layernorm
+        if norm.impl == "triton":  # the residual add and the FFN's norm in one kernel
+            from moelab.kernels.rms_norm import add_rms_norm
+
+            x, h = add_rms_norm(h, self.self_attn(positions, self.input_layernorm(h)), norm.weight, norm.eps)
+            return h + self.ffn(x)
         return self.forward_ffn(self.forward_attention(positions, h))
 
 
