@@ -30,29 +30,13 @@ TINY = dict(layers=2, hidden_size=128, heads=4, kv_heads=4, experts=8, top_k=2, 
 
 
 def measure_ceilings(device: str) -> Ceilings:
+    """Copy bandwidth and bf16 matmul rate, measured now by the lab's calibration (nominal on the CPU)."""
     if device != "cuda":
         return Ceilings(50e9, 1e12, "cpu (nominal)")
-    x = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")  # 1 GiB
-    y = torch.empty_like(x)
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    from moelab.lab.calibrate import measure
 
-    def timed(fn, n=10) -> float:
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(n):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            ts.append(s.elapsed_time(e) / 1e3)
-        return statistics.median(ts)
-
-    bw = 2 * x.numel() * 2 / timed(lambda: y.copy_(x))
-    mm = 2 * 8192 ** 3 / timed(lambda: a @ b)
-    return Ceilings(bw, mm, torch.cuda.get_device_name())
+    v = measure("cuda")["values"]
+    return Ceilings(v["copy_bandwidth"], v["matmul_bf16"], torch.cuda.get_device_name())
 
 
 def sync(device: str) -> None:

@@ -138,29 +138,7 @@ def median_ms(fn: Callable[[], object], dev: torch.device, reps: int = 20) -> fl
 def graph_ms(fn: Callable[[int], torch.Tensor], n_sets: int, dev: torch.device, budget_ms: float = 150.0
              ) -> tuple[float, list[torch.Tensor]]:
     """fn(i) on input set i, i < n_sets, captured as one CUDA graph; median replay time / n_sets (ms), outputs."""
-    outs = [fn(i) for i in range(n_sets)]  # compile, warm up
-    if dev.type != "cuda":
-        return median_ms(lambda: [fn(i) for i in range(n_sets)], dev, reps=1) / n_sets, outs
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [fn(i) for i in range(n_sets)]
-    graph.replay()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    graph.replay()
-    e.record()
-    e.synchronize()
-    reps = int(min(100, max(7, budget_ms / max(s.elapsed_time(e), 1e-3))))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in events:
-        s.record()
-        graph.replay()
-        e.record()
-    torch.cuda.synchronize()
-    ms = statistics.median(s.elapsed_time(e) for s, e in events) / n_sets
-    del graph
-    return ms, outs
+    return kb.graph_ms(fn, n_sets, "cuda" if dev.type == "cuda" else "cpu", budget_ms)
 
 
 def sm_clock_mhz(dev: torch.device) -> int | None:

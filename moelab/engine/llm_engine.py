@@ -168,15 +168,15 @@ class LLMEngine:
         launched = None
         if len(batch):
             now = time.perf_counter()
-            samples = [batch.samples(i) for i in range(len(batch))]
             for seq in batch.seqs:
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = now
             launched = self.runner.launch(batch, self._inflight)
             self.num_steps += 1
-            for seq, n, s in zip(batch.seqs, batch.num_tokens, samples):
+            for seq, n in zip(batch.seqs, batch.num_tokens):
                 seq.num_computed_tokens += n
-                seq.pending += s
+            for i in launched.sampling:
+                batch.seqs[i].pending += 1
         if self._inflight is not None:
             out += self._settle(self._inflight)
         self._inflight = launched

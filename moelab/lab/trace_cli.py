@@ -29,10 +29,9 @@ def _timed_runs(llm, prompts, params, trials: int) -> list[float]:
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
-    import gc
-
     from moelab.analysis.trace import RoutingTrace
     from moelab.engine.sampling_params import SamplingParams
+    from moelab.lab.bench import free_memory
     from moelab.lab.provenance import provenance
     from moelab.layers.moe.layer import SparseMoE
     from moelab.llm import LLM
@@ -67,14 +66,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
     result = {"trace": str(path), "steps": trace.num_steps, "tokens": int(trace.num_tokens)}
     if args.measure_overhead:
         del llm, eng, rec
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        free_memory()
         plain = LLM(args.model, **kw)
         without = _timed_runs(plain, prompts, params, args.trials)
         a, b = statistics.median(with_rec), statistics.median(without)
