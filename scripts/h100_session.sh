@@ -7,12 +7,10 @@ set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH=. MOELAB_STORE="$OUT/lab.sqlite"
-if [ -d .wheels ]; then
-  python -m pip install -q --no-index --find-links .wheels fastapi uvicorn httpx pyyaml rich jinja2 2>&1 | tail -3 \
-    || true
-  python -c "import fastapi, uvicorn, httpx" 2>/dev/null \
-    || python -m pip install -q --break-system-packages --no-index --find-links .wheels fastapi uvicorn httpx \
-      pyyaml rich 2>&1 | tail -3
+if [ -d .wheels ]; then  # install into /tmp/site without touching the image's packages
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .wheels/*.whl 2>&1 | tail -3
+  export PYTHONPATH=.:/tmp/site
 fi
 python -c "import fastapi, uvicorn, httpx; print('server packages: ok')" || echo "server packages missing" >&2
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader

@@ -11,7 +11,7 @@ from conftest import SMALL, tiny_config, write_tiny
 from safetensors import safe_open
 
 from moelab.checkpoint.synthetic import make_checkpoint
-from moelab.checkpoint.tokenizer import build_tokenizer
+from moelab.checkpoint.tokenizer import SPECIAL_TOKENS, build_tokenizer, synthetic_tokenizer
 from moelab.context import ForwardContext, forward_context
 from moelab.models.loader import load_model
 
@@ -57,6 +57,13 @@ def test_tokenizer_is_deterministic_and_round_trips() -> None:
     text = "Experts route tokens: üñí 123 <tags>"
     ids = t1.encode(text).ids
     assert t1.decode(ids) == text and max(ids) < 512 and len(ids) < len(text.encode())
+
+
+def test_synthetic_tokenizer_has_the_models_vocab_and_every_id_decodes() -> None:
+    tok = synthetic_tokenizer(5000)
+    assert tok.get_vocab_size() == 5000
+    assert all(tok.decode([i]) for i in range(len(SPECIAL_TOKENS), 5000))
+    assert synthetic_tokenizer(300).get_vocab_size() == 300
 
 
 def test_bf16_logits_stay_finite_over_2k_tokens(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 EOS_ID, PAD_ID = 0, 1
@@ -35,9 +35,21 @@ def build_tokenizer(vocab_size: int = DEFAULT_VOCAB) -> Tokenizer:
     return tok
 
 
-def save_tokenizer(out_dir: Path, model_vocab_size: int) -> Tokenizer:
-    """Write tokenizer.json and tokenizer_config.json; the tokenizer never exceeds the model's vocab."""
+def synthetic_tokenizer(model_vocab_size: int) -> Tokenizer:
+    """The tokenizer of a synthetic model: the small BPE for the first ids, then one filler word per id up to the
+    model's vocab (" w512", " w513", ...), so that every id the model can sample decodes to text. Without the
+    fillers a random model's tokens (mostly ids past the BPE's 512) decode to "", and a streaming server has no
+    text to send until the request ends: a serving benchmark would then see one chunk per request."""
     tok = build_tokenizer(min(DEFAULT_VOCAB, model_vocab_size))
+    n = tok.get_vocab_size()
+    if model_vocab_size > n:
+        tok.add_tokens([AddedToken(f" w{i}", normalized=False) for i in range(n, model_vocab_size)])
+    return tok
+
+
+def save_tokenizer(out_dir: Path, model_vocab_size: int) -> Tokenizer:
+    """Write tokenizer.json and tokenizer_config.json; the tokenizer has exactly the model's vocab."""
+    tok = synthetic_tokenizer(model_vocab_size)
     tok.save(str(out_dir / "tokenizer.json"))
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20,

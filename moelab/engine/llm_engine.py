@@ -54,7 +54,7 @@ def resolve(config: EngineConfig) -> Resolved:
 def load_source(config: EngineConfig, r: Resolved) -> tuple[MoECausalLM, Tokenizer, dict]:
     """(model, tokenizer, HF config) from a checkpoint directory or a preset name."""
     from moelab.checkpoint.synthetic import synthetic_config
-    from moelab.checkpoint.tokenizer import build_tokenizer
+    from moelab.checkpoint.tokenizer import synthetic_tokenizer
     from moelab.models.loader import load_model, load_synthetic, read_config
     from moelab.presets import PRESETS
 
@@ -73,7 +73,7 @@ def load_source(config: EngineConfig, r: Resolved) -> tuple[MoECausalLM, Tokeniz
         hf = synthetic_config(config.model, r.dtype, **config.overrides)
         model = load_synthetic(hf, seed=config.seed, dtype=dtype, device=r.device, moe_backend=r.moe_backend,
                                top_k=config.top_k)
-        tokenizer = build_tokenizer(min(512, hf["vocab_size"]))
+        tokenizer = synthetic_tokenizer(hf["vocab_size"])
     else:
         raise ValueError(f"model {config.model!r} is neither a checkpoint directory nor a preset; presets: "
                          f"{', '.join(PRESETS)}")
