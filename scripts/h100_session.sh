@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh engine trace serve lab     (on the device, from the repository root)
+#   bash scripts/h100_session.sh engine trace serve lab lab-qwen quant moe    (on the device, from the repository root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
 set -uo pipefail
@@ -39,10 +39,17 @@ for section in "$@"; do
           --save-result --result-dir "$OUT" --label "moelab-olmoe-c${c_n%%:*}" 2>&1 | grep -v -i warn | tail -25
       done
       kill -TERM "$pid"; wait "$pid"; tail -5 "$OUT/serve.log" ;;
-    lab)
+    lab)  # calibration, then MoE-Inference-Bench's grid on OLMoE (throughput mode, 2 trials a point)
       python -m moelab calibrate
-      python -m moelab bench sweep --model olmoe-1b-7b --grid batch=1,16,64 len=128,512 \
-        --trials 2 --resume --plain 2>&1 | grep -v -i warn | tail -30 ;;
-    *) echo "unknown section $section; allowed: engine trace serve lab" >&2 ;;
+      python -m moelab bench sweep --study mib-grid --model olmoe-1b-7b --modes throughput --trials 2 --resume \
+        --plain 2>&1 | grep -v -i warn | tail -40 ;;
+    lab-qwen)  # as much of the grid on Qwen1.5-MoE-A2.7B as the time allows: short lengths first
+      python -m moelab bench sweep --model qwen1.5-moe-a2.7b --grid batch=1,16,32,64,128 len=128,256,512 \
+        --modes throughput --trials 2 --resume --plain 2>&1 | grep -v -i warn | tail -20 ;;
+    quant)  # fused MoE kernel: bf16 vs FP8 W8A8 (tensor/channel/block) and INT8 W8A16, checks and timings
+      python scripts/bench_moe_gpu.py --quant --ms 1,16,64,256,1024,4096 2>&1 | grep -v -i warn | tail -60 ;;
+    moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
+      python scripts/bench_moe_gpu.py 2>&1 | grep -v -i warn | tail -45 ;;
+    *) echo "unknown section $section; allowed: engine trace serve lab lab-qwen quant moe" >&2 ;;
   esac
 done
