@@ -245,3 +245,15 @@ def test_overlapped_steps_change_nothing(tiny_checkpoints: dict[str, Path]) -> N
         assert all(len(o.metrics.token_times) == len(o.outputs[0].token_ids) for o in outs)
     assert results[0] == results[1]
     assert {r[1] for r in results[0]} == {"stop", "length"}
+
+
+def test_prefill_warmup_runs_single_and_mixed_steps_and_changes_no_output(olmoe: LLM) -> None:
+    runner = olmoe.engine.runner
+    counts = runner.warmup_token_counts()
+    assert counts == sorted(set(counts)) and {2, 16, 64} <= set(counts)
+    assert max(counts) <= min(olmoe.config.max_num_batched_tokens, olmoe.engine.max_model_len)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    before = [o.outputs[0].token_ids for o in olmoe.generate([[5, 6, 7], [9] * 20], params)]
+    runner.warmup_prefill(force=True)  # writes only the reserved block 0
+    olmoe.engine.block_manager.check_invariants([])
+    assert [o.outputs[0].token_ids for o in olmoe.generate([[5, 6, 7], [9] * 20], params)] == before

@@ -166,3 +166,12 @@ def test_tuned_config_file_round_trip_and_nearest_m(tmp_path) -> None:
     # no file for this device: the heuristic
     assert get_config(5, 64, 8, 1024, 2048, "bfloat16", "cuda", "no-such-gpu") == heuristic_config(
         5, 64, 8, 1024, 2048, "bfloat16")
+
+
+def test_a_gpu_without_its_own_tuned_file_uses_its_familys() -> None:
+    from moelab.kernels.fused_moe_config import tuned_configs
+
+    h100 = tuned_configs(64, 1024, 2048, "NVIDIA H100 80GB HBM3", "bf16")
+    assert h100 and tuned_configs(64, 1024, 2048, "NVIDIA H200", "bf16") == h100
+    assert tuned_configs(64, 1024, 2048, "Tesla T4", "bf16") is None
+    assert tuned_configs(64, 1024, 2048, "NVIDIA H200", "fp8_tensor") is None  # no tuned file of that dtype

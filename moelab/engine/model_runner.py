@@ -8,6 +8,7 @@ decode), then the sampler runs on the device and one copy brings the token ids b
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -119,26 +120,63 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def warmup_prefill(self) -> None:
-        """Compile the prefill kernels of every token-count bucket now rather than in a user's first request
-        (Triton compiles per tile config, and the MoE configs change with the number of tokens). Each warm-up
-        step is one sequence whose tokens all write slot 0 and read block 0, the reserved block."""
+    def warmup_token_counts(self) -> list[int]:
+        """Token counts whose prefill compiles every kernel variant a step can meet: 16, 64, 256, ... and, per
+        MoE layer shape, one count for each distinct tile config the fused MoE kernel picks for 1..budget tokens
+        (a tuned table switches config at many counts; a mixed step of 15 decodes and a 340-token chunk would
+        otherwise compile in a user's request: seen as 2.4 s TTFTs in a serving run)."""
+        from moelab.kernels.fused_moe import _device_name
+        from moelab.kernels.fused_moe_config import get_config, use_naive_blocks
+        from moelab.layers.moe.layer import SparseMoE
+
+        budget = min(self.config.max_num_batched_tokens, self.max_model_len)
+        counts = {n for n in (2, 4, 8, 16, 32, 64, 256, 1024, 4096) if n <= budget}  # attention's query tiles
         if self.device.type != "cuda":
+            return sorted(counts)
+        name = _device_name(self.device.index or 0)
+        quant = None
+        shapes = set()
+        for m in self.model.modules():
+            if isinstance(m, SparseMoE):
+                scales = getattr(m.experts, "scales", None)
+                quant = getattr(scales, "format", None) if scales is not None else None
+                E, two_i, D = m.experts.w13.shape
+                shapes.add((E, m.router_config.top_k, two_i // 2, D, quant))
+        dtype = str(self.dtype).removeprefix("torch.")
+        for E, K, I, D, q in shapes:
+            last = None
+            for t in range(1, budget + 1):
+                key = (use_naive_blocks(t, K, E), get_config(t, E, K, I, D, q or dtype, "cuda", name))
+                if key != last:
+                    counts.add(t)
+                    last = key
+        return sorted(counts)
+
+    def warmup_prefill(self, force: bool = False) -> None:
+        """Compile the prefill kernels of every token count that selects a new kernel variant now rather than in a
+        user's first request (Triton compiles per tile config, and the MoE configs change with the number of
+        tokens). Each warm-up step is one sequence whose tokens all write slot 0 and read block 0, the reserved
+        block."""
+        if self.device.type != "cuda" and not force:  # force: the CPU test of these steps
             return
-        n = 16
-        while n <= min(self.config.max_num_batched_tokens, self.max_model_len):
-            ids = torch.zeros(n, dtype=torch.long, device=self.device)
-            ctx = ForwardContext(
-                cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device), query_lens=[n],
-                seq_lens=[n], slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
-                block_tables=torch.zeros(1, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
-                block_size=self.block_size, seq_lens_t=torch.tensor([n], dtype=torch.int32, device=self.device),
-                max_query_len=n, max_seq_len=self.max_model_len)
-            with forward_context(ctx):
-                hidden = self.model(ids, torch.arange(n, device=self.device))
-            self.model.compute_logits(hidden[-1:])
-            n *= 4
-        torch.cuda.synchronize()
+        dev = self.device
+        for n in self.warmup_token_counts():
+            # one sequence of n tokens, then the same with a decode row beside it (a serving step's mixed shape)
+            for lens in ([n], [n, 1]) if n + 1 <= self.config.max_num_batched_tokens else ([n],):
+                T = sum(lens)
+                cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
+                ctx = ForwardContext(
+                    cu_seqlens_q=cu, query_lens=lens, seq_lens=lens,
+                    slot_mapping=torch.zeros(T, dtype=torch.long, device=dev),
+                    block_tables=torch.zeros(len(lens), self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+                    block_size=self.block_size, seq_lens_t=torch.tensor(lens, dtype=torch.int32, device=dev),
+                    max_query_len=n, max_seq_len=self.max_model_len)
+                with forward_context(ctx):
+                    hidden = self.model(torch.zeros(T, dtype=torch.long, device=dev),
+                                        torch.cat([torch.arange(x, device=dev) for x in lens]))
+                self.model.compute_logits(hidden[cu[1:].long() - 1])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     def capture_graphs(self) -> None:
         if self.device.type != "cuda" or self.config.enforce_eager:

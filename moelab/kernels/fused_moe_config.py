@@ -96,11 +96,31 @@ def save_config_file(path: Path, configs: dict[int, MoEConfig], note: str = "") 
     Path(path).write_text(json.dumps(body, indent=1) + "\n")
 
 
+# GPUs of one architecture share tile configs well enough to prefer a sibling's tuned file over the heuristic
+# (same SMs and shared memory; only the memory bandwidth differs, e.g. H200 vs H100)
+FAMILIES = (("H100", "H200", "H800", "H20", "GH200"), ("A100", "A800", "A30"))
+
+
+def _family(device_name: str) -> tuple[str, ...]:
+    words = device_name.upper().replace("-", " ").replace("_", " ").split()
+    return next((f for f in FAMILIES if any(w in f for w in words)), ())
+
+
 @cache
 def tuned_configs(E: int, N: int, D: int, device_name: str, dtype: str, config_dir: str = str(CONFIG_DIR)
                   ) -> dict[int, MoEConfig] | None:
+    """The tuned table for this device, else one tuned on a GPU of the same family (FAMILIES), else None."""
     path = Path(config_dir) / config_file_name(E, N, D, device_name, dtype)
-    return load_config_file(path) if path.is_file() else None
+    if path.is_file():
+        return load_config_file(path)
+    family = _family(device_name)
+    if family:
+        prefix = config_file_name(E, N, D, "", dtype).split("device=")[0] + "device="
+        for sibling in sorted(Path(config_dir).glob(f"{prefix}*,dtype={DTYPE_NAMES.get(dtype, dtype)}.json")):
+            name = sibling.name[len(prefix):].split(",dtype=")[0]
+            if _family(name) == family:
+                return load_config_file(sibling)
+    return None
 
 
 def get_config(M: int, E: int, K: int, N: int, D: int, dtype: str, device_type: str, device_name: str

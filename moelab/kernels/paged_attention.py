@@ -86,7 +86,9 @@ def _attend_tile(acc, l_i, m_i, q_main, q_tail, q_pos, j, kv_end, bt_row, k_base
     return acc, l_i, m_new
 
 
-@triton.jit
+# batch-dependent ints: Triton would otherwise compile a variant per (== 1, % 16 == 0, other) of each, and a
+# step whose batch shape is new (a serving step mixing decodes with a prefill chunk) would pay a compile
+@triton.jit(do_not_specialize=["num_seqs", "bsearch_steps", "num_splits"])
 def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cu_ptr, seq_lens_ptr, bt_ptr,
         qk_scale, num_seqs, bsearch_steps, num_heads, num_splits,
