@@ -268,7 +268,7 @@ def main() -> None:
             print(f"  offline B={B}: {r['output_tok_s']:.0f} out tok/s, {r['throughput_tok_s']:.0f} tok/s, "
                   f"{r['pct_of_roofline']:.0f}% of roofline ({r['roofline_output_tok_s']:.0f} out tok/s)")
         if device == "cuda":
-            for B in (1, 64):
+            for B in (1, 64, 256):
                 p = {"model": name, **profile_decode(llm, B, 128, 10, device)}
                 rows.append(p)
                 print(f"  profile B={B}: " + ", ".join(f"{k} {v:.3f}" for k, v in p["ms_per_step"].items()))

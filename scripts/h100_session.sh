@@ -49,7 +49,7 @@ for section in "$@"; do
     quant)  # fused MoE kernel: bf16 vs FP8 W8A8 (tensor/channel/block) and INT8 W8A16, checks and timings
       python scripts/bench_moe_gpu.py --quant --ms 1,16,64,256,1024,4096 2>&1 | grep -v -i warn | tail -60 ;;
     moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
-      python scripts/bench_moe_gpu.py 2>&1 | grep -v -i warn | tail -45 ;;
+      python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -45 ;;
     *) echo "unknown section $section; allowed: engine trace serve lab lab-qwen quant moe" >&2 ;;
   esac
 done
