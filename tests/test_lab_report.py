@@ -35,6 +35,9 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "--out", str(d / "anova")]) == 0
         assert main(["profile", *TINY_FLAGS, "--batch", "2", "--input-len", "8", "--output-len", "4", "--out",
                      str(d / "prof")]) == 0
+        assert main(["analyze", "synthetic", "--preset", "olmoe-1b-7b", "--kind", "zipf:1.1", "--steps", "4",
+                     "--tokens", "32", "--out", str(d / "trace.npz")]) == 0
+        assert main(["analyze", "routing", str(d / "trace.npz"), "--store"]) == 0
         yield d
     finally:
         os.chdir(old)
@@ -97,6 +100,18 @@ def _chromium() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+def test_stored_routing_trace_gets_its_section(filled: Path) -> None:
+    from moelab.lab.report import build_report
+
+    store = ResultsStore(filled / "results.sqlite")
+    (run,) = store.runs(kind="routing")["run_id"]
+    rows = store.rows(run_id=run)
+    assert {"trace", "baseline zipf:1.2"} <= set(rows["routing"]) and "gini" in set(rows["metric"])
+    md = build_report(store, filled / "rep-routing")["md"].read_text()
+    section = md.split("## Routing", 1)[1].split("\n## ", 1)[0]
+    assert section.count("![") >= 2 and run in section
 
 
 def test_report_renders_in_headless_chromium(filled: Path) -> None:

@@ -77,6 +77,10 @@ def check_frame(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     out = out[pd.to_numeric(out["value"], errors="coerce") > 0]
     if out.empty:
         raise ValueError(f"metric {metric!r} has no positive values")
+    shape = out[["batch", "input_len", "output_len"]].apply(pd.to_numeric, errors="coerce")
+    out = out[shape.notna().all(axis=1)]  # rows of other kinds (a serving run has no batch) are not points
+    if out.empty:
+        raise ValueError(f"metric {metric!r} has no rows with batch, input_len and output_len")
     for c in ("batch", "input_len", "output_len"):
         out[c] = pd.to_numeric(out[c]).astype(int)
     return out.reset_index(drop=True)

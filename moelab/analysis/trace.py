@@ -182,6 +182,11 @@ class RoutingTrace:
         path = Path(path)
         if not path.exists():
             raise ValueError(f"no routing trace at {path}")
+        return cls.load_file(path)
+
+    @classmethod
+    def load_file(cls, path: Any) -> RoutingTrace:
+        """From a path or a binary file object (a trace stored as bytes in the results store)."""
         try:
             z = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as err:

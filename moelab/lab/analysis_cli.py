@@ -74,6 +74,12 @@ def cmd_analyze_routing(args: argparse.Namespace) -> None:
         for name, fig in routing_figures(trace).items():
             fig.savefig(out / f"{name}.png")
             print(f"wrote {out / name}.png")
+    if args.store is not None:
+        from moelab.lab.routing_store import store_trace
+        from moelab.lab.store import ResultsStore
+
+        store = ResultsStore(args.store or None)
+        print(f"stored as run {store_trace(store, args.trace, seed=args.seed)} in {store.path}")
 
 
 def cmd_analyze_synthetic(args: argparse.Namespace) -> None:
@@ -210,6 +216,8 @@ def add_commands(sub, bench_sub) -> None:
                                                        "hotset:FRACTION:SHARE (repeatable)")
     p.add_argument("--per-layer", action="store_true", help="print every layer, not only the summary rows")
     p.add_argument("--figures", help="write the heatmaps as PNG into this directory")
+    p.add_argument("--store", nargs="?", const="", help="also record the trace, its metrics and baselines in the "
+                   "results store (default file: $MOELAB_STORE or ./moelab_results.sqlite), for the report")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_analyze_routing)
     p = an_sub.add_parser("synthetic", help="write a synthetic routing trace with a preset's E, K and layers")

@@ -295,6 +295,44 @@ def _telemetry(doc: Doc, store: Any) -> None:
         doc.p("Runs without telemetry: " + "; ".join(sorted(reasons)) + ".")
 
 
+def _routing(doc: Doc, store: Any) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from moelab.analysis.figures import routing_figures
+    from moelab.lab.figures import Figure
+    from moelab.lab.routing_store import stored_traces
+
+    def png(fig: Any) -> bytes:  # these figures have their own layout engine: no tight_layout
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        return buf.getvalue()
+
+    traces = stored_traces(store)
+    if not traces:
+        return
+    doc.h("Routing")
+    doc.p("Tokens per expert per MoE layer, recorded by the engine. On synthetic (seeded random) weights the router "
+          "is near-uniform, so the table puts skewed synthetic baselines (Zipf, hot set: same experts, top-k, layers, "
+          "steps and tokens) beside the measured trace for scale.")
+    for run_id, trace in traces:
+        rows = store.rows(run_id=run_id)
+        summary = rows[rows["scope"].eq("all layers")] if "scope" in rows else rows
+        if not summary.empty:
+            piv = summary.pivot_table(index="routing", columns="metric", values="value").round(3).reset_index()
+            doc.table(piv)
+        over = rows[rows["metric"].eq("recording_overhead")]
+        what = f"{trace.model or '?'} ({trace.source}), E={trace.num_experts}, K={trace.top_k}, {trace.num_steps} " \
+               f"steps, {int(trace.num_tokens)} tokens"
+        if not over.empty:
+            doc.p(f"{what}: recording overhead {over['value'].iloc[0]:+.2f} % of the workload's time.")
+        for name, fig in routing_figures(trace).items():
+            doc.figure(Figure(f"{name.replace('_', ' ')} ({trace.model})", png(fig),
+                              f"{what}.", [run_id]))
+
+
 def build_report(store: Any, out: Path, title: str = "moelab results") -> dict[str, Path]:
     """Write out/report.html (self-contained), out/report.md (+ out/figures/*.png) and out/tables.tex."""
     out = Path(out)
@@ -321,6 +359,7 @@ def build_report(store: Any, out: Path, title: str = "moelab results") -> dict[s
         _hparams(doc, pts, store, latex)
     _stored_anovas(doc, store)
     _profiles(doc, store)
+    _routing(doc, store)
     _telemetry(doc, store)
     bad = runs[runs["status"].isin(["oom", "failed"])] if not runs.empty else runs
     if not bad.empty:

@@ -75,6 +75,12 @@ def cmd_trace(args: argparse.Namespace) -> None:
               f"{100 * (a - b) / b:+.2f} %")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.store is not None:
+        from moelab.lab.routing_store import store_trace
+        from moelab.lab.store import ResultsStore
+
+        store = ResultsStore(args.store or None)
+        print(f"stored as run {store_trace(store, path, overhead=result, seed=args.seed)} in {store.path}")
 
 
 def add_commands(sub, bench_sub) -> None:
@@ -90,4 +96,6 @@ def add_commands(sub, bench_sub) -> None:
     p.add_argument("--measure-overhead", action="store_true", help="also time the workload without recording")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--json", help="write the summary (and overhead) as JSON here")
+    p.add_argument("--store", nargs="?", const="", help="also record the trace and its overhead in the results "
+                   "store (default file: $MOELAB_STORE or ./moelab_results.sqlite)")
     p.set_defaults(func=cmd_trace)
