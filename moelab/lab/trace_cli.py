@@ -75,7 +75,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
               f"{100 * (a - b) / b:+.2f} %")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
-    if args.store is not None:
+    if getattr(args, "store", None) is not None:
         from moelab.lab.routing_store import store_trace
         from moelab.lab.store import ResultsStore
 
