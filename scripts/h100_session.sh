@@ -7,10 +7,10 @@ set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH=. MOELAB_STORE="$OUT/lab.sqlite"
-if [ -d .wheels ]; then  # install into /tmp/site without touching the image's packages
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+if [ -d .wheels ]; then  # install into .wheels/site (relative; ignored) without touching the image's packages
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .wheels/site \
     .wheels/*.whl 2>&1 | tail -3
-  export PYTHONPATH=.:/tmp/site
+  export PYTHONPATH=.:$PWD/.wheels/site
 fi
 python -c "import fastapi, uvicorn, httpx; print('server packages: ok')" || echo "server packages missing" >&2
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader

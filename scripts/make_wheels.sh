@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels of the server's packages that the GPU image lacks (it has httpx, anyio, h11, click, pyyaml, rich, jinja2;
 # not fastapi, starlette, pydantic, uvicorn, opentelemetry-api), for its Python 3.12, into .wheels/ (git-ignored). Carry them with the
-# run: run(..., carry=[".wheels"]); scripts/h100_session.sh installs them into /tmp/site with --no-deps.
+# run: run(..., carry=[".wheels"]); scripts/h100_session.sh installs them into .wheels/site with --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .wheels
