@@ -31,9 +31,11 @@ def _plt():
     return plt
 
 
-def _png(fig: Any) -> bytes:
+def _png(fig: Any, tight: bool = True) -> bytes:
+    """PNG bytes of fig, closed afterwards; tight=False for figures with their own layout engine."""
     buf = io.BytesIO()
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     _plt().close(fig)
     return buf.getvalue()

@@ -296,19 +296,9 @@ def _telemetry(doc: Doc, store: Any) -> None:
 
 
 def _routing(doc: Doc, store: Any) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
     from moelab.analysis.figures import routing_figures
-    from moelab.lab.figures import Figure
+    from moelab.lab.figures import Figure, _png
     from moelab.lab.routing_store import stored_traces
-
-    def png(fig: Any) -> bytes:  # these figures have their own layout engine: no tight_layout
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        return buf.getvalue()
 
     traces = stored_traces(store)
     if not traces:
@@ -329,7 +319,7 @@ def _routing(doc: Doc, store: Any) -> None:
         if not over.empty:
             doc.p(f"{what}: recording overhead {over['value'].iloc[0]:+.2f} % of the workload's time.")
         for name, fig in routing_figures(trace).items():
-            doc.figure(Figure(f"{name.replace('_', ' ')} ({trace.model})", png(fig),
+            doc.figure(Figure(f"{name.replace('_', ' ')} ({trace.model})", _png(fig, tight=False),
                               f"{what}.", [run_id]))
 
 
