@@ -168,7 +168,7 @@ def bench_offline(llm: LLM, B: int, n_in: int, n_out: int, c: Ceilings, device: 
 CATEGORIES = [("attention", ("paged_attention", "split_reduce", "store_kv", "index_put")),
               ("moe", ("gate_up", "_down_kernel", "_place", "align", "moe")),
               ("routing", ("topk", "sort", "softmax", "sigmoid", "router", "dot_kernel", "gemv")),
-              ("norm/rope", ("rms_norm", "rotary")),
+              ("norm/rope", ("rms_norm", "rotary", "qk_rope_store")),
               ("sampling", ("argmax", "exponential")),
               ("gemm", ("gemm", "nvjet", "cutlass", "sm90", "xmma", "cublas")),
               ("other", ("",))]
@@ -229,7 +229,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 64, 256])
-    ap.add_argument("--offline-batches", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--offline-batches", type=int, nargs="*", default=[16, 64, 256])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args()

@@ -170,9 +170,10 @@ def test_routing_recorder_counts_every_token(tiny_checkpoints: dict[str, Path]) 
     assert (counts.sum(axis=2) == [[t * spec.top_k] * spec.num_moe_layers for t in rec.tokens]).all()
 
 
-@pytest.mark.parametrize("name", ["olmoe", "deepseek-v2-lite"])
+@pytest.mark.parametrize("name", ["olmoe", "deepseek-v2-lite", "qwen3-moe-gqa-norm"])
 def test_triton_attention_path_matches_sdpa(name: str, tiny_checkpoints: dict[str, Path]) -> None:
-    """The engine with the paged Triton kernel (absorbed MLA for DeepSeek), under the interpreter on the CPU,
+    """The engine with the paged Triton kernel (absorbed MLA for DeepSeek; q/k norm + RoPE + KV store as one
+    kernel for OLMoE's norm over all heads and Qwen3's per-head norm), under the interpreter on the CPU,
     generates what the SDPA reference path generates; chunked prefill and decode both go through it."""
     path = str(tiny_checkpoints[name])
     prompts = [[5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45], [7, 8]]
@@ -200,7 +201,7 @@ def test_prepare_pads_decode_batches_for_graphs(olmoe: LLM) -> None:
     assert eng.block_manager.num_free_blocks == eng.num_blocks - 1
 
 
-@pytest.mark.parametrize("name", ["qwen2-moe-shared-e6", "deepseek-v3"])
+@pytest.mark.parametrize("name", ["qwen2-moe-shared-e6", "deepseek-v3", "olmoe"])
 def test_fast_path_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]) -> None:
     """prepare_fast_path (kernels for the small ops, fused QKV and gate/up, MLA absorption weights) changes no
     number that matters: prefill logits equal the reference path's to float32 rounding."""

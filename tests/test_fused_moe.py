@@ -96,10 +96,10 @@ def case(T: int, E: int, K: int, D: int, I: int, mode: str, dtype: torch.dtype):
 
 
 # M=1 (naive blocks), M not a multiple of any block, E=60 top-6, empty experts, one hot expert, every token on
-# the same experts, top-1, D/I not multiples of 16.
+# the same experts, top-1, D/I not multiples of 16, two tokens on naive blocks.
 CASES = [(1, 8, 2, 32, 16, "uniform"), (33, 60, 6, 32, 16, "uniform"), (16, 6, 3, 32, 16, "skew"),
          (20, 4, 2, 32, 16, "one"), (9, 64, 1, 16, 16, "uniform"), (21, 10, 3, 40, 24, "uniform"),
-         (7, 5, 2, 20, 12, "skew")]
+         (7, 5, 2, 20, 12, "skew"), (2, 64, 4, 24, 40, "uniform")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

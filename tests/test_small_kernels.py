@@ -69,3 +69,54 @@ def test_add_rms_norm(dtype) -> None:
     (y, s), (wy, ws) = add_rms_norm(x, r, w, 1e-5), add_rms_norm_ref(x, r, w, 1e-5)
     assert torch.equal(s, ws)
     assert torch.allclose(y.float(), wy.float(), atol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("scoring,renorm,scale", [("softmax", False, 1.0), ("sigmoid", True, 2.5)])
+@pytest.mark.parametrize("T,E,K,D", [(1, 8, 2, 48), (20, 60, 4, 40), (5, 64, 8, 16), (1, 16, 4, 700),
+                                     (20, 64, 6, 300)])
+def test_router_gemm_topk(scoring, renorm, scale, T, E, K, D) -> None:
+    """The router GEMM inside the top-k kernel: same experts and weights as logits = x W^T then topk_router_ref;
+    D not a multiple of the kernel's step, T over one 16-row block, D split over programs (D=700: 6 splits, D=300:
+    3) whose partial logits the last one to arrive sums; a second call gives the same (the counters reset)."""
+    from moelab.kernels.topk_router import router_topk, topk_router_ref
+
+    x, w = torch.randn(T, D), torch.randn(E, D) * (1.5 / D ** 0.5)  # logits ~ N(0, 1.5^2): no saturated ties
+    gw, gids = router_topk(x, w, K, scoring, renorm, scale)
+    rw, rids = topk_router_ref(x @ w.T, K, scoring, renorm, scale)
+    assert gw.shape == (T, K) and gids.dtype == torch.int64
+    assert torch.equal(gids, rids) and torch.allclose(gw, rw, atol=1e-5)
+    gw2, gids2 = router_topk(x, w, K, scoring, renorm, scale)
+    assert torch.equal(gids2, gids) and torch.equal(gw2, gw)
+    with pytest.raises(ValueError, match="router weight"):
+        router_topk(x, w[:, :-1], K)
+
+
+@pytest.mark.parametrize("norm", [None, "full", "per_head"])
+@pytest.mark.parametrize("H,KV,hd,interleaved", [(4, 4, 16, False), (6, 2, 8, True), (3, 1, 32, False)])
+def test_qk_rope_store(norm, H, KV, hd, interleaved) -> None:
+    """q/k norm + RoPE + KV store in one kernel equals rms_norm_ref, rotary_ref and store_kv_ref in sequence,
+    for H not a power of two, GQA/MQA and both rotary layouts; nothing but the mapped cache slots changes."""
+    from moelab.kernels.qk_rope_store import qk_rope_store, qk_rope_store_ref
+
+    T, P, S = 5, 64, 24
+    qkv = torch.randn(T, (H + 2 * KV) * hd) * 2
+    inv = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+    f = torch.arange(P).float()[:, None] * inv
+    cos, sin = f.cos().contiguous(), f.sin().contiguous()
+    qw = kw = None
+    if norm == "full":
+        qw, kw = torch.rand(H * hd) + 0.5, torch.rand(KV * hd) + 0.5
+    elif norm == "per_head":
+        qw, kw = torch.rand(hd) + 0.5, torch.rand(hd) + 0.5
+    pos = torch.randint(0, P, (T,))
+    slots = torch.randperm(S)[:T]
+    caches = [torch.randn(S, KV * hd), torch.randn(S, KV * hd)]
+    want_c = [c.clone() for c in caches]
+    got = qk_rope_store(qkv, H, KV, pos, cos, sin, caches[0], caches[1], slots, norm, qw, kw, 1e-6, interleaved)
+    want = qk_rope_store_ref(qkv, H, KV, pos, cos, sin, want_c[0], want_c[1], slots, norm, qw, kw, 1e-6,
+                             interleaved)
+    assert got.shape == (T, H, hd)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(caches[0], want_c[0], atol=1e-5) and torch.equal(caches[1], want_c[1])
+    with pytest.raises(ValueError, match="q/k norm"):
+        qk_rope_store(qkv, H, KV, pos, cos, sin, caches[0], caches[1], slots, "full", None, None)

@@ -1,5 +1,5 @@
 """Top-k routing of softmax or sigmoid scores in one Triton kernel (one program per token), with
-`topk_router_ref` beside it.
+`topk_router_ref` beside it; `router_topk` also computes the router logits (x W^T) in the same kernel.
 
 scores = softmax(logits) or sigmoid(logits) over the E experts; the K largest are taken one after the other (ties
 go to the lower expert id), optionally renormalized to sum to 1, then multiplied by `scale`. This replaces
@@ -14,42 +14,150 @@ import triton.language as tl
 
 
 @triton.jit
+def _select_topk(x, offs, mask, K: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
+                 RENORM: tl.constexpr):
+    """x [rows, BLOCK_E] float32 logits (masked columns -inf) -> (weights [rows, KP], ids [rows, KP] int64)."""
+    if SIGMOID:
+        p = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        p = e / tl.sum(e, axis=1)[:, None]
+    p = tl.where(mask[None, :], p, -1.0)
+    kk = tl.arange(0, KP)[None, :]
+    wv = tl.zeros([x.shape[0], KP], dtype=tl.float32)
+    iv = tl.zeros([x.shape[0], KP], dtype=tl.int64)
+    for k in tl.static_range(K):
+        m = tl.max(p, axis=1)
+        idx = tl.min(tl.where(p == m[:, None], offs[None, :], BLOCK_E), axis=1)
+        wv = tl.where(kk == k, m[:, None], wv)
+        iv = tl.where(kk == k, idx.to(tl.int64)[:, None], iv)
+        p = tl.where(offs[None, :] == idx[:, None], -2.0, p)
+    if RENORM:
+        wv = wv / (tl.sum(wv, axis=1)[:, None] + 1e-20)
+    return wv, iv
+
+
+@triton.jit
 def _topk_router_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, scale, K: tl.constexpr, KP: tl.constexpr,
                         BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr):
     t = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     mask = offs < E
-    x = tl.load(logits_ptr + t * stride_l + offs, mask=mask, other=-float("inf")).to(tl.float32)
-    if SIGMOID:
-        p = 1.0 / (1.0 + tl.exp(-x))
-    else:
-        e = tl.exp(x - tl.max(x, axis=0))
-        p = e / tl.sum(e, axis=0)
-    p = tl.where(mask, p, -1.0)
-    kk = tl.arange(0, KP)
-    wv = tl.zeros([KP], dtype=tl.float32)
-    iv = tl.zeros([KP], dtype=tl.int64)
-    for k in tl.static_range(K):
-        m = tl.max(p, axis=0)
-        idx = tl.min(tl.where(p == m, offs, BLOCK_E), axis=0)
-        wv = tl.where(kk == k, m, wv)
-        iv = tl.where(kk == k, idx.to(tl.int64), iv)
-        p = tl.where(offs == idx, -2.0, p)
-    if RENORM:
-        wv = wv / (tl.sum(wv, axis=0) + 1e-20)
-    kmask = kk < K
-    tl.store(w_ptr + t * K + kk, wv * scale, mask=kmask)
-    tl.store(ids_ptr + t * K + kk, iv, mask=kmask)
+    x = tl.load(logits_ptr + t * stride_l + offs[None, :], mask=mask[None, :], other=-float("inf")).to(tl.float32)
+    wv, iv = _select_topk(x, offs, mask, K, KP, BLOCK_E, SIGMOID, RENORM)
+    kk = tl.arange(0, KP)[None, :]
+    tl.store(w_ptr + t * K + kk, wv * scale, mask=kk < K)
+    tl.store(ids_ptr + t * K + kk, iv, mask=kk < K)
+
+
+@triton.jit(do_not_specialize=["T", "num_splits", "chunks_per_split"])
+def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr, T, E, D, stride_x, stride_rw,
+                             scale, num_splits, chunks_per_split, K: tl.constexpr, KP: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                             SIGMOID: tl.constexpr, RENORM: tl.constexpr, PRECISION: tl.constexpr,
+                             SPLIT: tl.constexpr):
+    """Program (row block, split): logits of rows t0..t0+BLOCK_T over the split's D chunks, x W^T accumulated in
+    float32 (products of bf16/fp16 inputs are exact in float32, so this is the reference's x.float() @
+    W.float()^T up to summation order). SPLIT: each split stores its partial logits, and the row block's last
+    split to arrive (an acq_rel counter, reset afterwards) sums them in split order and does the top-k, so at
+    decode the weight read spreads over num_splits SMs and the result does not depend on timing."""
+    pid_t = tl.program_id(0)
+    split = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    offs = tl.arange(0, BLOCK_E)
+    mask = offs < E
+    d = tl.arange(0, BLOCK_D)
+    c0 = split * chunks_per_split
+    x_ptrs = x_ptr + t.to(tl.int64)[:, None] * stride_x + c0 * BLOCK_D + d[None, :]
+    w_ptrs = rw_ptr + offs[None, :] * stride_rw + c0 * BLOCK_D + d[:, None]
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for c in range(c0, tl.minimum(c0 + chunks_per_split, tl.cdiv(D, BLOCK_D))):
+        d_ok = d < D - c * BLOCK_D
+        xv = tl.load(x_ptrs, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        wv = tl.load(w_ptrs, mask=mask[None, :] & d_ok[:, None], other=0.0)
+        acc = tl.dot(xv, wv, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D
+    last = True
+    if SPLIT:
+        t_pad = tl.num_programs(0) * BLOCK_T
+        cell = t[:, None] * BLOCK_E + offs[None, :]
+        tl.store(part_ptr + split * t_pad * BLOCK_E + cell, acc)
+        arrived = tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel")
+        last = arrived == num_splits - 1
+        if last:
+            acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+            for i in range(0, num_splits):
+                acc += tl.load(part_ptr + i * t_pad * BLOCK_E + cell, cache_modifier=".cg")
+            tl.store(count_ptr + pid_t, 0)
+    if last:
+        acc = tl.where(mask[None, :], acc, -float("inf"))
+        wv, iv = _select_topk(acc, offs, mask, K, KP, BLOCK_E, SIGMOID, RENORM)
+        kk = tl.arange(0, KP)[None, :]
+        out = t.to(tl.int64)[:, None] * K + kk
+        ok = t_ok[:, None] & (kk < K)
+        tl.store(w_ptr + out, wv * scale, mask=ok)
+        tl.store(ids_ptr + out, iv, mask=ok)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_SPLITS = 16
+SPLIT_MAX_ROW_BLOCKS = 32  # split D only while the row blocks alone leave most SMs idle (T <= 512)
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed arrival counters, kept per device (each launch leaves them at zero again)."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return c
+
+
+def _check_route(scoring: str, top_k: int, E: int) -> None:
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring {scoring!r}; allowed: softmax, sigmoid")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
+
+
+def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str = "softmax",
+                renormalize: bool = False, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router GEMM and the top-k in one kernel: x [T, D], weight [E, D] (same dtype) -> (weights [T, K]
+    float32, ids [T, K] int64), as topk_router(x.float() @ weight.float().T, ...)."""
+    T, D = x.shape
+    E = weight.shape[0]
+    _check_route(scoring, top_k, E)
+    if weight.shape[1] != D or weight.dtype != x.dtype:
+        raise ValueError(f"router weight must be [E, {D}] in {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    w = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
+    if T:
+        block_e = max(16, triton.next_power_of_2(E))
+        block_d = max(16, min(128, 8192 // block_e))
+        row_blocks, chunks = triton.cdiv(T, 16), triton.cdiv(D, block_d)
+        splits = min(MAX_SPLITS, chunks) if row_blocks <= SPLIT_MAX_ROW_BLOCKS else 1
+        per = triton.cdiv(chunks, splits)
+        splits = triton.cdiv(chunks, per)  # no empty split
+        part = torch.empty(splits * row_blocks * 16 * block_e if splits > 1 else 1, dtype=torch.float32,
+                           device=x.device)
+        _router_gemm_topk_kernel[(row_blocks, splits)](
+            x, weight, part, _counters(x.device, row_blocks), w, ids, T, E, D, x.stride(0), weight.stride(0), scale,
+            splits, per, K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_T=16, BLOCK_E=block_e, BLOCK_D=block_d,
+            SIGMOID=scoring == "sigmoid", RENORM=renormalize,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, num_warps=4, num_stages=3)
+    return w, ids
 
 
 def topk_router(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,
                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (weights [T, K] float32, ids [T, K] int64)."""
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring {scoring!r}; allowed: softmax, sigmoid")
     T, E = logits.shape
-    if not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
+    _check_route(scoring, top_k, E)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)

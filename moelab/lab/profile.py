@@ -86,9 +86,8 @@ class _Ranges:
                 self._hook(mod, "moelab.moe")
                 if callable(getattr(mod, "backend", None)):
                     self._wrap(mod, "backend", rf, "moelab.expert_gemm")
-                gate = getattr(mod, "gate", None)
-                if gate is not None and callable(getattr(gate, "logits", None)):
-                    self._wrap(gate, "logits", rf, "moelab.routing")
+                if callable(getattr(mod, "route", None)):  # router GEMM and top-k (one kernel on the fast path)
+                    self._wrap(mod, "route", rf, "moelab.routing")
         for name, mod in model.named_modules():
             if "shared" in name.rsplit(".", 1)[-1] and "MLP" in type(mod).__name__:
                 self._hook(mod, "moelab.expert_gemm")

@@ -71,17 +71,31 @@ class Attention(nn.Module):
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
+    def fast_path(self, ctx: ForwardContext) -> bool:
+        """True when this step runs the Triton kernels over the paged cache."""
+        return self.kv_cache is not None and ctx.has_cache and self.impl == "triton"
+
+    def cache_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V caches viewed [slots, KV * head_dim] (one row per cache slot)."""
+        W = self.num_kv_heads * self.head_dim
+        return self.kv_cache[0].view(-1, W), self.kv_cache[1].view(-1, W)
+
+    def attend_cached(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Attention of q [T, H, d] over the cache, this step's K/V already stored (fast path only)."""
+        from moelab.kernels.paged_attention import paged_attention
+
+        return paged_attention(q, self.kv_cache[0], self.kv_cache[1], ctx.cu_seqlens_q, ctx.seq_lens_t,
+                               ctx.block_tables, self.scale, ctx.max_query_len, max_seq_len=ctx.max_seq_len)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
-        if self.kv_cache is not None and ctx.has_cache and self.impl == "triton":
-            from moelab.kernels.paged_attention import paged_attention
+        if self.fast_path(ctx):
             from moelab.kernels.store_kv import store_kv
 
             T, W = k.shape[0], self.num_kv_heads * self.head_dim
-            store_kv(k.reshape(T, W), v.reshape(T, W), self.kv_cache[0].view(-1, W), self.kv_cache[1].view(-1, W),
-                     ctx.slot_mapping)
-            return paged_attention(q, self.kv_cache[0], self.kv_cache[1], ctx.cu_seqlens_q, ctx.seq_lens_t,
-                                   ctx.block_tables, self.scale, ctx.max_query_len, max_seq_len=ctx.max_seq_len)
+            k_rows, v_rows = self.cache_rows()
+            store_kv(k.reshape(T, W), v.reshape(T, W), k_rows, v_rows, ctx.slot_mapping)
+            return self.attend_cached(q, ctx)
         if self.kv_cache is not None and ctx.has_cache:
             self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = k
             self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping] = v
@@ -122,8 +136,25 @@ class GQAttention(nn.Module):
             for lin, b in zip((self.q_proj, self.k_proj, self.v_proj), self.qkv_bias.split(sizes)):
                 lin.bias = nn.Parameter(b, requires_grad=False)
 
+    def _fused_ok(self, ctx: ForwardContext) -> bool:
+        """q/k norm, RoPE and the KV store can run as one kernel (moelab.kernels.qk_rope_store)."""
+        return self.qkv_weight is not None and self.attn.fast_path(ctx) and self.rotary.cos is not None \
+            and self.clip_qkv is None
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
+        ctx = get_forward_context()
+        if self._fused_ok(ctx):
+            from moelab.kernels.qk_rope_store import qk_rope_store
+
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            norm = None if self.qk_norm == "none" else self.qk_norm
+            k_rows, v_rows = self.attn.cache_rows()
+            q = qk_rope_store(qkv, self.num_heads, self.num_kv_heads, positions, self.rotary.cos, self.rotary.sin,
+                              k_rows, v_rows, ctx.slot_mapping, norm,
+                              self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                              self.q_norm.eps if norm else 1e-6, self.rotary.interleaved)
+            return self.o_proj(self.attn.attend_cached(q, ctx).reshape(T, -1))
         if self.qkv_weight is not None:
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
                 [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)

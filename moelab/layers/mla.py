@@ -91,18 +91,18 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :])
         k_pe = k_pe[:, 0]
-        q = torch.cat((q_nope, q_pe), dim=-1)
         ctx = get_forward_context()
         cached = self.kv_cache is not None and ctx.has_cache
         if cached and self.impl == "triton":
             from moelab.kernels.store_kv import store_kv
 
-            store_kv(torch.cat((latent, k_pe), -1), None, self.kv_cache.view(-1, self.kv_lora_rank + self.rope),
-                     None, ctx.slot_mapping)
-        elif cached:
-            self.kv_cache.view(-1, self.kv_lora_rank + self.rope)[ctx.slot_mapping] = torch.cat((latent, k_pe), -1)
-        if cached and self.impl == "triton":
+            # latent and rope key into the two column ranges of each slot's row: one launch, no concatenation
+            rows = self.kv_cache.view(-1, self.kv_lora_rank + self.rope)
+            store_kv(latent, k_pe, rows[:, :self.kv_lora_rank], rows[:, self.kv_lora_rank:], ctx.slot_mapping)
             return self.o_proj(self._absorbed(q_nope, q_pe, ctx).reshape(T, H * self.v_dim))
+        if cached:
+            self.kv_cache.view(-1, self.kv_lora_rank + self.rope)[ctx.slot_mapping] = torch.cat((latent, k_pe), -1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
         out = q.new_empty(T, H, self.v_dim)
         cu = ctx.cu_seqlens_q.tolist()
         for b, n in enumerate(ctx.seq_lens):

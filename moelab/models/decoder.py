@@ -67,9 +67,27 @@ class MoECausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
+        if self.model.norm.impl == "triton":
+            return self._forward_fused_residual(positions, h)
         for layer in self.model.layers:
             h = layer(positions, h)
         return self.model.norm(h)
+
+    def _forward_fused_residual(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The same sums as forward(), but every residual add runs inside the next norm's kernel (add_rms_norm):
+        the FFN output of layer i is added in layer i+1's input norm, the last one in the final norm."""
+        from moelab.kernels.rms_norm import add_rms_norm
+
+        residual, out = h, None
+        for layer in self.model.layers:
+            norm = layer.input_layernorm
+            x, residual = (norm(h), h) if out is None else add_rms_norm(out, residual, norm.weight, norm.eps)
+            norm = layer.post_attention_layernorm
+            x, residual = add_rms_norm(layer.self_attn(positions, x), residual, norm.weight, norm.eps)
+            out = layer.ffn(x)
+        if out is None:
+            return self.model.norm(h)
+        return add_rms_norm(out, residual, self.model.norm.weight, self.model.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -82,7 +100,8 @@ class MoECausalLM(nn.Module):
     def prepare_fast_path(self, max_positions: int) -> None:
         """Kernels for everything small: one-kernel RMSNorm and rotary (tables up to max_positions), fused QKV
         projections, gate and up of dense/shared MLPs as one GEMM, float32 router weights kept instead of cast per
-        call, one-kernel top-k routing, contiguous MLA absorption weights. Same math as the reference path."""
+        call, the router GEMM inside the top-k kernel, contiguous MLA absorption weights, q/k norm + RoPE + KV
+        store as one kernel, residual adds inside the next norm. Same math as the reference path."""
         from moelab.layers.attention import GQAttention
         from moelab.layers.mla import MLAttention
         from moelab.layers.mlp import GatedMLP

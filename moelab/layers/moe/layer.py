@@ -72,16 +72,24 @@ class SparseMoE(nn.Module):
         """Plain top-k of softmax/sigmoid scores goes through one kernel; group-limited schemes stay in torch."""
         self.fused_routing = self.router_config.topk_method == "greedy"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.gate.logits(x)
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (topk_weights [T, K] float32, topk_ids [T, K] int64)."""
         cfg = self.router_config
+        w = self.gate.weight
+        # the router GEMM inside the top-k kernel (bf16 tl.dot is wrong under the CPU interpreter: logits first)
+        if self.fused_routing and x.dtype == w.dtype and (x.is_cuda or x.dtype != torch.bfloat16):
+            from moelab.kernels.topk_router import router_topk
+
+            return router_topk(x, w, cfg.top_k, cfg.scoring_func, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        logits = self.gate.logits(x)
         if self.fused_routing:
             from moelab.kernels.topk_router import topk_router
 
-            topk_weights, topk_ids = topk_router(logits, cfg.top_k, cfg.scoring_func, cfg.norm_topk_prob,
-                                                 cfg.routed_scaling_factor)
-        else:
-            topk_weights, topk_ids = route(logits, cfg, self.gate.e_score_correction_bias)
+            return topk_router(logits, cfg.top_k, cfg.scoring_func, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        return route(logits, cfg, self.gate.e_score_correction_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.route(x)
         if self.routing_counts is not None:
             T, K = topk_ids.shape
             valid = self.routing_valid[:T, None].expand(T, K).reshape(-1)
