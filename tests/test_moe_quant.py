@@ -118,10 +118,11 @@ def test_naive_quantized_matches_dense(fmt, T, E, K, D, I, skew) -> None:
     assert rel(out, dense_moe(x, ids, w, w13, w2)) < (0.12 if is_w8a8(fmt) else 0.03)  # the format's own error
 
 
-# M=1 (decode blocks), E=60 top-6 with experts that get no token, all tokens on one expert, sizes that are not
-# multiples of any block (D 40 / 200, I 24 / 136: edge blocks of the 128x128 scales), top-1.
+# M=1 (decode blocks), E=60 top-6 with experts that get no token, all
+# tokens on one expert, sizes that are not multiples of any block (D 40 / 200, I 24 / 136: edge blocks of the
+# 128x128 scales), top-1, two tokens on decode blocks with odd sizes.
 TRITON_CASES = [(1, 8, 2, 32, 16, "uniform"), (5, 60, 6, 32, 16, "uniform"), (12, 6, 3, 40, 24, "skew"),
-                (10, 4, 2, 32, 16, "one"), (6, 3, 1, 200, 136, "uniform")]
+                (10, 4, 2, 32, 16, "one"), (6, 3, 1, 200, 136, "uniform"), (2, 64, 4, 200, 136, "uniform")]
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")

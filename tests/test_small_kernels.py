@@ -120,3 +120,20 @@ def test_qk_rope_store(norm, H, KV, hd, interleaved) -> None:
     assert torch.allclose(caches[0], want_c[0], atol=1e-5) and torch.equal(caches[1], want_c[1])
     with pytest.raises(ValueError, match="q/k norm"):
         qk_rope_store(qkv, H, KV, pos, cos, sin, caches[0], caches[1], slots, "full", None, None)
+
+
+@pytest.mark.parametrize("T,I", [(1, 16), (5, 1100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_mul_and_add_gated(T, I, dtype) -> None:
+    """The MLP tails in one kernel each equal the eager expressions (rounded where eager rounds)."""
+    from moelab.kernels.activation import add_gated, add_gated_ref, silu_mul, silu_mul_ref
+
+    gu = (torch.randn(T, 2 * I) * 3).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    assert torch.allclose(silu_mul(gu).float(), silu_mul_ref(gu).float(), atol=tol, rtol=tol)
+    r, s, g = (torch.randn(T, I) * 2).to(dtype), torch.randn(T, I).to(dtype), torch.randn(T, 1).to(dtype)
+    assert torch.allclose(add_gated(r, s, g).float(), add_gated_ref(r, s, g).float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="even number"):
+        silu_mul(gu[:, 1:].contiguous())
+    with pytest.raises(ValueError, match="gate"):
+        add_gated(r, s, g[:, 0])

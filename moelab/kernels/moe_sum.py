@@ -11,15 +11,16 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["num_tokens", "top_k"])
-def _sum_kernel(y_ptr, out_ptr, num_tokens, top_k, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t, d-tile] = sum over k (in order) of y[t * top_k + k, d-tile], accumulated in float32."""
+@triton.jit(do_not_specialize=["num_tokens"])
+def _sum_kernel(y_ptr, out_ptr, num_tokens, D, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t, d-tile] = sum over k (in order) of y[t * TOP_K + k, d-tile], accumulated in float32. The k loop is
+    unrolled, so all TOP_K row loads are in flight at once (a runtime loop issued them one after another)."""
     t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (t[:, None] < num_tokens) & (d[None, :] < D)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for k in range(0, top_k):
-        acc += tl.load(y_ptr + (t * top_k + k)[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    for k in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (t * TOP_K + k)[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -30,7 +31,7 @@ def moe_sum(y: torch.Tensor, top_k: int) -> torch.Tensor:
     out = torch.empty(T, D, dtype=y.dtype, device=y.device)
     block_d = min(1024, triton.next_power_of_2(D))
     block_t = max(1, 2048 // block_d)
-    _sum_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, block_d))](y, out, T, top_k, D, BLOCK_T=block_t,
+    _sum_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, block_d))](y, out, T, D, TOP_K=top_k, BLOCK_T=block_t,
                                                                      BLOCK_D=block_d, num_warps=4)
     return out
 

@@ -229,8 +229,10 @@ def default_config(max_query_len: int, group: int, dk: int, dv: int, num_seqs_x_
         if big:
             return PagedAttentionConfig(1, hpp, 32, 4, 2)
         programs = num_seqs_x_kv * triton.cdiv(group, hpp)
-        if group == 1 and programs >= 8 * num_sms:  # MHA at large batch: two warps, deeper pipeline (H200 sweep,
-            return PagedAttentionConfig(1, 1, 32, 2, 4)  # OLMoE B=256: -12 %; docs/perf/engine.md v3)
+        if group == 1 and programs >= 16 * num_sms:  # MHA, many programs: small ones, more resident per SM (H200
+            return PagedAttentionConfig(1, 1, 32, 2, 2)  # sweeps, docs/perf/engine.md v3: OLMoE B=256 -17 %)
+        if group == 1 and programs >= 4 * num_sms:  # (OLMoE B=64: -15 %)
+            return PagedAttentionConfig(1, 1, 16, 1, 4)
         return PagedAttentionConfig(1, hpp, 64 if programs < 2 * num_sms else 32, 4, 3)
     hpp = min(group, 64)  # prefill: 64 rows of (token, head) pairs
     block_q = min(max(1, 64 // hpp), triton.next_power_of_2(max_query_len))

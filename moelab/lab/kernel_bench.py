@@ -309,9 +309,10 @@ def _layer_ms(c, inputs: list, wts: dict, quant: dict, device: str) -> float:
 
 
 def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int = 0,
-         log: Callable[[str], None] = print) -> dict:
+         log: Callable[[str], None] = print, baseline: dict | None = None) -> dict:
     """{M: best MoEConfig} by whole-layer graph time: per BLOCK_M, the gate_up tile (down at the heuristic),
-    then the down tile; configs that fail to compile or run are skipped."""
+    then the down tile; configs that fail to compile or run are skipped. baseline {M: MoEConfig} (e.g. the table
+    in use) competes too, so a re-tune never replaces a faster config."""
     from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, heuristic_config
 
     E, K, D, I = shape
@@ -326,6 +327,8 @@ def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int =
 
         heur = heuristic_config(M, E, K, I, D, dtype, "cpu" if device == "cpu" else "cuda")
         trials: list[tuple[float, MoEConfig]] = [(layer_ms(heur), heur)]
+        if baseline and M in baseline:
+            trials.append((layer_ms(baseline[M]), baseline[M]))
         for bm in block_m_candidates(M, K, E):
             c = replace(heur, block_m=bm)
             ups = [(layer_ms(replace(c, gate_up=GemmConfig(bn, bk, 1, w, s, tma))), GemmConfig(bn, bk, 1, w, s, tma))

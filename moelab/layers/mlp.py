@@ -14,10 +14,13 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.gate_up_weight: torch.Tensor | None = None
+        self.fused_act = False  # silu(gate) * up as one kernel (moelab.kernels.activation); set by fuse_gate_up
 
     @torch.no_grad()
     def fuse_gate_up(self) -> None:
-        """One GEMM for gate and up: both weights move into one buffer and become views of it (no extra memory)."""
+        """One GEMM for gate and up: both weights move into one buffer and become views of it (no extra memory);
+        silu(gate) * up then runs as one kernel."""
+        self.fused_act = True
         if self.gate_up_weight is not None:
             return
         self.gate_up_weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
@@ -27,6 +30,11 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gu = F.linear(x, self.gate_up_weight)
+            if self.fused_act and gu.dim() == 2 and (gu.is_cuda or gu.dtype != torch.bfloat16):
+                from moelab.kernels.activation import silu_mul
+
+                return self.down_proj(silu_mul(gu))
+            gate, up = gu.chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

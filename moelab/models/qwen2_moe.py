@@ -21,8 +21,13 @@ class Qwen2MoeBlock(SparseMoE):
         self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return super().forward(x) + shared
+        gate, shared = self.shared_expert_gate(x), self.shared_expert(x)
+        routed = super().forward(x)
+        if self.fused_routing and routed.dim() == 2:  # the fast path: the mix as one kernel
+            from moelab.kernels.activation import add_gated
+
+            return add_gated(routed, shared, gate)
+        return routed + torch.sigmoid(gate) * shared
 
 
 class Qwen2MoeForCausalLM(MoECausalLM):
