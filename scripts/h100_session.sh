@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh engine trace serve lab lab-qwen quant moe    (on the device, from the repository root)
+#   bash scripts/h100_session.sh tune engine kernels trace serve lab lab-qwen quant moe   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
 set -uo pipefail
@@ -17,8 +17,13 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 for section in "$@"; do
   echo "== $section $(date +%T)"
   case "$section" in
+    tune)  # MoE tiles of the engine's shapes at its decode and prefill token counts, merged into this GPU's tables
+      python scripts/tune_engine_shapes_gpu.py olmoe:1,64,256,2048,8192 qwen1.5:1,64,256,2048,8192 \
+        dsv2-lite:1,64,256,2048,8192 2>&1 | grep -E "kept|changed|wrote" ;;
     engine)
-      python scripts/bench_engine_gpu.py --out "$OUT" --steps 20 2>&1 | grep -v -i warn ;;
+      python scripts/bench_engine_gpu.py --out "$OUT" --steps 20 --offline-trials 3 2>&1 | grep -v -i warn ;;
+    kernels)  # decode-path kernels against the paths they replace; attention launch-shape sweep
+      python scripts/bench_decode_kernels_gpu.py --budget-s 200 2>&1 | tail -3 ;;
     trace)
       python -m moelab trace --model olmoe-1b-7b --batch 64 --input-len 128 --output-len 128 --measure-overhead \
         --trials 3 --out "$OUT/olmoe_routing.npz" --json "$OUT/trace.json" 2>&1 | grep -v -i warn ;;
@@ -50,6 +55,6 @@ for section in "$@"; do
       python scripts/bench_moe_gpu.py --quant --ms 1,16,64,256,1024,4096 2>&1 | grep -v -i warn | tail -60 ;;
     moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
       python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -45 ;;
-    *) echo "unknown section $section; allowed: engine trace serve lab lab-qwen quant moe" >&2 ;;
+    *) echo "unknown section $section; allowed: tune engine kernels trace serve lab lab-qwen quant moe" >&2 ;;
   esac
 done

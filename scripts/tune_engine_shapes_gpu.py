@@ -46,9 +46,9 @@ def main() -> None:
         table.update(best)
         path = CONFIG_DIR / config_file_name(E, I, D, name, "bfloat16")
         save_config_file(path, table, note=f"scripts/tune_engine_shapes_gpu.py on {name}: M={ms} tuned here, the "
-                                           f"rest from the family's table")
+                                           f"rest from the table in use before (the family's, else the heuristic's)")
         tuned_configs.cache_clear()
-        shutil.copy(path, out / path.name)
+        shutil.copy(path, out / path.name.replace("=", "-").replace(",", "_"))  # the device tool refuses = and ,
         print(f"wrote {path}", flush=True)
 
 

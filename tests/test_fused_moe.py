@@ -171,7 +171,10 @@ def test_tuned_config_file_round_trip_and_nearest_m(tmp_path) -> None:
 def test_a_gpu_without_its_own_tuned_file_uses_its_familys() -> None:
     from moelab.kernels.fused_moe_config import tuned_configs
 
-    h100 = tuned_configs(64, 1024, 2048, "NVIDIA H100 80GB HBM3", "bf16")
-    assert h100 and tuned_configs(64, 1024, 2048, "NVIDIA H200", "bf16") == h100
+    h100 = tuned_configs(8, 14336, 4096, "NVIDIA H100 80GB HBM3", "bf16")  # Mixtral: tuned on the H100 only
+    assert h100 and tuned_configs(8, 14336, 4096, "NVIDIA H200", "bf16") == h100
+    assert tuned_configs(8, 14336, 4096, "NVIDIA H800", "bf16") == h100
+    own = tuned_configs(64, 1024, 2048, "NVIDIA H200", "bf16")  # OLMoE: the H200's own file wins
+    assert own and own != tuned_configs(64, 1024, 2048, "NVIDIA H100 80GB HBM3", "bf16")
     assert tuned_configs(64, 1024, 2048, "Tesla T4", "bf16") is None
     assert tuned_configs(64, 1024, 2048, "NVIDIA H200", "fp8_tensor") is None  # no tuned file of that dtype
