@@ -233,7 +233,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--offline-trials", type=int, default=1, help="repeat each offline run (run-to-run spread)")
+    ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (A/B)")
     args = ap.parse_args()
+    if args.no_pdl:
+        from moelab.kernels.pdl import set_enabled
+
+        set_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,8 +246,10 @@ def main() -> None:
     c = measure_ceilings(device)
     if device == "cuda":
         torch.cuda.empty_cache()
+    from moelab.kernels.pdl import use_pdl
+
     rows: list[dict] = [{"kind": "ceilings", "bandwidth": c.bandwidth, "matmul": c.matmul, "device": c.name,
-                         "torch": torch.__version__}]
+                         "torch": torch.__version__, "pdl": use_pdl(torch.device(device))}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:

@@ -14,11 +14,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from moelab.kernels.pdl import gdc_prologue, launch_options
+
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    gdc_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < I
@@ -31,7 +34,8 @@ def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.conste
 
 @triton.jit
 def _add_gated_kernel(r_ptr, s_ptr, g_ptr, out_ptr, D, stride_r, stride_s, stride_g, stride_out,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    gdc_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < D
@@ -58,7 +62,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, two_i // 2, dtype=gu.dtype, device=gu.device)
     if T:
         _silu_mul_kernel[(T, triton.cdiv(two_i // 2, BLOCK))](gu, out, two_i // 2, gu.stride(0), out.stride(0),
-                                                             BLOCK=BLOCK, num_warps=4)
+                                                             BLOCK=BLOCK, num_warps=4, **launch_options(gu.device))
     return out
 
 
@@ -79,7 +83,7 @@ def add_gated(routed: torch.Tensor, shared: torch.Tensor, gate: torch.Tensor) ->
     if T:
         _add_gated_kernel[(T, triton.cdiv(D, BLOCK))](routed, shared, gate, out, D, routed.stride(0),
                                                       shared.stride(0), gate.stride(0), out.stride(0), BLOCK=BLOCK,
-                                                      num_warps=4)
+                                                      num_warps=4, **launch_options(routed.device))
     return out
 
 

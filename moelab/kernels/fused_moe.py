@@ -39,6 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, get_config, use_naive_blocks
 from moelab.kernels.moe_align import moe_align
 from moelab.kernels.moe_sum import moe_sum
+from moelab.kernels.pdl import gdc_prologue, launch_options
 from moelab.kernels.per_token_quant import per_token_quant
 
 NAIVE_BLOCK_M = 16
@@ -82,12 +83,13 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
                     stride_wn, stride_wk, stride_hr, stride_se, stride_sn, stride_sk, up_scale_row,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
-                    A_SCALE: tl.constexpr, W_SCALE: tl.constexpr):
+                    A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, USE_PDL: tl.constexpr = False):
     """h[rows, n-tile] = silu(A G^T) * (A U^T), A = x[slot // top_k] gathered; N = I, K = D.
     USE_TMA: w_ptr is a TMA descriptor over w13 viewed [E * 2N, K] with [BLOCK_N, BLOCK_K] boxes.
     Quantized (see the module docstring): W_INT8 converts weight tiles to x's dtype; A_SCALE multiplies row r by
     a_scale[token]; W_SCALE 1/2/3 = per expert / per channel / 128x128 block, the up rows' scales starting at
     scale row up_scale_row (N for channels, the gate's block-row count for blocks)."""
+    gdc_prologue(USE_PDL)
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
         num_rows = num_pid_m * BLOCK_M
@@ -165,11 +167,12 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
                  stride_wn, stride_wk, stride_ys, stride_se, stride_sn, stride_sk, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr, EVEN_K: tl.constexpr,
                  PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr, A_SCALE: tl.constexpr,
-                 W_SCALE: tl.constexpr):
+                 W_SCALE: tl.constexpr, USE_PDL: tl.constexpr = False):
     """y[slot, n-tile] = w[slot] * (h[rows] W2^T); N = D, K = I.
     USE_TMA: h_ptr and w_ptr are TMA descriptors over h [P, K] ([BLOCK_M, BLOCK_K] boxes) and w2 viewed
     [E * N, K] ([BLOCK_N, BLOCK_K] boxes); zero fill past K replaces the masks.
     Quantized: as _gate_up_kernel, with a_scale per h row."""
+    gdc_prologue(USE_PDL)
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
         num_rows = num_pid_m * BLOCK_M
@@ -348,7 +351,7 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: 
     _gate_up_kernel[(r.num_pid_m * triton.cdiv(I, cfg.block_n),)](
         x, w, h, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], r.ids.numel(), r.top_k,
         r.num_pid_m, cfg.group_m, I, D, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
-        *qargs[2:], up_row, **_launch_args(r, cfg, D, x.dtype, tma), **qflags)
+        *qargs[2:], up_row, **_launch_args(r, cfg, D, x.dtype, tma), **qflags, **launch_options(x.device))
     return h
 
 
@@ -365,7 +368,7 @@ def down(h: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, r: Routi
     _down_kernel[(r.num_pid_m * triton.cdiv(D, cfg.block_n),)](
         a, w, y, topk_weights, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], r.ids.numel(),
         r.num_pid_m, cfg.group_m, D, I, h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
-        *qargs[2:], **_launch_args(r, cfg, I, h.dtype, tma), **qflags)
+        *qargs[2:], **_launch_args(r, cfg, I, h.dtype, tma), **qflags, **launch_options(h.device))
     return y
 
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels.pdl import gdc_prologue, launch_options
+
 # One program places up to this many slots by itself (one launch); above it the slots are split into chunks of
 # at least CHUNK_SLOTS over at most MAX_CHUNKS programs (a count launch, then a place launch). On the H100 one
 # program took 4-9 us up to 2048 slots and was never slower than the chunked pair there (docs/perf/moe_kernels.md).
@@ -49,8 +51,10 @@ def _histogram(ids_ptr, start, end, num_experts, E_PAD: tl.constexpr, CHUNK: tl.
 
 
 @triton.jit(do_not_specialize=["num_slots", "chunk", "num_experts"])
-def _count_kernel(ids_ptr, counts_ptr, num_slots, chunk, num_experts, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, num_slots, chunk, num_experts, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                  USE_PDL: tl.constexpr = False):
     """counts[c, e] = slots of chunk c routed to expert e."""
+    gdc_prologue(USE_PDL)
     pid = tl.program_id(0)
     start = pid * chunk
     counts = _histogram(ids_ptr, start, tl.minimum(start + chunk, num_slots), num_experts, E_PAD, CHUNK)
@@ -61,10 +65,11 @@ def _count_kernel(ids_ptr, counts_ptr, num_slots, chunk, num_experts, E_PAD: tl.
 def _place_kernel(ids_ptr, counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr, num_slots, chunk,
                   num_chunks, num_blocks, num_experts, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
                   CHUNK: tl.constexpr, CHUNK_ROWS: tl.constexpr, PAD_COLS: tl.constexpr, SUB: tl.constexpr,
-                  SINGLE: tl.constexpr):
+                  SINGLE: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Program c places chunk c's slots through per-expert atomic cursors of its own (so the order inside an
     expert run is not fixed; each row is computed on its own, so the GEMM results do not depend on it), and
     writes a share of the padding sentinels and of the block -> expert map; program 0 writes the total."""
+    gdc_prologue(USE_PDL)
     pid = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
     if SINGLE:  # one program: count everything here
@@ -147,12 +152,13 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, single_pro
         num_chunks = triton.cdiv(n, chunk)
         counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
         _count_kernel[(num_chunks,)](ids, counts, n, chunk, num_experts, E_PAD=e_pad, CHUNK=CHUNK_SLOTS,
-                                     num_warps=NUM_WARPS)
+                                     num_warps=NUM_WARPS, **launch_options(dev))
     cursors = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
     _place_kernel[(num_chunks,)](ids, counts, cursors, sorted_ids, expert_ids, num_padded, n, chunk, num_chunks,
                                  num_blocks, num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=CHUNK_SLOTS,
                                  CHUNK_ROWS=max(1, 4096 // e_pad), PAD_COLS=min(block_m, max(1, 4096 // e_pad)),
-                                 SUB=max(16, 8192 // e_pad), SINGLE=num_chunks == 1, num_warps=NUM_WARPS)
+                                 SUB=max(16, 8192 // e_pad), SINGLE=num_chunks == 1, num_warps=NUM_WARPS,
+                                 **launch_options(dev))
     return AlignedRouting(sorted_ids, expert_ids, num_padded)
 
 

@@ -10,11 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels.pdl import gdc_prologue, launch_options
+
 
 @triton.jit(do_not_specialize=["num_tokens"])
-def _sum_kernel(y_ptr, out_ptr, num_tokens, D, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sum_kernel(y_ptr, out_ptr, num_tokens, D, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                USE_PDL: tl.constexpr = False):
     """out[t, d-tile] = sum over k (in order) of y[t * TOP_K + k, d-tile], accumulated in float32. The k loop is
     unrolled, so all TOP_K row loads are in flight at once (a runtime loop issued them one after another)."""
+    gdc_prologue(USE_PDL)
     t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (t[:, None] < num_tokens) & (d[None, :] < D)
@@ -32,7 +36,8 @@ def moe_sum(y: torch.Tensor, top_k: int) -> torch.Tensor:
     block_d = min(1024, triton.next_power_of_2(D))
     block_t = max(1, 2048 // block_d)
     _sum_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, block_d))](y, out, T, D, TOP_K=top_k, BLOCK_T=block_t,
-                                                                     BLOCK_D=block_d, num_warps=4)
+                                                                     BLOCK_D=block_d, num_warps=4,
+                                                                     **launch_options(y.device))
     return out
 
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels.pdl import gdc_prologue, launch_options
+
 LOG2E = 1.4426950408889634
 TARGET_WAVES = 2  # decode: split the keys until the grid holds about this many programs per SM
 MIN_KEYS_PER_SPLIT = 256
@@ -97,9 +99,10 @@ def _paged_attention_kernel(
         DK: tl.constexpr, DV: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, DV_PAD: tl.constexpr,
         V_IS_K: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr,
         NUM_HCHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr, SPLIT: tl.constexpr):
+        BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Program (query tile x KV head x head chunk, key split): rows = BLOCK_Q tokens x HPP heads of one KV head.
     The heads of one tile are neighbours in the grid, so programs running together read the same cache pages."""
+    gdc_prologue(USE_PDL)
     pid = tl.program_id(0) // (KV_HEADS * NUM_HCHUNK)
     kv_head = tl.program_id(0) % (KV_HEADS * NUM_HCHUNK) // NUM_HCHUNK
     h0 = tl.program_id(0) % NUM_HCHUNK * HPP
@@ -188,8 +191,10 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_splits, stride_ot, stride_oh,
-                         DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                         DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
     """Program (token, head): combine the key splits' partial outputs weighted by their softmax mass."""
+    gdc_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     base = (t * num_heads + h) * num_splits
@@ -333,10 +338,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         DK=Dk, DV=Dv, D_MAIN=d_main, D_TAIL=d_tail, DV_PAD=dv_pad, V_IS_K=v_is_k, KV_HEADS=KV, GROUP=group,
         HPP=cfg.heads_per_prog, NUM_HCHUNK=n_hchunk, BLOCK_Q=cfg.block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_SIZE=bs, ONE_TILE_PER_SEQ=one_tile, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_SIZE=bs, ONE_TILE_PER_SEQ=one_tile, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(q.device))
     if split:
         _split_reduce_kernel[(T, H)](part_out, part_lse, out, H, num_splits, out.stride(0), out.stride(1),
-                                     DV=Dv, DV_PAD=dv_pad, SPLITS_PAD=_pow2(num_splits), num_warps=4)
+                                     DV=Dv, DV_PAD=dv_pad, SPLITS_PAD=_pow2(num_splits), num_warps=4,
+                                     **launch_options(q.device))
     return out
 
 

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels.pdl import gdc_prologue, launch_options
+
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12
 
@@ -29,9 +31,11 @@ def _round_e4m3(v):
 
 @triton.jit
 def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows_ptr, K, stride_x, stride_q, FP8_MAX_: tl.constexpr,
-                            MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NUM_ROWS: tl.constexpr):
+                            MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NUM_ROWS: tl.constexpr,
+                            USE_PDL: tl.constexpr = False):
     """Row t: amax over K in BLOCK_K chunks (a second pass over the row quantizes it). HAS_NUM_ROWS: rows at or
     past num_rows_ptr[0] are skipped (the MoE's padded rows not in use this step)."""
+    gdc_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     if HAS_NUM_ROWS:
         if t >= tl.load(num_rows_ptr):
@@ -62,7 +66,8 @@ def per_token_quant(x: torch.Tensor, num_rows: torch.Tensor | None = None) -> tu
         block_k = min(4096, triton.next_power_of_2(max(K, 16)))
         _per_token_quant_kernel[(T,)](x, q, s, s if num_rows is None else num_rows, K, x.stride(0), q.stride(0),
                                       FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK_K=block_k,
-                                      HAS_NUM_ROWS=num_rows is not None, num_warps=4 if block_k <= 2048 else 8)
+                                      HAS_NUM_ROWS=num_rows is not None, num_warps=4 if block_k <= 2048 else 8,
+                                      **launch_options(x.device))
     return q, s
 
 

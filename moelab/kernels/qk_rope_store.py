@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels.pdl import gdc_prologue, launch_options
+
 NORM_MODES = {None: 0, "full": 1, "per_head": 2}
 
 
@@ -60,7 +62,9 @@ def _norm_rope(x_ptr, w_ptr, c, s, eps, NH: tl.constexpr, HP: tl.constexpr, HALF
 def _qk_rope_store_kernel(qkv_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
                           stride_t, stride_qo, stride_kc, stride_vc, eps,
                           H: tl.constexpr, KV: tl.constexpr, HP: tl.constexpr, KVP: tl.constexpr,
-                          HALF: tl.constexpr, NORM: tl.constexpr, INTERLEAVED: tl.constexpr):
+                          HALF: tl.constexpr, NORM: tl.constexpr, INTERLEAVED: tl.constexpr,
+                          USE_PDL: tl.constexpr = False):
+    gdc_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -125,7 +129,8 @@ def qk_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, position
         _qk_rope_store_kernel[(T,)](qkv, q, k_cache, v_cache, positions, slot_mapping, cos, sin, qw, kw,
                                     qkv.stride(0), q.stride(0), k_cache.stride(0), v_cache.stride(0), eps,
                                     H=H, KV=KV, HP=triton.next_power_of_2(H), KVP=triton.next_power_of_2(KV),
-                                    HALF=half, NORM=mode, INTERLEAVED=interleaved, num_warps=4)
+                                    HALF=half, NORM=mode, INTERLEAVED=interleaved, num_warps=4,
+                                    **launch_options(qkv.device))
     return q
 
 

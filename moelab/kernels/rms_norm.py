@@ -12,9 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels.pdl import gdc_prologue, launch_options
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, dim, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, dim, eps, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr = False):
+    gdc_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
@@ -37,13 +41,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x2.shape[0]:
         BLOCK = triton.next_power_of_2(dim)
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), dim, eps, BLOCK=BLOCK,
-                                         num_warps=4 if BLOCK <= 2048 else 8)
+                                         num_warps=4 if BLOCK <= 2048 else 8, **launch_options(x.device))
     return y.view(x.shape)
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, stride_x, stride_r, stride_y, stride_s, dim, eps,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    gdc_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
@@ -75,7 +80,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         BLOCK = triton.next_power_of_2(dim)
         _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, y, summed, x.stride(0), residual.stride(0),
                                             y.stride(0), summed.stride(0), dim, eps, BLOCK=BLOCK,
-                                            num_warps=4 if BLOCK <= 2048 else 8)
+                                            num_warps=4 if BLOCK <= 2048 else 8, **launch_options(x.device))
     return y, summed
 
 

@@ -12,12 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels.pdl import gdc_prologue, launch_options
+
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr, sq_t, sq_h, sk_t, sk_h, sqo_t, sqo_h,
                    sko_t, sko_h, num_q_heads, num_k_heads, NQB, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                   INTERLEAVED: tl.constexpr):
+                   INTERLEAVED: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Program (t, hb): token t, head block hb of q (hb < NQB) or of k (hb - NQB): one launch for both."""
+    gdc_prologue(USE_PDL)
     t = tl.program_id(0)
     hb = tl.program_id(1)
     if hb < NQB:
@@ -65,7 +68,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch
         _rotary_kernel[(T, nqb + triton.cdiv(Hk, BLOCK_H))](
             q, k, qo, ko, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), qo.stride(0),
             qo.stride(1), ko.stride(0), ko.stride(1), Hq, Hk, nqb, HALF=half, BLOCK_H=BLOCK_H,
-            INTERLEAVED=interleaved)
+            INTERLEAVED=interleaved, **launch_options(q.device))
     return qo, ko
 
 

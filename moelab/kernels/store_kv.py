@@ -11,10 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels.pdl import gdc_prologue, launch_options
+
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, W, Wv, stride_k, stride_v, stride_kc, stride_vc,
-                     BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, HAS_V: tl.constexpr):
+                     BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, HAS_V: tl.constexpr, USE_PDL: tl.constexpr = False):
+    gdc_prologue(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -40,7 +43,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor | None, k_cache: torch.Tensor, v_c
     _store_kv_kernel[(T,)](k, v if has_v else k, k_cache, v_cache if has_v else k_cache, slot_mapping, W, Wv,
                            k.stride(0), v.stride(0) if has_v else 0, k_cache.stride(0),
                            v_cache.stride(0) if has_v else 0, BLOCK=triton.next_power_of_2(W),
-                           BLOCK_V=triton.next_power_of_2(Wv), HAS_V=has_v)
+                           BLOCK_V=triton.next_power_of_2(Wv), HAS_V=has_v, **launch_options(k.device))
 
 
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor | None,

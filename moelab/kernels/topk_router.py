@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels.pdl import gdc_prologue, launch_options
+
 
 @triton.jit
 def _select_topk(x, offs, mask, K: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr,
@@ -39,7 +41,9 @@ def _select_topk(x, offs, mask, K: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.c
 
 @triton.jit
 def _topk_router_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, scale, K: tl.constexpr, KP: tl.constexpr,
-                        BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr):
+                        BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, RENORM: tl.constexpr,
+                        USE_PDL: tl.constexpr = False):
+    gdc_prologue(USE_PDL)
     t = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     mask = offs < E
@@ -55,12 +59,13 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
                              scale, num_splits, chunks_per_split, K: tl.constexpr, KP: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                              SIGMOID: tl.constexpr, RENORM: tl.constexpr, PRECISION: tl.constexpr,
-                             SPLIT: tl.constexpr):
+                             SPLIT: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Program (row block, split): logits of rows t0..t0+BLOCK_T over the split's D chunks, x W^T accumulated in
     float32 (products of bf16/fp16 inputs are exact in float32, so this is the reference's x.float() @
     W.float()^T up to summation order). SPLIT: each split stores its partial logits, and the row block's last
     split to arrive (an acq_rel counter, reset afterwards) sums them in split order and does the top-k, so at
     decode the weight read spreads over num_splits SMs and the result does not depend on timing."""
+    gdc_prologue(USE_PDL)
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -149,7 +154,8 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str 
             x, weight, part, _counters(x.device, row_blocks), w, ids, T, E, D, x.stride(0), weight.stride(0), scale,
             splits, per, K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_T=16, BLOCK_E=block_e, BLOCK_D=block_d,
             SIGMOID=scoring == "sigmoid", RENORM=renormalize,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, num_warps=4, num_stages=3)
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, num_warps=4, num_stages=3,
+            **launch_options(x.device))
     return w, ids
 
 
@@ -165,7 +171,8 @@ def topk_router(logits: torch.Tensor, top_k: int, scoring: str = "softmax", reno
     if T:
         _topk_router_kernel[(T,)](logits, w, ids, E, logits.stride(0), scale, K=top_k,
                                   KP=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(E),
-                                  SIGMOID=scoring == "sigmoid", RENORM=renormalize, num_warps=1 if E <= 128 else 2)
+                                  SIGMOID=scoring == "sigmoid", RENORM=renormalize, num_warps=1 if E <= 128 else 2,
+                                  **launch_options(logits.device))
     return w, ids
 
 

@@ -1,0 +1,52 @@
+"""Programmatic dependent launch (Hopper and newer): a kernel launched with it may be scheduled while the kernel
+before it in the stream is still running, and waits (`griddepcontrol.wait`) before touching memory. At decode a
+step is ~170 kernels of a few microseconds each, and the launch gap between two of them is a visible share of each.
+
+Every moelab kernel that takes part calls `gdc_prologue(USE_PDL)` first: wait for the previous kernel's memory, then
+let the next kernel be scheduled. Nothing is read or written before the wait, so the order of memory effects is
+the same as without it. `launch_options(device)` gives the launch keyword (empty on the CPU / interpreter and on
+GPUs before Hopper). `set_enabled(False)` turns it off (for A/B timings; CUDA graphs must be recaptured).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_ENABLED = True
+try:  # Triton's CUDA launcher takes launch_pdl since 3.3
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    _LAUNCHER_HAS_PDL = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+except ImportError:  # a Triton without the CUDA backend
+    _LAUNCHER_HAS_PDL = False
+
+
+def set_enabled(on: bool) -> None:
+    global _ENABLED
+    _ENABLED = bool(on)
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    return _ENABLED and _LAUNCHER_HAS_PDL and device.type == "cuda" and _capable(device.index or 0)
+
+
+def launch_options(device: torch.device) -> dict:
+    """{"USE_PDL": bool, and "launch_pdl": True where it applies}: spread into a kernel launch."""
+    on = use_pdl(device)
+    return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
+
+
+@triton.jit
+def gdc_prologue(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
