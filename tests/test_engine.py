@@ -221,6 +221,45 @@ def test_fast_path_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]
         {k: v.shape for k, v in ref_model.state_dict().items()}
 
 
+@pytest.mark.parametrize("name", ["olmoe", "qwen3-moe-gqa-norm", "qwen2-moe-shared-e6", "deepseek-v2-lite"])
+def test_fast_path_with_a_paged_cache_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]) -> None:
+    """The fast path over a paged KV cache (q/k norm + RoPE + KV store as one kernel, the Triton attention kernel,
+    the router GEMM inside the top-k kernel, fused residuals and MLP tails) gives the reference path's logits, for
+    a two-sequence prefill and then a decode step that reads what the prefill stored."""
+    from moelab.context import ForwardContext, forward_context
+    from moelab.models.loader import load_model
+
+    path = tiny_checkpoints[name]
+    ref_model, fast_model = load_model(path), load_model(path)
+    fast_model.prepare_fast_path(64)
+    fast_model.set_attention_impl("triton")
+    bs = 4
+    tables = torch.tensor([[1, 2, 0], [3, 0, 0]], dtype=torch.int32)
+    for m in (ref_model, fast_model):
+        for a in m.attention_modules():
+            a.kv_cache = torch.zeros(a.cache_shape(6, bs))
+
+    def ctx(qlens: list[int], lens: list[int]) -> ForwardContext:
+        pos = [p for q, n in zip(qlens, lens) for p in range(n - q, n)]
+        seq = [b for b, q in enumerate(qlens) for _ in range(q)]
+        slots = torch.tensor([int(tables[b, p // bs]) * bs + p % bs for b, p in zip(seq, pos)])
+        cu = torch.tensor([0] + qlens).cumsum(0).int()
+        return ForwardContext(cu_seqlens_q=cu, query_lens=qlens, seq_lens=lens, slot_mapping=slots,
+                              block_tables=tables, block_size=bs, seq_lens_t=torch.tensor(lens, dtype=torch.int32),
+                              max_query_len=max(qlens), max_seq_len=12), torch.tensor(pos)
+
+    g = torch.Generator().manual_seed(1)
+    for qlens, lens in (([7, 3], [7, 3]), ([1, 1], [8, 4])):
+        ids = torch.randint(4, 320, (sum(qlens),), generator=g)
+        logits = []
+        for m in (ref_model, fast_model):
+            c, pos = ctx(qlens, lens)
+            with torch.no_grad(), forward_context(c):
+                logits.append(m.compute_logits(m(ids, pos)))
+        want, got = logits
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
 def test_overlapped_steps_change_nothing(tiny_checkpoints: dict[str, Path]) -> None:
     """async_scheduling (step N+1 planned and launched before step N's tokens reach the host) gives the same
     tokens, finish reasons and stop reasons as settling every step, with EOS, stop strings, seeds, min_tokens,

@@ -1,5 +1,6 @@
 """Elementwise tails of the dense MLPs in one Triton kernel each, with plain-torch twins (`*_ref`) that are the
-eager expressions they replace; the kernels round where eager rounds, so the results are equal.
+eager expressions they replace. The kernels round to the activation dtype where eager does, so they agree with it up
+to the last-place differences of exp between Triton and torch.
 
 - silu_mul(gu): silu(gate) * up of a fused gate/up projection [T, 2I] -> [T, I] (eager: two kernels and a
   [T, I] temporary).

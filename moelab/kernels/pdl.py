@@ -36,7 +36,9 @@ def _capable(index: int) -> bool:
 
 
 def use_pdl(device: torch.device) -> bool:
-    return _ENABLED and _LAUNCHER_HAS_PDL and device.type == "cuda" and _capable(device.index or 0)
+    if not (_ENABLED and _LAUNCHER_HAS_PDL and device.type == "cuda"):
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launch_options(device: torch.device) -> dict:

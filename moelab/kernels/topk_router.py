@@ -89,6 +89,7 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
         t_pad = tl.num_programs(0) * BLOCK_T
         cell = t[:, None] * BLOCK_E + offs[None, :]
         tl.store(part_ptr + split * t_pad * BLOCK_E + cell, acc)
+        tl.debug_barrier()  # every thread's partial stores before the release below
         arrived = tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel")
         last = arrived == num_splits - 1
         if last:
@@ -111,11 +112,13 @@ MAX_SPLITS = 16
 SPLIT_MAX_ROW_BLOCKS = 32  # split D only while the row blocks alone leave most SMs idle (T <= 512)
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed arrival counters, kept per device (each launch leaves them at zero again)."""
+def _counters(device: torch.device) -> torch.Tensor:
+    """Zeroed arrival counters (one per row block of a split launch), allocated once per device and never
+    replaced, so CUDA graphs captured with them stay valid; each launch leaves them at zero again. One buffer per
+    device: split launches must not run concurrently on two streams (the engine uses one)."""
     c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    if c is None:
+        c = _COUNTERS[device] = torch.zeros(SPLIT_MAX_ROW_BLOCKS, dtype=torch.int32, device=device)
     return c
 
 
@@ -151,8 +154,9 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str 
         part = torch.empty(splits * row_blocks * 16 * block_e if splits > 1 else 1, dtype=torch.float32,
                            device=x.device)
         _router_gemm_topk_kernel[(row_blocks, splits)](
-            x, weight, part, _counters(x.device, row_blocks), w, ids, T, E, D, x.stride(0), weight.stride(0), scale,
-            splits, per, K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_T=16, BLOCK_E=block_e, BLOCK_D=block_d,
+            x, weight, part, _counters(x.device) if splits > 1 else part, w, ids, T, E, D, x.stride(0),
+            weight.stride(0), scale, splits, per, K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_T=16,
+            BLOCK_E=block_e, BLOCK_D=block_d,
             SIGMOID=scoring == "sigmoid", RENORM=renormalize,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, num_warps=4, num_stages=3,
             **launch_options(x.device))

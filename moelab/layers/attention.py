@@ -136,15 +136,20 @@ class GQAttention(nn.Module):
             for lin, b in zip((self.q_proj, self.k_proj, self.v_proj), self.qkv_bias.split(sizes)):
                 lin.bias = nn.Parameter(b, requires_grad=False)
 
-    def _fused_ok(self, ctx: ForwardContext) -> bool:
-        """q/k norm, RoPE and the KV store can run as one kernel (moelab.kernels.qk_rope_store)."""
+    def _fused_ok(self, ctx: ForwardContext, x: torch.Tensor) -> bool:
+        """q/k norm, RoPE and the KV store can run as one kernel (moelab.kernels.qk_rope_store): Triton path with
+        a cache, RoPE tables built, no QKV clipping, head_dim twice a power of two, the cache in the activations'
+        dtype, and one eps for both norms."""
+        hd = self.head_dim
         return self.qkv_weight is not None and self.attn.fast_path(ctx) and self.rotary.cos is not None \
-            and self.clip_qkv is None
+            and self.clip_qkv is None and hd % 2 == 0 and (hd // 2) & (hd // 2 - 1) == 0 \
+            and self.attn.kv_cache.dtype == x.dtype \
+            and (self.qk_norm == "none" or self.q_norm.eps == self.k_norm.eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         ctx = get_forward_context()
-        if self._fused_ok(ctx):
+        if self._fused_ok(ctx, x):
             from moelab.kernels.qk_rope_store import qk_rope_store
 
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)

@@ -100,8 +100,9 @@ class MoECausalLM(nn.Module):
     def prepare_fast_path(self, max_positions: int) -> None:
         """Kernels for everything small: one-kernel RMSNorm and rotary (tables up to max_positions), fused QKV
         projections, gate and up of dense/shared MLPs as one GEMM, float32 router weights kept instead of cast per
-        call, the router GEMM inside the top-k kernel, contiguous MLA absorption weights, q/k norm + RoPE + KV
-        store as one kernel, residual adds inside the next norm. Same math as the reference path."""
+        call (routing schemes the top-k kernel does not cover), the router GEMM inside the top-k kernel, contiguous
+        MLA absorption weights, q/k norm + RoPE + KV store as one kernel, residual adds inside the next norm, the
+        MLP tails as one kernel each. Same math as the reference path."""
         from moelab.layers.attention import GQAttention
         from moelab.layers.mla import MLAttention
         from moelab.layers.mlp import GatedMLP

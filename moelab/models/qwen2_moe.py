@@ -19,11 +19,17 @@ class Qwen2MoeBlock(SparseMoE):
         super().__init__(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size, router, backend)
         self.shared_expert = GatedMLP(spec.hidden_size, spec.shared_intermediate_size)
         self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+        self.fused_mix = False  # set with the fused routing by prepare_fast_path
+
+    def use_fused_routing(self) -> None:
+        super().use_fused_routing()
+        self.fused_mix = True  # routed + sigmoid(gate) * shared as one kernel (moelab.kernels.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, shared = self.shared_expert_gate(x), self.shared_expert(x)
         routed = super().forward(x)
-        if self.fused_routing and routed.dim() == 2:  # the fast path: the mix as one kernel
+        fused = self.fused_mix and routed.dim() == 2
+        if fused and (routed.is_cuda or routed.dtype != torch.bfloat16):  # bf16 only checked on the GPU
             from moelab.kernels.activation import add_gated
 
             return add_gated(routed, shared, gate)
