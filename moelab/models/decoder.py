@@ -75,7 +75,8 @@ class MoECausalLM(nn.Module):
 
     def _forward_fused_residual(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The same sums as forward(), but every residual add runs inside the next norm's kernel (add_rms_norm):
-        the FFN output of layer i is added in layer i+1's input norm, the last one in the final norm."""
+        the FFN output of layer i is added in layer i+1's input norm, the last one in the final norm. The layers'
+        attention and FFN modules are called as usual, DecoderLayer.forward itself is not (hooks on it do not fire)."""
         from moelab.kernels.rms_norm import add_rms_norm
 
         residual, out = h, None
