@@ -134,12 +134,17 @@ def machine_rates() -> tuple[float, float, float]:
     return copy, read, mm
 
 
-def emit(row: dict) -> None:
-    ROWS.append(row)
+def emit_to(rows: list[dict], name: str, row: dict) -> None:
+    """Append row, rewrite $OUT/name (OUT defaults to ./out) with all rows, print the row on one line."""
+    rows.append(row)
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_attention.json").write_text(json.dumps(ROWS, indent=1))
+    (out / name).write_text(json.dumps(rows, indent=1))
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def emit(row: dict) -> None:
+    emit_to(ROWS, "bench_attention.json", row)
 
 
 def check(shape: str, name: str, qlens: list[int], lens: list[int], pad_row: bool = False, **kw) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from functools import partial
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_attention_gpu import Batch, graph_ms, machine_rates  # noqa: E402
+from bench_attention_gpu import Batch, emit_to, graph_ms, machine_rates  # noqa: E402
 
 from moelab.kernels.paged_attention import PagedAttentionConfig as ACfg  # noqa: E402
 from moelab.kernels.paged_attention import default_config  # noqa: E402
@@ -41,11 +40,7 @@ REPEAT = 20
 
 
 def emit(row: dict) -> None:
-    ROWS.append(row)
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_kernels.json").write_text(json.dumps(ROWS, indent=1))
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    emit_to(ROWS, "decode_kernels.json", row)
 
 
 def left(budget: float) -> bool:

@@ -49,7 +49,7 @@ def main() -> None:
                                            f"rest from the table in use before (the family's, else the heuristic's)")
         tuned_configs.cache_clear()
         shutil.copy(path, out / path.name.replace("=", "-").replace(",", "_"))  # the device tool refuses = and ,
-        print(f"wrote {path}", flush=True)
+        print(f"wrote {path.relative_to(CONFIG_DIR.parent.parent.parent)}", flush=True)
 
 
 if __name__ == "__main__":
