@@ -594,6 +594,11 @@ def quant_main(args: argparse.Namespace, dev: torch.device, out: Path) -> None:
     dtypes = ("fp32" if args.dry else "bf16",) + kb.QUANT_FORMATS
     cfg = kb.KernelBenchConfig(shapes=shapes, ms=ms, dtypes=dtypes, backends=("naive", "triton"),
                                device=dev.type)
+    if dev.type == "cuda" and args.workers > 1:
+        try:
+            kb.precompile_in_use(shapes, ms, dtypes, "cuda", args.workers, log=log)
+        except Exception as exc:  # only a head start: the run compiles what is missing as it goes
+            log(f"precompile failed ({type(exc).__name__}: {exc}); compiling serially")
     rows = kb.run(cfg, log=log)
     if args.dry:  # the summary compares against "bf16"
         rows = [dict(r, dtype="bf16") if r.get("dtype") == "fp32" else r for r in rows]

@@ -5,13 +5,19 @@ overrides those entries of the table the GPU uses now (its family's, e.g. the H1
 as this GPU's own file in moelab/kernels/configs/ (and copied to $OUT), so the engine run that follows uses it.
 
     PYTHONPATH=. python scripts/tune_engine_shapes_gpu.py olmoe:64,256 qwen1.5:256
+    PYTHONPATH=. python scripts/tune_engine_shapes_gpu.py --dtype fp8_channel olmoe:1,256,4096 qwen3:4096
+
+--dtype: bf16 (default) or a quantized format of moelab.kernels.fused_moe.QUANT_FORMATS, whose table is named by
+the format (dtype=fp8_channel). --deadline S: skip the shapes that would start after S seconds (the device's
+per-call limit), so the tables already tuned are written and copied.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
-import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,26 +36,39 @@ EXTRA = {"qwen1.5": (60, 4, 2048, 1408)}
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cells", nargs="+", help="shape:M1,M2,... (shapes: " + ", ".join({**SHAPES, **EXTRA}) + ")")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--deadline", type=float, default=float("inf"))
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
+                    help="processes that compile the candidates before the timings")
+    args = ap.parse_args()
+    start = time.perf_counter()
     name = torch.cuda.get_device_name()
+    dt = {"bf16": "bfloat16"}.get(args.dtype, args.dtype)  # the name config_for looks a table up by
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
-    for arg in sys.argv[1:]:
+    for arg in args.cells:
+        if time.perf_counter() - start > args.deadline:
+            print(f"deadline: {arg} not tuned", flush=True)
+            continue
         key, ms = arg.split(":")
         E, K, D, I = shape = {**SHAPES, **EXTRA}[key]
-        table = dict(tuned_configs(E, I, D, name, "bfloat16") or {})
+        table = dict(tuned_configs(E, I, D, name, dt) or {})
         if not table:  # nothing tuned for this family: start from the heuristic at the usual token counts
-            table = {m: heuristic_config(m, E, K, I, D, "bfloat16") for m in (1, 16, 64, 256, 1024, 4096, 16384)}
-        before = {m: get_config(m, E, K, I, D, "bfloat16", "cuda", name) for m in map(int, ms.split(","))}
-        best = tune(shape, tuple(before), "bf16", "cuda", baseline=before)
+            table = {m: heuristic_config(m, E, K, I, D, dt) for m in (1, 16, 64, 256, 1024, 4096, 16384)}
+        before = {m: get_config(m, E, K, I, D, dt, "cuda", name) for m in map(int, ms.split(","))}
+        best = tune(shape, tuple(before), args.dtype, "cuda", baseline=before, workers=args.workers)
         for m, c in best.items():
             print(f"{key} M={m}: {'kept' if c == before[m] else 'changed'} {c.to_dict()}", flush=True)
         table.update(best)
-        path = CONFIG_DIR / config_file_name(E, I, D, name, "bfloat16")
+        path = CONFIG_DIR / config_file_name(E, I, D, name, dt)
         save_config_file(path, table, note=f"scripts/tune_engine_shapes_gpu.py on {name}: M={ms} tuned here, the "
                                            f"rest from the table in use before (the family's, else the heuristic's)")
         tuned_configs.cache_clear()
         shutil.copy(path, out / path.name.replace("=", "-").replace(",", "_"))  # the device tool refuses = and ,
-        print(f"wrote {path.relative_to(CONFIG_DIR.parent.parent.parent)}", flush=True)
+        print(f"wrote {path.relative_to(CONFIG_DIR.parent.parent.parent)} at {time.perf_counter() - start:.0f} s",
+              flush=True)
 
 
 if __name__ == "__main__":

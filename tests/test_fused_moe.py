@@ -168,6 +168,16 @@ def test_tuned_config_file_round_trip_and_nearest_m(tmp_path) -> None:
         5, 64, 8, 1024, 2048, "bfloat16")
 
 
+def test_fp8_tensor_and_channel_share_a_tuned_table_block_scales_do_not(tmp_path) -> None:
+    tuned = {1: MoEConfig(16, GemmConfig(32, 512), GemmConfig(64, 512, tma=True))}
+    save_config_file(tmp_path / config_file_name(64, 1024, 2048, "NVIDIA H200", "fp8_channel"), tuned)
+    args = (1, 64, 8, 1024, 2048)
+    for fmt in ("fp8_channel", "fp8_tensor"):
+        assert get_config(*args, fmt, "cuda", "NVIDIA H200", str(tmp_path)) == tuned[1]
+    assert get_config(*args, "fp8_block", "cuda", "NVIDIA H200", str(tmp_path)) == heuristic_config(
+        *args, "fp8_block")
+
+
 def test_a_gpu_without_its_own_tuned_file_uses_its_familys() -> None:
     from moelab.kernels.fused_moe_config import tuned_configs
 

@@ -70,13 +70,20 @@ def heuristic_config(M: int, E: int, K: int, N: int, D: int, dtype: str, device_
         bn, bk = _pow2_clamp(N, 16, 64), _pow2_clamp(D, 16, 64)
         return MoEConfig(16, GemmConfig(bn, bk), GemmConfig(_pow2_clamp(D, 16, 64), _pow2_clamp(N, 16, 64)))
     per_expert = M * K / E  # tiles below: the H100 tuning results of docs/perf/moe_kernels.md, generalised
+    if dtype == "fp8_block" and per_expert > 192:
+        # block scales promote each 128-wide K step's product into the accumulators: gate and up side by side
+        # need narrow gate_up tiles or the registers spill (the bf16 tiles below ran at a third of bf16's speed)
+        return MoEConfig(128, GemmConfig(64, 128, 1, 8, 4), GemmConfig(128, 128, 1, 4, 3, tma=True))
     if use_naive_blocks(M, K, E) or per_expert <= 16:
         return MoEConfig(16, GemmConfig(32, 256, 1, 4, 3), GemmConfig(64, 256, 1, 4, 3, tma=True))
     if per_expert <= 48:
         return MoEConfig(32, GemmConfig(128, 128, 1, 4, 3), GemmConfig(128, 128, 1, 4, 3))
+    fp8 = dtype.startswith("fp8")  # 1-byte operands: 128-wide K steps move as many bytes as bf16's 64
     if per_expert <= 192:
-        return MoEConfig(64, GemmConfig(128, 64, 1, 4, 4, tma=True), GemmConfig(128, 64, 8, 4, 4, tma=True))
-    return MoEConfig(128, GemmConfig(128, 64, 8, 8, 3, tma=True), GemmConfig(256, 64, 8, 8, 3, tma=True))
+        return MoEConfig(64, GemmConfig(128, 128 if fp8 else 64, 1, 4, 4, tma=True),
+                         GemmConfig(128, 128 if fp8 else 64, 8, 4, 4, tma=True))
+    return MoEConfig(128, GemmConfig(128, 128 if fp8 else 64, 8, 8, 3, tma=True),
+                     GemmConfig(256, 128 if fp8 else 64, 8, 8, 3, tma=True))
 
 
 def config_file_name(E: int, N: int, D: int, device_name: str, dtype: str) -> str:
@@ -123,10 +130,19 @@ def tuned_configs(E: int, N: int, D: int, device_name: str, dtype: str, config_d
     return None
 
 
-def get_config(M: int, E: int, K: int, N: int, D: int, dtype: str, device_type: str, device_name: str
-               ) -> MoEConfig:
-    """The tuned config whose M is nearest (ties to the smaller M), else the heuristic."""
-    table = tuned_configs(E, N, D, device_name, dtype) if device_type == "cuda" else None
+# formats whose kernels differ only in the epilogue share a tuned table when one of them has none
+SHARED_TABLES = {"fp8_tensor": "fp8_channel", "fp8_channel": "fp8_tensor"}
+
+
+def get_config(M: int, E: int, K: int, N: int, D: int, dtype: str, device_type: str, device_name: str,
+               config_dir: str = str(CONFIG_DIR)) -> MoEConfig:
+    """The tuned config whose M is nearest (ties to the smaller M), else the heuristic. fp8_tensor and
+    fp8_channel (per-expert vs per-channel scale, applied once after the K loop) use each other's table."""
+    table = None
+    if device_type == "cuda":
+        table = tuned_configs(E, N, D, device_name, dtype, config_dir)
+        if not table and dtype in SHARED_TABLES:
+            table = tuned_configs(E, N, D, device_name, SHARED_TABLES[dtype], config_dir)
     if not table:
         return heuristic_config(M, E, K, N, D, dtype, device_type)
     return table[min(table, key=lambda m: (abs(m - M), m))]

@@ -282,13 +282,32 @@ def format_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- tuning
 
 
-def gemm_candidates(device: str) -> list[tuple[int, int, int, int, bool]]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, tma) tried per GEMM; two tiny ones under the interpreter."""
+def gemm_candidates(device: str, dtype: str = "bf16", per_expert: float | None = None
+                    ) -> list[tuple[int, int, int, int, bool]]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, tma) tried per GEMM; two tiny ones under the interpreter.
+
+    8-bit weights move half the bytes per tile of bf16 ones, so their lists reach twice the BLOCK_K, and they
+    depend on the regime (per_expert = M * top-k / E rows per expert): weight streaming (<= 16), the middle
+    (<= 192) and compute-bound tiles. fp8_block keeps BLOCK_K <= 128 (a K-tile inside one scale block)."""
     if device == "cpu":
         return [(16, 32, 4, 3, False), (32, 16, 4, 3, True)]
-    return [(bn, bk, w, s, tma) for tma in (False, True) for bn, bk, w, s in (
-        (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4),
-        (128, 128, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (256, 64, 8, 3))]
+    if dtype in FLOAT_DTYPES or dtype == "int8_channel":
+        return [(bn, bk, w, s, tma) for tma in (False, True) for bn, bk, w, s in (
+            (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4),
+            (128, 128, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (256, 64, 8, 3))]
+    pe = 0.0 if per_expert is None else per_expert
+    if pe <= 16:
+        tiles = [(32, 256, 4, 4), (64, 256, 4, 3), (32, 512, 4, 3), (64, 512, 4, 3), (128, 256, 4, 3),
+                 (64, 128, 4, 4), (32, 128, 4, 4)]
+    elif pe <= 192:
+        tiles = [(64, 128, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (128, 256, 4, 3), (128, 256, 8, 3),
+                 (256, 128, 8, 3), (64, 256, 4, 3)]
+    else:
+        tiles = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (256, 64, 8, 3), (256, 128, 8, 3),
+                 (64, 128, 4, 4), (128, 128, 4, 3), (64, 128, 8, 4)]
+    if dtype == "fp8_block":
+        tiles = [t for t in tiles if t[1] <= 128]
+    return [(bn, bk, w, s, tma) for tma in (False, True) for bn, bk, w, s in tiles]
 
 
 def block_m_candidates(M: int, K: int, E: int) -> list[int]:
@@ -308,37 +327,140 @@ def _layer_ms(c, inputs: list, wts: dict, quant: dict, device: str) -> float:
         return math.inf
 
 
-def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int = 0,
-         log: Callable[[str], None] = print, baseline: dict | None = None) -> dict:
-    """{M: best MoEConfig} by whole-layer graph time: per BLOCK_M, the gate_up tile (down at the heuristic),
-    then the down tile; configs that fail to compile or run are skipped. baseline {M: MoEConfig} (e.g. the table
-    in use) competes too, so a re-tune never replaces a faster config."""
-    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, heuristic_config
+def _first_stage(shape: tuple, M: int, dtype: str, device: str, baseline: dict | None) -> list:
+    """Every MoEConfig tune() times before its down pass: the heuristic, the baseline, and per BLOCK_M each
+    gate_up candidate (down at the heuristic's); with each down candidate (gate_up at the heuristic's) they are
+    all the kernel binaries tune() compiles."""
+    from moelab.kernels.fused_moe_config import GemmConfig, heuristic_config
 
     E, K, D, I = shape
+    heur = heuristic_config(M, E, K, I, D, dtype, "cpu" if device == "cpu" else "cuda")
+    out = [heur] + ([baseline[M]] if baseline and M in baseline else [])
+    cands = [GemmConfig(bn, bk, 1, w, s, tma) for bn, bk, w, s, tma in gemm_candidates(device, dtype, M * K / E)]
+    for bm in block_m_candidates(M, K, E):
+        c = replace(heur, block_m=bm)
+        out += [replace(c, gate_up=g) for g in cands] + [replace(c, down=d) for d in cands]
+    return out
+
+
+_COMPILE_WEIGHTS: dict = {}
+
+
+def _compile_job(job: tuple) -> tuple[int, int, float]:
+    """Worker of precompile(): run each (M, config) once on uninitialized weights of the real shape (the same
+    strides, hence the same Triton specialization), so that the compiled kernels land in the on-disk cache."""
+    from moelab.kernels import fused_moe as fm
+    from moelab.kernels.fused_moe_config import MoEConfig
+    from moelab.layers.moe.quant import QuantScales, qdtype
+
+    shape, dtype, device, cells = job
+    E, K, D, I = shape
+    t0, failed = time.perf_counter(), 0
+    key = (shape, dtype)
+    if key not in _COMPILE_WEIGHTS:
+        _COMPILE_WEIGHTS.clear()
+        wd = FLOAT_DTYPES[dtype] if dtype in FLOAT_DTYPES else qdtype(dtype)
+        quant = {}
+        if dtype not in FLOAT_DTYPES:
+            s13, s2 = QuantScales(dtype, torch.ones(1), torch.ones(1)).expected_shapes(E, D, I)
+            quant = dict(quant=dtype, w13_scale=torch.ones(s13, device=device),
+                         w2_scale=torch.ones(s2, device=device))
+        _COMPILE_WEIGHTS[key] = (torch.zeros(E, 2 * I, D, dtype=wd, device=device),
+                                 torch.zeros(E, D, I, dtype=wd, device=device), quant)
+    w13, w2, quant = _COMPILE_WEIGHTS[key]
+    g = torch.Generator(device=device).manual_seed(0)
+    for M, cfg in cells:
+        x, ids, w = make_inputs(M, shape, act_dtype(dtype, device), device, g)
+        try:
+            fm.fused_moe(x, ids, w, w13, w2, config=MoEConfig.from_dict(cfg), **quant)
+            if device != "cpu":
+                torch.cuda.synchronize()
+        except Exception:  # does not fit: tune() skips it too
+            failed += 1
+    return len(cells), failed, time.perf_counter() - t0
+
+
+def compile_cells(jobs: list[tuple], workers: int) -> tuple[int, int]:
+    """jobs: (shape, dtype, device, [(M, MoEConfig dict), ...]) compiled on `workers` processes at once (Triton
+    compiles on the CPU, one kernel at a time per process). Returns (configs, configs that do not run)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    split = [(shape, dt, dev, cells[i::workers]) for shape, dt, dev, cells in jobs for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        done = list(pool.map(_compile_job, [j for j in split if j[3]]))
+    return sum(d[0] for d in done), sum(d[1] for d in done)
+
+
+def precompile(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, workers: int,
+               baseline: dict | None = None, log: Callable[[str], None] = print) -> None:
+    """Compile every kernel tune() will time, on `workers` processes; tune() then finds them in the cache."""
+    seen, cells = set(), []
+    for M in ms:
+        for c in _first_stage(shape, M, dtype, device, baseline):
+            if (M, c) not in seen:
+                seen.add((M, c))
+                cells.append((M, c.to_dict()))
+    t0 = time.perf_counter()
+    n, bad = compile_cells([(shape, dtype, device, cells)], workers)
+    log(f"precompile {shape} {dtype}: {n} configs ({bad} do not run) on {workers} processes in "
+        f"{time.perf_counter() - t0:.0f} s")
+
+
+def precompile_in_use(shapes: dict, ms: tuple[int, ...], dtypes: tuple[str, ...], device: str, workers: int,
+                      log: Callable[[str], None] = print) -> None:
+    """Compile the kernels of the tile configs fused_moe will pick (tuned table or heuristic) for every shape,
+    M and dtype of a benchmark, on `workers` processes, before the serial checks and timings."""
+    from moelab.kernels.fused_moe_config import get_config
+
+    name = torch.cuda.get_device_name(device)
+    jobs = []
+    for E, K, D, I in shapes.values():
+        for dt in dtypes:
+            tname = str(FLOAT_DTYPES[dt]).removeprefix("torch.") if dt in FLOAT_DTYPES else dt
+            cells = [(M, get_config(M, E, K, I, D, tname, "cuda", name).to_dict()) for M in ms]
+            jobs.append(((E, K, D, I), dt, device, cells))
+    t0 = time.perf_counter()
+    n, bad = compile_cells(jobs, workers)
+    log(f"precompiled the {n} configs in use ({bad} do not run) on {workers} processes in "
+        f"{time.perf_counter() - t0:.0f} s")
+
+
+def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int = 0,
+         log: Callable[[str], None] = print, baseline: dict | None = None, workers: int = 1) -> dict:
+    """{M: best MoEConfig} by whole-layer graph time: per BLOCK_M, the gate_up tile (down at the heuristic),
+    then the down tile; configs that fail to compile or run are skipped. baseline {M: MoEConfig} (e.g. the table
+    in use) competes too, so a re-tune never replaces a faster config. workers > 1 (GPU): compile every candidate
+    in that many processes first."""
+    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
+
+    E, K, D, I = shape
+    if workers > 1 and device != "cpu":
+        precompile(shape, ms, dtype, device, workers, baseline, log)
     g = torch.Generator(device=device).manual_seed(seed)
     wts = make_weights(shape, dtype, device, g)
     quant = dict(quant=dtype, w13_scale=wts["scales"].w13_scale, w2_scale=wts["scales"].w2_scale) \
         if wts["scales"] is not None else {}
     best: dict[int, MoEConfig] = {}
     for M in ms:
+        t0 = time.perf_counter()
         inputs = [make_inputs(M, shape, act_dtype(dtype, device), device, g) for _ in range(ROTATE)]
         layer_ms = functools.partial(_layer_ms, inputs=inputs, wts=wts, quant=quant, device=device)
-
-        heur = heuristic_config(M, E, K, I, D, dtype, "cpu" if device == "cpu" else "cuda")
+        first = _first_stage(shape, M, dtype, device, baseline)
+        heur = first[0]
         trials: list[tuple[float, MoEConfig]] = [(layer_ms(heur), heur)]
         if baseline and M in baseline:
             trials.append((layer_ms(baseline[M]), baseline[M]))
+        cands = [GemmConfig(bn, bk, 1, w, s, tma) for bn, bk, w, s, tma in gemm_candidates(device, dtype, M * K / E)]
         for bm in block_m_candidates(M, K, E):
             c = replace(heur, block_m=bm)
-            ups = [(layer_ms(replace(c, gate_up=GemmConfig(bn, bk, 1, w, s, tma))), GemmConfig(bn, bk, 1, w, s, tma))
-                   for bn, bk, w, s, tma in gemm_candidates(device)]
+            ups = [(layer_ms(replace(c, gate_up=up)), up) for up in cands]
             c = replace(c, gate_up=min(ups, key=lambda t: t[0])[1])
-            downs = [(layer_ms(replace(c, down=GemmConfig(bn, bk, 1, w, s, tma))), GemmConfig(bn, bk, 1, w, s, tma))
-                     for bn, bk, w, s, tma in gemm_candidates(device)]
+            downs = [(layer_ms(replace(c, down=d)), d) for d in cands]
             trials.append(min(((t, replace(c, down=d)) for t, d in downs), key=lambda t: t[0]))
         ms_best, best[M] = min(trials, key=lambda t: t[0])
-        log(f"tune {shape} {dtype} M={M}: {ms_best:.4f} ms (heuristic {trials[0][0]:.4f} ms) {best[M].to_dict()}")
+        log(f"tune {shape} {dtype} M={M}: {ms_best:.4f} ms (heuristic {trials[0][0]:.4f} ms) {best[M].to_dict()} "
+            f"[{time.perf_counter() - t0:.0f} s]")
     return best
 
 

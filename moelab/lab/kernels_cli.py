@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from moelab.lab.cli import add_store_arg
 
@@ -87,7 +88,8 @@ def cmd_tune_kernels(args: argparse.Namespace) -> None:
     shape = kb.parse_shape(args.shape) if args.shape else _preset_shape(args.preset)
     ms = _ints(args.m) if args.m else (kb.MS if device != "cpu" else (1, 5))
     for dtype in _names(args.dtype, kb.DTYPES, "dtype"):
-        path = kb.write_tuned(shape, dtype, kb.tune(shape, ms, dtype, device, args.seed), device, args.out)
+        best = kb.tune(shape, ms, dtype, device, args.seed, workers=args.workers if device != "cpu" else 1)
+        path = kb.write_tuned(shape, dtype, best, device, args.out)
         print(f"wrote {path}")
 
 
@@ -116,4 +118,6 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     p.add_argument("--out", help="directory for the JSON files (default: moelab/kernels/configs/)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
+                   help="processes that compile the candidate kernels before the timings (GPU only)")
     p.set_defaults(func=cmd_tune_kernels)
