@@ -195,6 +195,11 @@ def profile_decode(llm: LLM, B: int, ctx: int, steps: int, device: str) -> dict:
         wall = time.perf_counter() - t
     for rid in list(eng.requests):
         eng.abort_request(rid)
+    return {"kind": "profile", "batch": B, **_categorize(prof, steps, wall)}
+
+
+def _categorize(prof, steps: int, wall: float) -> dict:
+    """Kernel time per step by CATEGORIES, GPU busy, wall and the top kernels of a torch profile."""
     out = {c: 0.0 for c, _ in CATEGORIES}
     kernels = {}
     for ev in prof.events():
@@ -213,8 +218,27 @@ def profile_decode(llm: LLM, B: int, ctx: int, steps: int, device: str) -> dict:
     per_step["wall"] = wall / steps * 1e3
     per_step["host_overhead_and_idle"] = per_step["wall"] - gpu
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
-    return {"kind": "profile", "batch": B, "ms_per_step": per_step, "top_kernels_ms_per_step":
-            {k: v / steps for k, v in top}}
+    return {"ms_per_step": per_step, "top_kernels_ms_per_step": {k: v / steps for k, v in top}}
+
+
+def profile_prefill(llm: LLM, B: int, n_in: int, device: str) -> dict:
+    """The prefill of an offline run alone (B prompts of n_in tokens, one output token each), profiled: kernel
+    time per category over the whole prefill ("per step" = the whole run here)."""
+    if device != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(2000 + B)
+    prompts = [torch.randint(3, 500, (n_in,), generator=g).tolist() for _ in range(B)]
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    llm.generate(prompts, params)  # warm-up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    return {"kind": "profile_prefill", "batch": B, "input_len": n_in, **_categorize(prof, 1, wall)}
 
 
 def main() -> None:
@@ -234,6 +258,8 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--offline-trials", type=int, default=1, help="repeat each offline run (run-to-run spread)")
     ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (A/B)")
+    ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64, 256], help="decode profiles")
+    ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="profile these offline prefills")
     args = ap.parse_args()
     if args.no_pdl:
         from moelab.kernels.pdl import set_enabled
@@ -277,10 +303,17 @@ def main() -> None:
                 print(f"  offline B={B}: {r['output_tok_s']:.0f} out tok/s, {r['throughput_tok_s']:.0f} tok/s, "
                       f"{r['pct_of_roofline']:.1f}% of roofline ({r['roofline_output_tok_s']:.0f} out tok/s)")
         if device == "cuda":
-            for B in (1, 64, 256):
+            for B in args.profile_batches:
                 p = {"model": name, **profile_decode(llm, B, 128, 10, device)}
                 rows.append(p)
                 print(f"  profile B={B}: " + ", ".join(f"{k} {v:.3f}" for k, v in p["ms_per_step"].items()))
+            for B in args.profile_prefill:
+                p = {"model": name, **profile_prefill(llm, B, 128, device)}
+                rows.append(p)
+                print(f"  prefill profile B={B} (ms, whole prefill): " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in p["ms_per_step"].items()))
+                print("    top: " + "; ".join(f"{k[:60]} {v:.2f}" for k, v in
+                                           list(p["top_kernels_ms_per_step"].items())[:8]))
         (out / "engine.json").write_text(json.dumps(rows, indent=1))
         del llm, e
         gc.collect()

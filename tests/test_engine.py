@@ -192,10 +192,10 @@ def test_prepare_pads_decode_batches_for_graphs(olmoe: LLM) -> None:
     eng.step()
     batch = eng.scheduler.schedule()
     assert batch.all_decode and len(batch) == 3
-    ids, pos, ctx, last = eng.runner._prepare(batch, pad_to=4)
+    ids, pos, ctx, last, rows = eng.runner._prepare(batch, pad_to=4)
     assert ids.shape == (4,) and ids[3] == 0 and pos.tolist() == [3, 3, 3, 0]
     assert ctx.slot_mapping[3] == 0 and ctx.seq_lens_t.tolist() == [4, 4, 4, 1] and ctx.block_tables[3].sum() == 0
-    assert ctx.cu_seqlens_q.tolist() == [0, 1, 2, 3] and last == [0, 1, 2]
+    assert ctx.cu_seqlens_q.tolist() == [0, 1, 2, 3] and last == [0, 1, 2] and rows is None
     for seq in batch.seqs:
         eng.abort_request(seq.request_id)
     assert eng.block_manager.num_free_blocks == eng.num_blocks - 1
@@ -224,13 +224,14 @@ def test_fast_path_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]
 @pytest.mark.parametrize("name", ["olmoe", "qwen3-moe-gqa-norm", "qwen2-moe-shared-e6", "deepseek-v2-lite"])
 def test_fast_path_with_a_paged_cache_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]) -> None:
     """The fast path over a paged KV cache (q/k norm + RoPE + KV store as one kernel, the Triton attention kernel,
-    the router GEMM inside the top-k kernel, fused residuals and MLP tails) gives the reference path's logits, for
-    a two-sequence prefill and then a decode step that reads what the prefill stored."""
+    the router GEMM inside the top-k kernel, fused residuals and MLP tails, the triton MoE backend whose top-k sum
+    (and DeepSeek's shared-expert add) runs inside the next norm) gives the reference path's logits, for a
+    two-sequence prefill and then a decode step that reads what the prefill stored."""
     from moelab.context import ForwardContext, forward_context
     from moelab.models.loader import load_model
 
     path = tiny_checkpoints[name]
-    ref_model, fast_model = load_model(path), load_model(path)
+    ref_model, fast_model = load_model(path), load_model(path, moe_backend="triton")
     fast_model.prepare_fast_path(64)
     fast_model.set_attention_impl("triton")
     bs = 4

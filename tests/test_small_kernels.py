@@ -71,6 +71,31 @@ def test_add_rms_norm(dtype) -> None:
     assert torch.allclose(y.float(), wy.float(), atol=1e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,top_k,dim", [(1, 8, 64), (5, 6, 40), (3, 2, 700)])
+def test_add_rms_norm_with_the_moe_top_k_sum(dtype, rows, top_k, dim) -> None:
+    """The top-k sum inside the norm equals moe_sum then add_rms_norm bit for bit (same float32 sum in row
+    order, rounded to the dtype before the residual add), and the torch twin agrees within rounding."""
+    from moelab.kernels.moe_sum import moe_sum
+    from moelab.kernels.rms_norm import add_rms_norm, add_rms_norm_ref
+
+    y, r = torch.randn(rows * top_k, dim, dtype=dtype), torch.randn(rows, dim, dtype=dtype)
+    w = torch.rand(dim, dtype=dtype) + 0.5
+    fused = add_rms_norm(y, r, w, 1e-6, top_k=top_k)
+    two = add_rms_norm(moe_sum(y, top_k), r, w, 1e-6)
+    ref = add_rms_norm_ref(y, r, w, 1e-6, top_k=top_k)
+    assert torch.equal(fused[0], two[0]) and torch.equal(fused[1], two[1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # torch's sum over k may add in another order
+    assert torch.allclose(fused[1].float(), ref[1].float(), atol=tol)
+    assert torch.allclose(fused[0].float(), ref[0].float(), atol=tol)
+    with pytest.raises(ValueError, match="rows \\* top_k"):
+        add_rms_norm(y[:-1], r, w, 1e-6, top_k=top_k)
+    e = torch.randn(rows, dim, dtype=dtype)  # a shared expert's output: (sum + e) + residual
+    fused = add_rms_norm(y, r, w, 1e-6, top_k=top_k, extra=e)
+    two = add_rms_norm(moe_sum(y, top_k) + e, r, w, 1e-6)
+    assert torch.equal(fused[0], two[0]) and torch.equal(fused[1], two[1])
+
+
 @pytest.mark.parametrize("scoring,renorm,scale", [("softmax", False, 1.0), ("sigmoid", True, 2.5)])
 @pytest.mark.parametrize("T,E,K,D", [(1, 8, 2, 48), (20, 60, 4, 40), (5, 64, 8, 16), (1, 16, 4, 700),
                                      (20, 64, 6, 300), (3, 60, 4, 700)])

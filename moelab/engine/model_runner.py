@@ -186,11 +186,15 @@ class ModelRunner:
         self.graphs.capture()
 
     # ----- one step -----
-    def _prepare(self, batch: ScheduledBatch, pad_to: int = 0, prev: InFlight | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int]]:
+    def _prepare(self, batch: ScheduledBatch, pad_to: int = 0, prev: InFlight | None = None,
+                 sampling: list[int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int], torch.Tensor | None]:
         """Device inputs of the step. pad_to (decode under a CUDA graph): rows up to the bucket size that feed
         token 0 at position 0 of the reserved block 0 with one token of context. A sequence whose last token is
-        still in flight (prev's sampled ids, on the device) gets it copied in on the device."""
+        still in flight (prev's sampled ids, on the device) gets it copied in on the device. sampling: indices of
+        the sequences that sample; their last rows come back as a device tensor too (else None), from the same
+        pinned buffer and asynchronous copy as the rest (a torch.tensor(..., device=cuda) of its own would be a
+        synchronous copy: the host would wait for the step's forward before preparing the next one)."""
         bs = self.block_size
         seqs = batch.seqs
         fix_at: list[int] = []  # positions in ids whose token comes from prev's device ids
@@ -246,21 +250,24 @@ class ModelRunner:
         T, B = len(ids), len(seq_lens)  # padded sizes under a CUDA graph
         pin = self.device.type == "cuda"
         C = len(cu)
-        flat = torch.tensor(ids + pos + slots + seq_lens + cu + fix_at + fix_from, dtype=torch.long, pin_memory=pin)
+        rows = [last[i] for i in sampling] if sampling is not None else []
+        flat = torch.tensor(ids + pos + slots + seq_lens + cu + fix_at + fix_from + rows, dtype=torch.long,
+                            pin_memory=pin)
         flat = flat.to(self.device, non_blocking=True)
+        rows_t = flat[flat.numel() - len(rows):] if sampling is not None else None
         ids_t, pos_t, slots_t = flat[:T], flat[T:2 * T], flat[2 * T:3 * T]
         seq_lens_t = flat[3 * T:3 * T + B].to(torch.int32)
         cu_t = flat[3 * T + B:3 * T + B + C].to(torch.int32)
         if fix_at:
             k = 3 * T + B + C
             ids_t = ids_t.clone()
-            ids_t[flat[k:k + len(fix_at)]] = prev.tokens_dev[flat[k + len(fix_at):]]
+            ids_t[flat[k:k + len(fix_at)]] = prev.tokens_dev[flat[k + len(fix_at):k + 2 * len(fix_at)]]
         tables_t = torch.tensor(flat_tables, dtype=torch.int32, pin_memory=pin).view(-1, max_blocks)
         tables_t = tables_t.to(self.device, non_blocking=True)
         ctx = ForwardContext(cu_seqlens_q=cu_t, query_lens=query_lens, seq_lens=seq_lens[:len(query_lens)],
                              slot_mapping=slots_t, block_tables=tables_t, block_size=bs, seq_lens_t=seq_lens_t,
                              max_query_len=max(query_lens), max_seq_len=self.max_model_len)
-        return ids_t, pos_t, ctx, last
+        return ids_t, pos_t, ctx, last, rows_t
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         temps, ks, ps, gens, banned = [], [], [], [], []
@@ -280,11 +287,11 @@ class ModelRunner:
                 ban = list(p.stop_token_ids) + ([self.eos_token_id] if self.eos_token_id is not None
                                                 and not p.ignore_eos else [])
             banned.append(ban)
-        dev = self.device
+        dev, pin = self.device, self.device.type == "cuda"  # pinned: the copies do not wait for the device
         return SamplingBatch(
-            temperature=torch.tensor(temps, dtype=torch.float32).to(dev, non_blocking=True),
-            top_k=torch.tensor(ks, dtype=torch.long).to(dev, non_blocking=True),
-            top_p=torch.tensor(ps, dtype=torch.float32).to(dev, non_blocking=True),
+            temperature=torch.tensor(temps, dtype=torch.float32, pin_memory=pin).to(dev, non_blocking=True),
+            top_k=torch.tensor(ks, dtype=torch.long, pin_memory=pin).to(dev, non_blocking=True),
+            top_p=torch.tensor(ps, dtype=torch.float32, pin_memory=pin).to(dev, non_blocking=True),
             generators=gens, banned=banned, all_greedy=all(x == 0 for x in temps),
             any_top_k=any(k > 0 for k in ks), any_top_p=any(p < 1 for p in ps))
 
@@ -305,7 +312,8 @@ class ModelRunner:
         rec = self.recorder
         graphs = self.graphs if batch.all_decode and self.graphs is not None and n <= self.graphs.max_bs else None
         bucket = graphs.bucket(n) if graphs is not None else 0
-        input_ids, positions, ctx, last = self._prepare(batch, pad_to=bucket, prev=prev)
+        input_ids, positions, ctx, _, sample_rows = self._prepare(batch, pad_to=bucket, prev=prev,
+                                                                  sampling=None if graphs is not None else sampling)
         flight = InFlight(batch, sampling, {id(batch.seqs[i]): r for r, i in enumerate(sampling)})
         if graphs is not None:
             if rec is not None:
@@ -320,8 +328,7 @@ class ModelRunner:
                 if rec is not None:
                     flight.routing = rec.snapshot(input_ids.shape[0])
                 return flight
-            idx = torch.tensor([last[i] for i in sampling], device=self.device)
-            logits = self.model.compute_logits(hidden[idx])
+            logits = self.model.compute_logits(hidden[sample_rows])
         if rec is not None:
             flight.routing = rec.snapshot(input_ids.shape[0])
         seqs = [batch.seqs[i] for i in sampling]

@@ -393,16 +393,19 @@ def quant_config(cfg: MoEConfig, quant: str | None) -> MoEConfig:
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
               w2: torch.Tensor, config: MoEConfig | None = None, quant: str | None = None,
-              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, sum_topk: bool = True
+              ) -> torch.Tensor:
     """x [T, D], topk_ids [T, K], topk_weights [T, K], w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I]
     -> [T, D] in x's dtype: sum_k w[t,k] * W2[e] (silu(G[e] x[t]) * (U[e] x[t])), e = topk_ids[t,k].
-    quant: a QUANT_FORMATS key; then w13/w2 hold Q (fp8/int8) and W = Q * scale (shapes: module docstring)."""
+    quant: a QUANT_FORMATS key; then w13/w2 hold Q (fp8/int8) and W = Q * scale (shapes: module docstring).
+    sum_topk=False: the [T*K, D] router-weighted rows (slot t*K + k) before the top-k sum, for a caller that
+    sums them inside its next kernel (rms_norm.add_rms_norm(..., top_k=K))."""
     _check(x, topk_ids, topk_weights, w13, w2, quant)
     if quant is not None:
         _check_scales(quant, w13, w13_scale, w2_scale)
     (T, D), K = x.shape, topk_ids.shape[1]
     if T * K == 0:
-        return x.new_zeros(T, D)
+        return x.new_zeros(T if sum_topk else T * K, D)
     cfg = quant_config(config or config_for(x, K, w13, quant), quant)
     r = route(topk_ids, w13.shape[0], cfg.block_m)
     weights = topk_weights.reshape(-1).contiguous().float()
@@ -417,7 +420,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         h = gate_up(xq, w13, r, cfg.gate_up, Quant(quant, w13_scale, xs), out_dtype=x.dtype)
         hq, hs = per_token_quant(h, None if r.naive else r.num_padded)
         y = down(hq, w2, weights, r, cfg.down, Quant(quant, w2_scale, hs), out_dtype=x.dtype)
-    return y if K == 1 else moe_sum(y, K)
+    return y if K == 1 or not sum_topk else moe_sum(y, K)
 
 
 def fused_moe_ref(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,

@@ -25,6 +25,8 @@ sum of kernel durations (overlaps counted twice, which a single stream does not 
 
 from __future__ import annotations
 
+import functools
+
 import gzip
 import re
 import tempfile
@@ -115,6 +117,7 @@ class _Ranges:
         orig = getattr(obj, attr)
         had_own = attr in vars(obj)
 
+        @functools.wraps(orig)  # keeps the function's attributes (e.g. a backend's defers_topk_sum)
         def wrapped(*a: Any, **k: Any) -> Any:
             with rf(label):
                 return orig(*a, **k)

@@ -7,11 +7,20 @@ Each layer exposes its attention half and its FFN half separately (module-based 
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
 from moelab.layers.norm import RMSNorm
 from moelab.spec import ModelSpec
+
+
+@functools.cache
+def _takes_sum_topk(cls: type) -> bool:
+    """Whether an MoE block's forward can hand back TopKRows (SparseMoE.forward's sum_topk)."""
+    return "sum_topk" in inspect.signature(cls.forward).parameters
 
 
 class DecoderLayer(nn.Module):
@@ -78,17 +87,23 @@ class MoECausalLM(nn.Module):
         the FFN output of layer i is added in layer i+1's input norm, the last one in the final norm. The layers'
         attention and FFN modules are called as usual, DecoderLayer.forward itself is not (hooks on it do not fire)."""
         from moelab.kernels.rms_norm import add_rms_norm
+        from moelab.layers.moe.layer import SparseMoE, TopKRows
+
+        def add_norm(out: torch.Tensor | TopKRows, residual: torch.Tensor, norm: nn.Module):
+            if isinstance(out, TopKRows):  # the MoE's top-k sum inside the norm (no moe_sum launch)
+                return add_rms_norm(out.rows, residual, norm.weight, norm.eps, top_k=out.top_k, extra=out.extra)
+            return add_rms_norm(out, residual, norm.weight, norm.eps)
 
         residual, out = h, None
         for layer in self.model.layers:
             norm = layer.input_layernorm
-            x, residual = (norm(h), h) if out is None else add_rms_norm(out, residual, norm.weight, norm.eps)
-            norm = layer.post_attention_layernorm
-            x, residual = add_rms_norm(layer.self_attn(positions, x), residual, norm.weight, norm.eps)
-            out = layer.ffn(x)
+            x, residual = (norm(h), h) if out is None else add_norm(out, residual, norm)
+            x, residual = add_norm(layer.self_attn(positions, x), residual, layer.post_attention_layernorm)
+            ffn = layer.ffn  # SparseMoE and its subclasses that take sum_topk (Qwen2-MoE's mix kernel does not)
+            out = ffn(x, sum_topk=False) if isinstance(ffn, SparseMoE) and _takes_sum_topk(type(ffn)) else ffn(x)
         if out is None:
             return self.model.norm(h)
-        return add_rms_norm(out, residual, self.model.norm.weight, self.model.norm.eps)[0]
+        return add_norm(out, residual, self.model.norm)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

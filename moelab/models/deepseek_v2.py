@@ -9,7 +9,7 @@ from torch import nn
 
 from moelab.layers.mla import MLAttention
 from moelab.layers.mlp import GatedMLP
-from moelab.layers.moe.layer import SparseMoE
+from moelab.layers.moe.layer import SparseMoE, TopKRows
 from moelab.layers.moe.router import RouterConfig
 from moelab.models.decoder import DecoderLayer, MoECausalLM
 from moelab.spec import ModelSpec
@@ -21,9 +21,13 @@ class DeepseekMoE(SparseMoE):
         self.shared_experts = GatedMLP(spec.hidden_size, spec.shared_intermediate_size) \
             if spec.shared_intermediate_size else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        return out + self.shared_experts(x) if self.shared_experts is not None else out
+    def forward(self, x: torch.Tensor, sum_topk: bool = True) -> torch.Tensor | TopKRows:
+        out = super().forward(x, sum_topk)
+        if self.shared_experts is None:
+            return out
+        if isinstance(out, TopKRows):  # the caller adds routed + shared inside its next kernel
+            return out._replace(extra=self.shared_experts(x))
+        return out + self.shared_experts(x)
 
 
 class DeepseekV2ForCausalLM(MoECausalLM):

@@ -7,6 +7,8 @@ parallelism this is where a rank keeps only its own experts. Shared experts belo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -53,6 +55,16 @@ class ExpertWeights(nn.Module):
         param.copy_(tensor)
 
 
+class TopKRows(NamedTuple):
+    """An MoE layer's output before its top-k sum: rows [T*K, D] (slot t*K + k, router-weighted), plus an extra
+    [T, D] addend (shared experts) or None, for a caller that sums them inside its next kernel
+    (rms_norm.add_rms_norm(rows, residual, ..., top_k=top_k, extra=extra))."""
+
+    rows: torch.Tensor
+    top_k: int
+    extra: torch.Tensor | None = None
+
+
 class SparseMoE(nn.Module):
     """Routed experts only: x [T, D] -> [T, D]."""
 
@@ -88,11 +100,18 @@ class SparseMoE(nn.Module):
             return topk_router(logits, cfg.top_k, cfg.scoring_func, cfg.norm_topk_prob, cfg.routed_scaling_factor)
         return route(logits, cfg, self.gate.e_score_correction_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def defers_topk_sum(self) -> bool:
+        return getattr(self.backend, "defers_topk_sum", False)
+
+    def forward(self, x: torch.Tensor, sum_topk: bool = True) -> torch.Tensor | TopKRows:
+        """x [T, D] -> [T, D]; sum_topk=False with a backend that defers_topk_sum: TopKRows instead."""
         topk_weights, topk_ids = self.route(x)
         if self.routing_counts is not None:
             T, K = topk_ids.shape
             valid = self.routing_valid[:T, None].expand(T, K).reshape(-1)
             self.routing_counts.scatter_add_(0, topk_ids.reshape(-1), valid)
-        return self.backend(x, topk_ids, topk_weights, self.experts.w13, self.experts.w2,
-                            getattr(self.experts, "scales", None))
+        args = (x, topk_ids, topk_weights, self.experts.w13, self.experts.w2, getattr(self.experts, "scales", None))
+        if not sum_topk and self.defers_topk_sum:
+            return TopKRows(self.backend(*args, sum_topk=False), topk_ids.shape[1])
+        return self.backend(*args)

@@ -14,16 +14,20 @@ from moelab.layers.moe.quant import QuantScales
 
 
 def triton_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-               w2: torch.Tensor, scales: QuantScales | None = None) -> torch.Tensor:
+               w2: torch.Tensor, scales: QuantScales | None = None, sum_topk: bool = True) -> torch.Tensor:
     """Same contract as naive_moe: x [T, D], topk [T, K], w13 [E, 2I, D], w2 [E, D, I] -> [T, D] in x's dtype.
-    With scales, w13/w2 hold the quantized weights (fp8 formats: W8A8 with dynamic per-token activations)."""
+    With scales, w13/w2 hold the quantized weights (fp8 formats: W8A8 with dynamic per-token activations).
+    sum_topk=False (a backend with `defers_topk_sum`): the [T*K, D] rows before the top-k sum instead."""
     cpu_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
     xa = x.float() if cpu_bf16 else x
     if scales is None:
         out = fused_moe(xa, topk_ids, topk_weights, w13.float() if cpu_bf16 else w13,
-                        w2.float() if cpu_bf16 else w2)
+                        w2.float() if cpu_bf16 else w2, sum_topk=sum_topk)
     else:
         scales.check(w13, w2)
         out = fused_moe(xa, topk_ids, topk_weights, w13, w2, quant=scales.format, w13_scale=scales.w13_scale,
-                        w2_scale=scales.w2_scale)
+                        w2_scale=scales.w2_scale, sum_topk=sum_topk)
     return out.to(x.dtype)
+
+
+triton_moe.defers_topk_sum = True
