@@ -1,8 +1,7 @@
 """Paged attention over a block-table KV cache, in one Triton kernel: prefill, chunked prefill after a cached
 prefix, decode, and mixed batches of the three; MHA, GQA and the absorbed MLA latent cache (V = the first Dv
-channels of K, read once). Decode with few programs per SM splits the keys (flash-decoding); the last split of
-each tile to finish reduces the partial results (or, fused_reduce=False, a second kernel). `paged_attention_ref`
-is the plain-torch twin.
+channels of K, read once). Decode with few programs per SM splits the keys (flash-decoding) and reduces the
+partial results in a second kernel. `paged_attention_ref` is the plain-torch twin.
 
 Position convention: query i of sequence b (0 <= i < qlen_b) sits at position seq_len_b - qlen_b + i and attends
 to cache positions 0..that position; seq_len_b counts this step's tokens, whose K/V are already in the cache.
@@ -93,20 +92,16 @@ def _attend_tile(acc, l_i, m_i, q_main, q_tail, q_pos, j, kv_end, bt_row, k_base
 # step whose batch shape is new (a serving step mixing decodes with a prefill chunk) would pay a compile
 @triton.jit(do_not_specialize=["num_seqs", "bsearch_steps", "num_splits"])
 def _paged_attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, count_ptr, cu_ptr, seq_lens_ptr, bt_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cu_ptr, seq_lens_ptr, bt_ptr,
         qk_scale, num_seqs, bsearch_steps, num_heads, num_splits,
         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_bt,
         DK: tl.constexpr, DV: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, DV_PAD: tl.constexpr,
         V_IS_K: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr,
         NUM_HCHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr, SPLIT: tl.constexpr,
-        FUSED_REDUCE: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+        BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Program (query tile x KV head x head chunk, key split): rows = BLOCK_Q tokens x HPP heads of one KV head.
-    The heads of one tile are neighbours in the grid, so programs running together read the same cache pages.
-    SPLIT + FUSED_REDUCE: the last split of a tile to arrive (an acq_rel counter per tile, reset afterwards)
-    combines the splits' partials in split order, so no second kernel runs and the result does not depend on
-    timing."""
+    The heads of one tile are neighbours in the grid, so programs running together read the same cache pages."""
     gdc_prologue(USE_PDL)
     pid = tl.program_id(0) // (KV_HEADS * NUM_HCHUNK)
     kv_head = tl.program_id(0) % (KV_HEADS * NUM_HCHUNK) // NUM_HCHUNK
@@ -189,28 +184,6 @@ def _paged_attention_kernel(
         part = (t * num_heads + head) * num_splits + split
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
         tl.store(part_out_ptr + part[:, None] * DV_PAD + dv[None, :], out, mask=row_ok[:, None])
-        if FUSED_REDUCE:
-            tl.debug_barrier()  # every thread's partial stores before the release below
-            arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                base = (t * num_heads + head) * num_splits
-                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                for i in range(num_splits):
-                    m = tl.maximum(m, tl.load(part_lse_ptr + base + i, mask=row_ok, other=float("-inf"),
-                                              cache_modifier=".cg"))
-                m = tl.where(m == float("-inf"), 0.0, m)
-                total = tl.zeros([BLOCK_M], tl.float32)
-                acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-                for i in range(num_splits):
-                    w = tl.math.exp2(tl.load(part_lse_ptr + base + i, mask=row_ok, other=float("-inf"),
-                                             cache_modifier=".cg") - m)
-                    total += w
-                    acc += w[:, None] * tl.load(part_out_ptr + (base + i)[:, None] * DV_PAD + dv[None, :],
-                                                mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-                out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-                o_ptr = out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :]
-                tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-                tl.store(count_ptr + tl.program_id(0), 0)
     else:
         o_ptr = out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :]
         tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
@@ -237,20 +210,6 @@ def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_spl
         acc += tl.math.exp2(lse_i - m) * tl.load(part_out_ptr + (base + i) * DV_PAD + dv)
     out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
-
-
-FUSED_REDUCE_MAX_TILES = 1024  # arrival counters per device; splits only run on grids smaller than the SMs
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    """Zeroed arrival counters (one per tile of a split decode), allocated once per device and never replaced, so
-    CUDA graphs captured with them stay valid; each launch leaves them at zero. Split launches must not run
-    concurrently on two streams (the engine uses one)."""
-    c = _COUNTERS.get(device)
-    if c is None:
-        c = _COUNTERS[device] = torch.zeros(FUSED_REDUCE_MAX_TILES, dtype=torch.int32, device=device)
-    return c
 
 
 def _pow2(x: int) -> int:
@@ -331,7 +290,7 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seq
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
                     out: torch.Tensor | None = None, *, max_seq_len: int | None = None, num_splits: int | None = None,
-                    config: PagedAttentionConfig | None = None, fused_reduce: bool = True) -> torch.Tensor:
+                    config: PagedAttentionConfig | None = None) -> torch.Tensor:
     """Causal attention of this step's queries over the paged cache; returns out [T, H, Dv] in q's dtype.
 
     q [T, H, Dk] packed by cu_seqlens_q [B+1] int32; k_cache [N, bs, KV, Dk], v_cache [N, bs, KV, Dv] (any strides
@@ -340,9 +299,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (host int, >= every qlen; 1 at decode) and max_seq_len (host int, >= every seq_len; default max_blocks * bs)
     size the grid: nothing is read back from the device, so the call can be captured in a CUDA graph. Rows of q
     not covered by cu_seqlens_q are left as they are (garbage after a split decode). num_splits / config override
-    the host-side choice of key splits and launch shape (tuning, tests). With key splits, the last split of each
-    tile combines the partials inside the kernel (fused_reduce, up to FUSED_REDUCE_MAX_TILES tiles), else a
-    second kernel does.
+    the host-side choice of key splits and launch shape (tuning, tests).
     """
     _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables)
     T, H, Dk = q.shape
@@ -370,22 +327,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if one_tile:
             num_splits = num_kv_splits(B * KV * n_hchunk, max_seq_len or block_tables.shape[1] * bs, q.device)
     split = num_splits > 1
-    fused = split and fused_reduce and n_tiles * KV * n_hchunk <= FUSED_REDUCE_MAX_TILES
     part_out = part_lse = out  # unused without splits
     if split:
         part_out = torch.empty(T, H, num_splits, dv_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(T, H, num_splits, dtype=torch.float32, device=q.device)
     _paged_attention_kernel[(n_tiles * KV * n_hchunk, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, _counters(q.device) if fused else out, cu_seqlens_q, seq_lens,
-        block_tables,
+        q, k_cache, v_cache, out, part_out, part_lse, cu_seqlens_q, seq_lens, block_tables,
         scale * LOG2E, B, max(0, math.ceil(math.log2(B))), H, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         DK=Dk, DV=Dv, D_MAIN=d_main, D_TAIL=d_tail, DV_PAD=dv_pad, V_IS_K=v_is_k, KV_HEADS=KV, GROUP=group,
         HPP=cfg.heads_per_prog, NUM_HCHUNK=n_hchunk, BLOCK_Q=cfg.block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_SIZE=bs, ONE_TILE_PER_SEQ=one_tile, SPLIT=split, FUSED_REDUCE=fused, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **launch_options(q.device))
-    if split and not fused:
+        BLOCK_SIZE=bs, ONE_TILE_PER_SEQ=one_tile, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **launch_options(q.device))
+    if split:
         _split_reduce_kernel[(T, H)](part_out, part_lse, out, H, num_splits, out.stride(0), out.stride(1),
                                      DV=Dv, DV_PAD=dv_pad, SPLITS_PAD=_pow2(num_splits), num_warps=4,
                                      **launch_options(q.device))
