@@ -258,6 +258,7 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--offline-trials", type=int, default=1, help="repeat each offline run (run-to-run spread)")
     ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (A/B)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64, 256], help="decode profiles")
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="profile these offline prefills")
     args = ap.parse_args()
@@ -284,7 +285,8 @@ def main() -> None:
             rows.append(r)
             print(f"{name}: bf16 vs fp32 reference rel err {r['rel_err']:.2e} (finite {r['finite']})")
         t = time.perf_counter()
-        llm = LLM(name, overrides=overrides, max_model_len=512, max_num_seqs=256, gpu_memory_utilization=0.85)
+        llm = LLM(name, overrides=overrides, max_model_len=512, max_num_seqs=256, gpu_memory_utilization=0.85,
+                  max_num_batched_tokens=args.max_num_batched_tokens)
         e = llm.engine
         rows.append({"kind": "engine", "model": name, "ready_s": time.perf_counter() - t, "load_s": e.load_seconds,
                      "graph_s": e.graph_seconds, "num_blocks": e.num_blocks, **vars(e.resolved)})
