@@ -145,17 +145,14 @@ def graph_ms(fn: Callable[[int], torch.Tensor], n_sets: int, device: str, budget
 
 
 def measure_ceilings(device: str) -> dict:
-    """Copy bandwidth (bytes read + written) and bf16 matmul rate, measured now; fixed MEASURING.md values
-    on the CPU (where no floor is reported)."""
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate, measured now by the lab's calibration (the
+    engine benchmark's ceilings too); fixed MEASURING.md values on the CPU (where no floor is reported)."""
     if device == "cpu":
         return {"copy_bytes_per_s": 3.0e12, "matmul_flop_per_s": 7.98e14, "measured": False}
-    src = torch.randn(1 << 28, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    copy_ms = graph_ms(lambda i: dst.copy_(src), 1, device)[0]
-    mm_ms = graph_ms(lambda i: a @ a, 1, device)[0]
-    return {"copy_bytes_per_s": 2 * src.numel() * 2 / (copy_ms * 1e-3), "matmul_flop_per_s": 2 * 8192 ** 3 / (
-        mm_ms * 1e-3), "measured": True}
+    from moelab.lab.calibrate import measure
+
+    v = measure(device)["values"]
+    return {"copy_bytes_per_s": v["copy_bandwidth"], "matmul_flop_per_s": v["matmul_bf16"], "measured": True}
 
 
 def floor_ms(shape: tuple, M: int, dtype: str, ceilings: dict) -> tuple[float, float, float]:
