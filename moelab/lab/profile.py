@@ -26,7 +26,6 @@ sum of kernel durations (overlaps counted twice, which a single stream does not 
 from __future__ import annotations
 
 import functools
-
 import gzip
 import re
 import tempfile
