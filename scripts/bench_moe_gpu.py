@@ -17,7 +17,6 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
 import tarfile
 import time
@@ -112,27 +111,6 @@ def gemm_candidates(kind: str, block_m: int, dry: bool) -> list[GemmConfig]:
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
-
-
-def median_ms(fn: Callable[[], object], dev: torch.device, reps: int = 20) -> float:
-    """Median of eager timings (CUDA events on the GPU), after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    sync(dev)
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def graph_ms(fn: Callable[[int], torch.Tensor], n_sets: int, dev: torch.device, budget_ms: float = 150.0

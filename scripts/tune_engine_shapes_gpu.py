@@ -24,13 +24,14 @@ import torch
 
 from moelab.kernels.fused_moe_config import (
     CONFIG_DIR,
+    SHARED_TABLES,
     config_file_name,
     get_config,
     heuristic_config,
     save_config_file,
     tuned_configs,
 )
-from moelab.lab.kernel_bench import SHAPES, tune
+from moelab.lab.kernel_bench import DTYPES, SHAPES, tune
 
 EXTRA = {"qwen1.5": (60, 4, 2048, 1408)}
 
@@ -38,7 +39,7 @@ EXTRA = {"qwen1.5": (60, 4, 2048, 1408)}
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("cells", nargs="+", help="shape:M1,M2,... (shapes: " + ", ".join({**SHAPES, **EXTRA}) + ")")
-    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dtype", default="bf16", choices=DTYPES)
     ap.add_argument("--deadline", type=float, default=float("inf"))
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
                     help="processes that compile the candidates before the timings")
@@ -54,7 +55,8 @@ def main() -> None:
             continue
         key, ms = arg.split(":")
         E, K, D, I = shape = {**SHAPES, **EXTRA}[key]
-        table = dict(tuned_configs(E, I, D, name, dt) or {})
+        # the table in use: this format's own, else the one it shares (fp8_tensor <-> fp8_channel), as get_config
+        table = dict(tuned_configs(E, I, D, name, dt) or tuned_configs(E, I, D, name, SHARED_TABLES.get(dt, dt)) or {})
         if not table:  # nothing tuned for this family: start from the heuristic at the usual token counts
             table = {m: heuristic_config(m, E, K, I, D, dt) for m in (1, 16, 64, 256, 1024, 4096, 16384)}
         before = {m: get_config(m, E, K, I, D, dt, "cuda", name) for m in map(int, ms.split(","))}

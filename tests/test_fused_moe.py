@@ -178,6 +178,19 @@ def test_fp8_tensor_and_channel_share_a_tuned_table_block_scales_do_not(tmp_path
         *args, "fp8_block")
 
 
+def test_fp8_heuristic_tiles() -> None:
+    """1-byte operands get 128-wide K steps where bf16 takes 64; block scales keep every K step inside one
+    128-wide scale block and, at large M, narrow gate_up tiles (the bf16-sized ones spilled registers)."""
+    for M in (1, 16, 4096, 16384):
+        for fmt in ("fp8_tensor", "fp8_channel", "fp8_block"):
+            c = heuristic_config(M, 64, 8, 1024, 2048, fmt)
+            assert fmt != "fp8_block" or max(c.gate_up.block_k, c.down.block_k) <= 128
+    big = heuristic_config(16384, 64, 8, 1024, 2048, "fp8_block")
+    assert big.gate_up.block_n == 64 and big.block_m == 128
+    assert heuristic_config(4096, 64, 8, 1024, 2048, "fp8_channel").gate_up.block_k == 128
+    assert heuristic_config(4096, 64, 8, 1024, 2048, "bfloat16").gate_up.block_k == 64
+
+
 def test_a_gpu_without_its_own_tuned_file_uses_its_familys() -> None:
     from moelab.kernels.fused_moe_config import tuned_configs
 

@@ -94,6 +94,11 @@ def test_add_rms_norm_with_the_moe_top_k_sum(dtype, rows, top_k, dim) -> None:
     fused = add_rms_norm(y, r, w, 1e-6, top_k=top_k, extra=e)
     two = add_rms_norm(moe_sum(y, top_k) + e, r, w, 1e-6)
     assert torch.equal(fused[0], two[0]) and torch.equal(fused[1], two[1])
+    x1 = y[:rows]  # top_k 1 with an extra addend (a single routed expert plus a shared one)
+    fused, two = add_rms_norm(x1, r, w, 1e-6, extra=e), add_rms_norm(x1 + e, r, w, 1e-6)
+    assert torch.equal(fused[0], two[0]) and torch.equal(fused[1], two[1])
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        add_rms_norm(y, r, w, 1e-6, top_k=0)
 
 
 @pytest.mark.parametrize("scoring,renorm,scale", [("softmax", False, 1.0), ("sigmoid", True, 2.5)])

@@ -83,7 +83,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     top_k > 1: x is [rows * top_k, dim] and x + residual means moe_sum(x, top_k) + residual (the MoE layer's
     top-k sum happens here instead of in a kernel of its own). extra [rows, dim]: (x + extra) + residual, each
     sum rounded as eager adds would be (a shared expert's output added to the routed one)."""
-    if top_k < 1 or x.dim() != 2 or residual.dim() != 2 or x.shape[1] != residual.shape[1] or \
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if x.dim() != 2 or residual.dim() != 2 or x.shape[1] != residual.shape[1] or \
             x.shape[0] != residual.shape[0] * top_k or x.dtype != residual.dtype:
         raise ValueError(f"x must be [rows * top_k, dim] and residual [rows, dim] of one dtype (top_k={top_k}), got "
                          f"{tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} {residual.dtype}")

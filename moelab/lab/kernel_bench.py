@@ -288,7 +288,7 @@ def gemm_candidates(device: str, dtype: str = "bf16", per_expert: float | None =
     (<= 192) and compute-bound tiles. fp8_block keeps BLOCK_K <= 128 (a K-tile inside one scale block)."""
     if device == "cpu":
         return [(16, 32, 4, 3, False), (32, 16, 4, 3, True)]
-    if dtype in FLOAT_DTYPES or dtype == "int8_channel":
+    if not dtype.startswith("fp8"):
         return [(bn, bk, w, s, tma) for tma in (False, True) for bn, bk, w, s in (
             (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4),
             (128, 128, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (256, 64, 8, 3))]
@@ -328,16 +328,18 @@ def _first_stage(shape: tuple, M: int, dtype: str, device: str, baseline: dict |
     """Every MoEConfig tune() times before its down pass: the heuristic, the baseline, and per BLOCK_M each
     gate_up candidate (down at the heuristic's); with each down candidate (gate_up at the heuristic's) they are
     all the kernel binaries tune() compiles."""
+    from moelab.kernels.fused_moe import quant_config
     from moelab.kernels.fused_moe_config import GemmConfig, heuristic_config
 
     E, K, D, I = shape
+    fmt = dtype if dtype not in FLOAT_DTYPES else None
     heur = heuristic_config(M, E, K, I, D, dtype, "cpu" if device == "cpu" else "cuda")
     out = [heur] + ([baseline[M]] if baseline and M in baseline else [])
     cands = [GemmConfig(bn, bk, 1, w, s, tma) for bn, bk, w, s, tma in gemm_candidates(device, dtype, M * K / E)]
     for bm in block_m_candidates(M, K, E):
         c = replace(heur, block_m=bm)
         out += [replace(c, gate_up=g) for g in cands] + [replace(c, down=d) for d in cands]
-    return out
+    return [quant_config(c, fmt) for c in out]  # as they run (fp8_block caps BLOCK_K), so tables record that
 
 
 _COMPILE_WEIGHTS: dict = {}
@@ -429,11 +431,16 @@ def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int =
     then the down tile; configs that fail to compile or run are skipped. baseline {M: MoEConfig} (e.g. the table
     in use) competes too, so a re-tune never replaces a faster config. workers > 1 (GPU): compile every candidate
     in that many processes first."""
-    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
+    from moelab.kernels.fused_moe import quant_config
+    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, heuristic_config
 
     E, K, D, I = shape
+    fmt = dtype if dtype not in FLOAT_DTYPES else None
     if workers > 1 and device != "cpu":
-        precompile(shape, ms, dtype, device, workers, baseline, log)
+        try:
+            precompile(shape, ms, dtype, device, workers, baseline, log)
+        except Exception as exc:  # only a head start: the timings compile what is missing
+            log(f"precompile failed ({type(exc).__name__}: {exc}); compiling during the timings")
     g = torch.Generator(device=device).manual_seed(seed)
     wts = make_weights(shape, dtype, device, g)
     quant = dict(quant=dtype, w13_scale=wts["scales"].w13_scale, w2_scale=wts["scales"].w2_scale) \
@@ -443,11 +450,10 @@ def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int =
         t0 = time.perf_counter()
         inputs = [make_inputs(M, shape, act_dtype(dtype, device), device, g) for _ in range(ROTATE)]
         layer_ms = functools.partial(_layer_ms, inputs=inputs, wts=wts, quant=quant, device=device)
-        first = _first_stage(shape, M, dtype, device, baseline)
-        heur = first[0]
+        heur = quant_config(heuristic_config(M, E, K, I, D, dtype, "cpu" if device == "cpu" else "cuda"), fmt)
         trials: list[tuple[float, MoEConfig]] = [(layer_ms(heur), heur)]
         if baseline and M in baseline:
-            trials.append((layer_ms(baseline[M]), baseline[M]))
+            trials.append((layer_ms(quant_config(baseline[M], fmt)), quant_config(baseline[M], fmt)))
         cands = [GemmConfig(bn, bk, 1, w, s, tma) for bn, bk, w, s, tma in gemm_candidates(device, dtype, M * K / E)]
         for bm in block_m_candidates(M, K, E):
             c = replace(heur, block_m=bm)

@@ -18,6 +18,8 @@ How time is attributed:
    by name) are "dense_gemm".
 4. Communication (nccl, all_reduce, all_gather, all_to_all, reduce_scatter) is recognized by name first,
    anywhere.
+5. On the engine's fast path the MoE top-k sum runs inside the next layer's norm kernel (a backend that
+   defers_topk_sum), outside the expert_gemm range: it counts as other there, where it counted as expert_gemm before.
 
 Reported per category: seconds and % of the category total; plus the profiled wall time. Device time is the
 sum of kernel durations (overlaps counted twice, which a single stream does not have).

@@ -7,20 +7,11 @@ Each layer exposes its attention half and its FFN half separately (module-based 
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 from torch import nn
 
 from moelab.layers.norm import RMSNorm
 from moelab.spec import ModelSpec
-
-
-@functools.cache
-def _takes_sum_topk(cls: type) -> bool:
-    """Whether an MoE block's forward can hand back TopKRows (SparseMoE.forward's sum_topk)."""
-    return "sum_topk" in inspect.signature(cls.forward).parameters
 
 
 class DecoderLayer(nn.Module):
@@ -84,8 +75,10 @@ class MoECausalLM(nn.Module):
 
     def _forward_fused_residual(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The same sums as forward(), but every residual add runs inside the next norm's kernel (add_rms_norm):
-        the FFN output of layer i is added in layer i+1's input norm, the last one in the final norm. The layers'
-        attention and FFN modules are called as usual, DecoderLayer.forward itself is not (hooks on it do not fire)."""
+        the FFN output of layer i is added in layer i+1's input norm, the last one in the final norm; an MoE block
+        whose backend defers its top-k sum hands back TopKRows, summed in that norm too (forward hooks on the block
+        see TopKRows here). The layers' attention and FFN modules are called as usual, DecoderLayer.forward itself is
+        not (hooks on it do not fire)."""
         from moelab.kernels.rms_norm import add_rms_norm
         from moelab.layers.moe.layer import SparseMoE, TopKRows
 
@@ -100,7 +93,7 @@ class MoECausalLM(nn.Module):
             x, residual = (norm(h), h) if out is None else add_norm(out, residual, norm)
             x, residual = add_norm(layer.self_attn(positions, x), residual, layer.post_attention_layernorm)
             ffn = layer.ffn  # SparseMoE and its subclasses that take sum_topk (Qwen2-MoE's mix kernel does not)
-            out = ffn(x, sum_topk=False) if isinstance(ffn, SparseMoE) and _takes_sum_topk(type(ffn)) else ffn(x)
+            out = ffn(x, sum_topk=False) if isinstance(ffn, SparseMoE) and ffn.takes_sum_topk else ffn(x)
         if out is None:
             return self.model.norm(h)
         return add_norm(out, residual, self.model.norm)[0]

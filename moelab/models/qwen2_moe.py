@@ -15,6 +15,8 @@ from moelab.spec import ModelSpec
 
 
 class Qwen2MoeBlock(SparseMoE):
+    takes_sum_topk = False  # routed + sigmoid(gate) * shared needs the summed routed output (one kernel of its own)
+
     def __init__(self, spec: ModelSpec, router: RouterConfig, backend: str) -> None:
         super().__init__(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size, router, backend)
         self.shared_expert = GatedMLP(spec.hidden_size, spec.shared_intermediate_size)

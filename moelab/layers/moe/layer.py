@@ -66,7 +66,13 @@ class TopKRows(NamedTuple):
 
 
 class SparseMoE(nn.Module):
-    """Routed experts only: x [T, D] -> [T, D]."""
+    """Routed experts only: x [T, D] -> [T, D].
+
+    takes_sum_topk: forward(x, sum_topk=False) may hand back TopKRows (when the backend defers_topk_sum); a subclass
+    whose forward does arithmetic on the routed output sets it False. Forward hooks on such a block see TopKRows on
+    the decoder's fused-residual path."""
+
+    takes_sum_topk = True
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, router: RouterConfig,
                  backend: str = "naive") -> None:

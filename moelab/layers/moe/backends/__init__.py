@@ -1,5 +1,7 @@
 """MoE backends: functions of one signature,
-(x [T, D], topk_ids [T, K], topk_weights [T, K], w13 [E, 2I, D], w2 [E, D, I], scales | None) -> [T, D]."""
+(x [T, D], topk_ids [T, K], topk_weights [T, K], w13 [E, 2I, D], w2 [E, D, I], scales | None) -> [T, D].
+A backend whose attribute `defers_topk_sum` is True also takes `sum_topk=False` and then returns the [T*K, D]
+router-weighted rows before the top-k sum (slot t*K + k), for a caller that sums them in its next kernel."""
 
 from __future__ import annotations
 

@@ -17,7 +17,9 @@ def triton_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
                w2: torch.Tensor, scales: QuantScales | None = None, sum_topk: bool = True) -> torch.Tensor:
     """Same contract as naive_moe: x [T, D], topk [T, K], w13 [E, 2I, D], w2 [E, D, I] -> [T, D] in x's dtype.
     With scales, w13/w2 hold the quantized weights (fp8 formats: W8A8 with dynamic per-token activations).
-    sum_topk=False (a backend with `defers_topk_sum`): the [T*K, D] rows before the top-k sum instead."""
+    sum_topk=False (a backend with `defers_topk_sum`): the [T*K, D] rows before the top-k sum instead. (On the CPU in
+    bf16, where the interpreter computes in float32, those rows are rounded to bf16 one by one, so their sum is not
+    bit-identical to the summed call's; on the GPU it is.)"""
     cpu_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
     xa = x.float() if cpu_bf16 else x
     if scales is None:
