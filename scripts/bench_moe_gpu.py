@@ -47,18 +47,10 @@ from moelab.kernels.fused_moe_config import (  # noqa: E402
 from moelab.lab import kernel_bench as kb  # noqa: E402
 from moelab.layers.moe.backends import BACKENDS, naive_moe  # noqa: E402
 
-SHAPES = {"olmoe": (64, 8, 2048, 1024), "mixtral": (8, 2, 4096, 14336), "qwen3": (128, 8, 2048, 768),
-          "dsv2-lite": (64, 6, 2048, 1408)}  # (E, K, D, I)
-MS = (1, 16, 64, 256, 1024, 4096, 16384)
-# Published reference (MEASURING.md): the most widely used open Triton fused MoE, bf16, H100, one CUDA graph, ms.
-REFERENCE_MS = {"olmoe": (0.047, 0.310, 0.372, 0.401, 0.546, 1.212, 4.121),
-                "mixtral": (0.245, 1.001, 1.008, 1.120, 1.828, 5.499, 20.41),
-                "qwen3": (0.038, 0.348, 0.502, 0.535, 0.652, 1.012, 3.099),
-                "dsv2-lite": (0.049, 0.362, 0.467, 0.504, 0.620, 1.512, 3.875)}
-DRY_SHAPES = {"tiny": (8, 2, 64, 48), "tiny-e60": (60, 6, 32, 16)}
+# shapes (E, K, D, I), token counts and the published H100 reference times (MEASURING.md) live in kernel_bench
+SHAPES, MS, REFERENCE_MS, DRY_SHAPES = kb.SHAPES, kb.MS, kb.REFERENCE_MS, kb.TINY_SHAPES
 DRY_MS = (1, 5, 40)
-ROTATE = 3  # input sets per timed graph
-REL_ERR_MAX = 2e-2
+ROTATE, REL_ERR_MAX = kb.ROTATE, kb.REL_ERR_MAX
 SMEM_BYTES = 227 * 1024
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per BLOCK_M, each tried with and without TMA; group_m is refined
@@ -144,19 +136,12 @@ def make_weights(E: int, D: int, I: int, dev: torch.device, g: torch.Generator) 
 
 def make_inputs(M: int, E: int, K: int, D: int, dev: torch.device, g: torch.Generator, skew: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, D] bf16, topk_ids [M, K] int64, topk_weights [M, K] fp32. Uniform routing, or Zipf-skewed
-    (expert popularity ~ 1/(e+1)^1.2, sampled without replacement by Gumbel top-k)."""
-    x = torch.randn(M, D, device=dev, generator=g).bfloat16()
-    u = torch.rand(M, E, device=dev, generator=g).clamp_min(1e-9)
-    logits = -torch.log(-torch.log(u))
-    if skew:
-        logits = logits - 1.2 * torch.log(torch.arange(1, E + 1, device=dev, dtype=torch.float32))
-    vals, ids = logits.topk(K, dim=-1)
-    return x, ids, vals.softmax(-1).float()
+    """x [M, D] bf16, topk_ids [M, K] int64, topk_weights [M, K] fp32 (kernel_bench.make_inputs: uniform or
+    Zipf-skewed routing)."""
+    return kb.make_inputs(M, (E, K, D, 0), torch.bfloat16, dev, g, skew)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).norm() / ref.norm()).item()
+rel_err = kb.rel_err
 
 
 def check_cell(name: str, M: int, shape: tuple, w13, w2, w13f, w2f, dev, g) -> list[dict]:
