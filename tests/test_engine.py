@@ -298,3 +298,32 @@ def test_prefill_warmup_runs_single_and_mixed_steps_and_changes_no_output(olmoe:
     runner.warmup_prefill(force=True)  # writes only the reserved block 0
     olmoe.engine.block_manager.check_invariants([])
     assert [o.outputs[0].token_ids for o in olmoe.generate([[5, 6, 7], [9] * 20], params)] == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_launching_a_step_never_waits_for_the_device(tiny_checkpoints: dict[str, Path]) -> None:
+    """ModelRunner.launch enqueues a step without a host-device synchronization, for prefill chunks (eager), mixed
+    steps and decode steps (CUDA graphs), greedy and sampled: torch's sync debug mode raises on any synchronizing
+    call (a pageable copy, .item(), .tolist(), a boolean-mask index). Only collect() may wait. This is what lets
+    the host prepare step N+1 while step N runs (a synchronous copy of the logits rows once cost ~20 ms per
+    offline run, docs/perf/engine.md v4)."""
+    path = str(tiny_checkpoints["olmoe"])
+    llm = LLM(path, dtype="bfloat16", device="cuda", max_model_len=64, block_size=4, max_num_batched_tokens=16)
+    eng = llm.engine
+    launch = eng.runner.launch
+
+    def checked(*a, **k):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    eng.runner.launch = checked
+    prompts = [[5, 6, 7] * 9, [9] * 21, [11, 12], [4, 8, 15]]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=3, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.7, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0, min_tokens=4, max_tokens=6)]  # EOS banned for 4 tokens
+    outs = llm.generate(prompts, params)
+    assert [len(o.outputs[0].token_ids) for o in outs][:3] == [6, 6, 6] and len(outs[3].outputs[0].token_ids) >= 4

@@ -30,9 +30,11 @@ class SamplingBatch:
 def _apply_banned(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
     rows = [(i, t) for i, ids in enumerate(banned) for t in ids if t < logits.shape[1]]
     if rows:
-        r, c = zip(*rows)
+        # the (row, token) pairs reach the device through a pinned buffer and an asynchronous copy: indexing with
+        # Python lists would copy them from pageable memory, which waits for the device
+        idx = torch.tensor(rows, dtype=torch.long, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
         logits = logits.clone()
-        logits[list(r), list(c)] = float("-inf")
+        logits[idx[:, 0], idx[:, 1]] = float("-inf")
     return logits
 
 
@@ -83,11 +85,9 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
     if b.all_greedy:
         return greedy_ids
     probs = sampling_probs(logits, b)
-    noise = torch.empty_like(probs)
-    shared = [i for i, g in enumerate(b.generators) if g is None]
-    if shared:
-        noise[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_(
-            generator=generator)
+    # every row from the engine's generator, then the seeded rows from their own (integer row indices: no index
+    # tensor, hence no copy from the host that would wait for the device)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
     for i, g in enumerate(b.generators):
         if g is not None:
             noise[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
