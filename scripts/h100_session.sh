@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh tune engine kernels trace serve lab lab-qwen quant moe   (on the device, repo root)
+#   bash scripts/h100_session.sh gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant moe
+#   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
 set -uo pipefail
@@ -17,6 +18,14 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 for section in "$@"; do
   echo "== $section $(date +%T)"
   case "$section" in
+    gpu-tests)  # the CUDA-only tests (bf16 kernels, CUDA graphs, no host sync when launching a step)
+      python -m pytest -q -p no:cacheprovider tests -k "cuda or never_waits" 2>&1 | tail -5 ;;
+    tune-fp8)  # fp8 tiles of the four benchmark shapes at the seven token counts (precompiled on 12 processes)
+      for fmt in fp8_channel fp8_block; do
+        python scripts/tune_engine_shapes_gpu.py --dtype "$fmt" --deadline 420 olmoe:1,16,64,256,1024,4096,16384 \
+          qwen3:1,16,64,256,1024,4096,16384 dsv2-lite:1,16,64,256,1024,4096,16384 \
+          mixtral:1,16,64,256,1024,4096,16384 2>&1 | grep -E "^tune|wrote|deadline"
+      done ;;
     tune)  # MoE tiles of the engine's shapes at its decode and prefill token counts, merged into this GPU's tables
       python scripts/tune_engine_shapes_gpu.py olmoe:1,64,256,2048,8192 qwen1.5:1,64,256,2048,8192 \
         dsv2-lite:1,64,256,2048,8192 2>&1 | grep -E "kept|changed|wrote" ;;
@@ -52,9 +61,9 @@ for section in "$@"; do
       python -m moelab bench sweep --model qwen1.5-moe-a2.7b --grid batch=1,16,32,64,128 len=128,256,512 \
         --modes throughput --trials 2 --resume --plain 2>&1 | grep -v -i warn | tail -20 ;;
     quant)  # fused MoE kernel: bf16 vs FP8 W8A8 (tensor/channel/block) and INT8 W8A16, checks and timings
-      python scripts/bench_moe_gpu.py --quant --ms 1,16,64,256,1024,4096 2>&1 | grep -v -i warn | tail -60 ;;
+      python scripts/bench_moe_gpu.py --quant --ms 1,16,64,256,1024,4096,16384 2>&1 | grep -v -i warn | tail -75 ;;
     moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
       python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -45 ;;
-    *) echo "unknown section $section; allowed: tune engine kernels trace serve lab lab-qwen quant moe" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant moe" >&2 ;;
   esac
 done
