@@ -31,7 +31,7 @@ from moelab.kernels.fused_moe_config import (
     save_config_file,
     tuned_configs,
 )
-from moelab.lab.kernel_bench import DTYPES, SHAPES, tune
+from moelab.lab.kernel_bench import DTYPES, SHAPES, table_dtype, tune
 
 EXTRA = {"qwen1.5": (60, 4, 2048, 1408)}
 
@@ -46,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     start = time.perf_counter()
     name = torch.cuda.get_device_name()
-    dt = {"bf16": "bfloat16"}.get(args.dtype, args.dtype)  # the name config_for looks a table up by
+    dt = table_dtype(args.dtype)  # the name config_for looks a table up by
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     for arg in args.cells:

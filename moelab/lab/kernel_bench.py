@@ -72,6 +72,12 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------- inputs
 
 
+def table_dtype(dtype: str) -> str:
+    """The dtype name the tuned tables and fused_moe.config_for use: torch's name of a float dtype ("bf16" ->
+    "bfloat16"), a quantized format's own name."""
+    return str(FLOAT_DTYPES[dtype]).removeprefix("torch.") if dtype in FLOAT_DTYPES else dtype
+
+
 def act_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype in FLOAT_DTYPES:
         return FLOAT_DTYPES[dtype] if not (device == "cpu" and dtype == "bf16") else torch.float32
@@ -416,8 +422,7 @@ def precompile_in_use(shapes: dict, ms: tuple[int, ...], dtypes: tuple[str, ...]
     jobs = []
     for E, K, D, I in shapes.values():
         for dt in dtypes:
-            tname = str(FLOAT_DTYPES[dt]).removeprefix("torch.") if dt in FLOAT_DTYPES else dt
-            cells = [(M, get_config(M, E, K, I, D, tname, "cuda", name).to_dict()) for M in ms]
+            cells = [(M, get_config(M, E, K, I, D, table_dtype(dt), "cuda", name).to_dict()) for M in ms]
             jobs.append(((E, K, D, I), dt, device, cells))
     t0 = time.perf_counter()
     n, bad = compile_cells(jobs, workers)
@@ -475,7 +480,7 @@ def write_tuned(shape: tuple, dtype: str, configs: dict, device: str, out_dir: P
 
     E, K, D, I = shape
     dev_name = torch.cuda.get_device_name() if device != "cpu" else "cpu"
-    dt = str(FLOAT_DTYPES[dtype]).removeprefix("torch.") if dtype in FLOAT_DTYPES else dtype
+    dt = table_dtype(dtype)
     path = Path(out_dir or CONFIG_DIR) / config_file_name(E, I, D, dev_name, dt)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_config_file(path, configs, note=f"moelab tune-kernels, top-k {K}, triton {triton.__version__}, torch "
