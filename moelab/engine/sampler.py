@@ -28,13 +28,15 @@ class SamplingBatch:
 
 
 def _apply_banned(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
-    rows = [(i, t) for i, ids in enumerate(banned) for t in ids if t < logits.shape[1]]
-    if rows:
-        # the (row, token) pairs reach the device through a pinned buffer and an asynchronous copy: indexing with
-        # Python lists would copy them from pageable memory, which waits for the device
-        idx = torch.tensor(rows, dtype=torch.long, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
-        logits = logits.clone()
-        logits[idx[:, 0], idx[:, 1]] = float("-inf")
+    V = logits.shape[1]
+    flat = [i * V + t for i, ids in enumerate(banned) for t in ids if t < V]
+    if flat:
+        # the flat (row, token) positions reach the device through a pinned buffer and an asynchronous copy, and
+        # index_fill_ takes -inf as a kernel argument: indexing with Python lists, or assigning a Python scalar
+        # through advanced indexing (a 0-dim tensor copied from pageable memory), waits for the device
+        idx = torch.tensor(flat, dtype=torch.long, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
+        logits = logits.contiguous().clone()
+        logits.view(-1).index_fill_(0, idx, float("-inf"))
     return logits
 
 
