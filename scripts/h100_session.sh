@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant moe
+#   bash scripts/h100_session.sh gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -19,7 +19,8 @@ for section in "$@"; do
   echo "== $section $(date +%T)"
   case "$section" in
     gpu-tests)  # the CUDA-only tests (bf16 kernels, CUDA graphs, no host sync when launching a step)
-      python -m pytest -q -p no:cacheprovider tests -k "cuda or never_waits" 2>&1 | tail -5 ;;
+      python -m pytest -q -p no:cacheprovider tests -k "cuda or never_waits" -rs --ignore tests/test_server.py \
+        --ignore tests/test_serving_bench.py 2>&1 | tail -40 ;;  # the image has no fastapi/uvicorn
     tune-fp8)  # fp8 tiles of the four benchmark shapes at the seven token counts (precompiled on 12 processes)
       for fmt in fp8_channel fp8_block; do
         python scripts/tune_engine_shapes_gpu.py --dtype "$fmt" --deadline 420 olmoe:1,16,64,256,1024,4096,16384 \
@@ -62,8 +63,13 @@ for section in "$@"; do
         --modes throughput --trials 2 --resume --plain 2>&1 | grep -v -i warn | tail -20 ;;
     quant)  # fused MoE kernel: bf16 vs FP8 W8A8 (tensor/channel/block) and INT8 W8A16, checks and timings
       python scripts/bench_moe_gpu.py --quant --ms 1,16,64,256,1024,4096,16384 2>&1 | grep -v -i warn | tail -75 ;;
+    quant-ab)  # fp8 activations quantized in their own launches vs inside others (moelab/kernels/fused_moe.py)
+      for mode in separate fused; do
+        OUT="$OUT/ab-$mode" python scripts/bench_moe_gpu.py --quant --formats fp8_channel --act-quant $mode \
+          --ms 1,16,64,256,1024 2>&1 | grep -E "^quant:|fp8 activations" | grep -v "^quant: shape"
+      done ;;
     moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
       python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -45 ;;
-    *) echo "unknown section $section; allowed: gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant moe" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe" >&2 ;;
   esac
 done
