@@ -549,7 +549,14 @@ def quant_main(args: argparse.Namespace, dev: torch.device, out: Path) -> None:
     shapes = DRY_SHAPES if args.dry else SHAPES
     shapes = {k: shapes[k] for k in (args.shapes.split(",") if args.shapes else shapes)}
     ms = tuple(int(m) for m in args.ms.split(",")) if args.ms else (DRY_MS if args.dry else MS)
-    dtypes = ("fp32" if args.dry else "bf16",) + kb.QUANT_FORMATS
+    formats = tuple(args.formats.split(",")) if args.formats else kb.QUANT_FORMATS
+    unknown = set(formats) - set(kb.QUANT_FORMATS)
+    if unknown:
+        raise SystemExit(f"--formats: unknown {sorted(unknown)}; allowed: {', '.join(kb.QUANT_FORMATS)}")
+    dtypes = ("fp32" if args.dry else "bf16",) + formats
+    fm.set_act_quant(args.act_quant)
+    fm.SWAP_AB_FP8 = not args.no_swap_ab
+    log(f"fp8 activations quantized: {fm.ACT_QUANT}; swapped products below 64 rows: {fm.SWAP_AB_FP8}")
     cfg = kb.KernelBenchConfig(shapes=shapes, ms=ms, dtypes=dtypes, backends=("naive", "triton"),
                                device=dev.type)
     if dev.type == "cuda" and args.workers > 1:
@@ -576,6 +583,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--quant", action="store_true", help="bf16 vs fp8_tensor/channel/block and int8_channel")
     p.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
+    p.add_argument("--formats", default="", help="with --quant: a comma list of quantized formats (default all)")
+    p.add_argument("--act-quant", default="fused", choices=("fused", "separate"),
+                   help="with --quant: where W8A8 layers quantize activations (moelab/kernels/fused_moe.py)")
+    p.add_argument("--no-swap-ab", action="store_true",
+                   help="with --quant: fp8 GEMMs never transposed (fused_moe.swap_ab), for A/B timings")
     return p.parse_args()
 
 

@@ -24,7 +24,7 @@ from moelab.kernels.fused_moe_config import (  # noqa: E402
     save_config_file,
     tuned_configs,
 )
-from moelab.kernels.moe_align import moe_align, moe_align_ref, padded_size  # noqa: E402
+from moelab.kernels.moe_align import moe_align, moe_align_quant, moe_align_ref, padded_size  # noqa: E402
 from moelab.kernels.moe_sum import moe_sum, moe_sum_ref  # noqa: E402
 from moelab.layers.moe.backends import naive_moe  # noqa: E402
 
@@ -71,6 +71,23 @@ def test_align_chunked_matches_ref(single) -> None:
     """The count + place launches (several chunks), with uneven chunk sizes and one hot expert."""
     ids = routing(300, 60, 6, "skew").to(DEV)
     assert_align_equal(ids, 60, 32, single_program_slots=single)
+
+
+@pytest.mark.parametrize("T,K,D,single", [(5, 2, 48, None), (1, 6, 300, None), (40, 4, 100, 16), (30, 6, 64, 1)])
+def test_align_quant_is_align_plus_per_token_quant(T, K, D, single) -> None:
+    """moe_align_quant's extra programs (in the one-program launch, or in the count launch of the chunked
+    path) give per_token_quant's values; the routing is moe_align's."""
+    from moelab.kernels.per_token_quant import per_token_quant
+
+    ids = routing(T, 60, K, "skew").to(DEV)
+    x = (torch.randn(T, D) * 10 ** torch.randint(-3, 3, (T, 1))).to(DEV)
+    r, q, s = moe_align_quant(ids, 60, 16, x, single_program_slots=single)
+    q0, s0 = per_token_quant(x)
+    assert torch.equal(q.float(), q0.float()) and torch.equal(s, s0)
+    ref = moe_align_ref(ids, 60, 16)
+    assert torch.equal(r.expert_ids, ref.expert_ids) and int(r.num_padded) == int(ref.num_padded)
+    with pytest.raises(ValueError, match="moe_align_quant: want x"):
+        moe_align_quant(ids, 60, 16, x[:-1])
 
 
 def test_align_ref_layout() -> None:

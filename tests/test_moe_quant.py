@@ -160,6 +160,62 @@ def test_triton_quantized_tile_configs() -> None:
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("fmt", ["fp8_channel", "fp8_block"])
+@pytest.mark.parametrize("T,E,K,D,I", [(1, 8, 2, 200, 136), (1, 60, 6, 32, 16), (7, 6, 3, 40, 24),
+                                       (30, 60, 6, 32, 136)])
+def test_w8a8_activation_quant_fused_equals_separate(fmt, T, E, K, D, I, monkeypatch) -> None:
+    """x quantized by moe_align_quant's extra programs (also in the chunked count launch; at decode blocks, which
+    have no align launch, by per_token_quant) gives the layer the values of its own per_token_quant launch, bit
+    for bit."""
+    from moelab.kernels import fused_moe as fm
+    from moelab.kernels import moe_align as ma
+    from test_fused_moe import routing
+
+    monkeypatch.setattr(ma, "SINGLE_PROGRAM_SLOTS", 64)  # T=30 x top-6: the count + place launches
+    x, w = torch.randn(T, D) * 3, torch.rand(T, K)
+    w13, w2 = weights(E, D, I)
+    q13, q2, s = quantize_experts(w13, w2, fmt)
+    ids = routing(T, E, K, "skew" if T > 1 else "uniform")
+    args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
+    kw = dict(quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
+    outs = {}
+    for mode in ("separate", "fused"):
+        monkeypatch.setattr(fm, "ACT_QUANT", mode)
+        outs[mode] = fm.fused_moe(*args, **kw).cpu()
+    assert torch.equal(outs["fused"], outs["separate"])
+    assert rel(outs["fused"], naive_moe(x, ids, w, q13, q2, s)) < 1e-5
+    with pytest.raises(ValueError, match="must be 'fused' or 'separate'"):
+        fm.set_act_quant("inline")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("fmt", ["fp8_tensor", "fp8_block"])
+@pytest.mark.parametrize("T,tma", [(1, False), (1, True), (9, False), (9, True)])
+def test_fp8_swapped_products_equal_unswapped(fmt, T, tma, monkeypatch) -> None:
+    """fp8 GEMMs with row blocks < 64 computed transposed (swap_ab) give the products of the untransposed
+    kernels, with pointer and TMA weight loads, K not a multiple of BLOCK_K, block scales."""
+    from moelab.kernels import fused_moe as fm
+    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
+    from test_fused_moe import routing
+
+    E, K, D, I = 6, 2, 200, 136
+    x, w = torch.randn(T, D), torch.rand(T, K)
+    w13, w2 = weights(E, D, I)
+    q13, q2, s = quantize_experts(w13, w2, fmt)
+    ids = routing(T, E, K)
+    cfg = MoEConfig(16, GemmConfig(64, 64, tma=tma), GemmConfig(64, 128, tma=tma))
+    assert fm.swap_ab(16, cfg.gate_up, torch.float8_e4m3fn) and not fm.swap_ab(64, cfg.gate_up, torch.float8_e4m3fn)
+    args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
+    kw = dict(config=cfg, quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(fm, "SWAP_AB_FP8", on)
+        outs[on] = fm.fused_moe(*args, **kw).cpu()
+    assert rel(outs[True], outs[False]) < 1e-6
+    assert rel(outs[True], naive_moe(x, ids, w, q13, q2, s)) < 1e-5
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 def test_per_token_quant_kernel_matches_ref() -> None:
     from moelab.kernels.per_token_quant import per_token_quant, per_token_quant_ref
 

@@ -11,10 +11,15 @@ Both accumulate in float32 and write the activation dtype.
 Quantized experts (`quant`, formats as in moelab/layers/moe/quant.py; W = Q * S):
 - int8_channel (W8A16): int8 weight tiles are converted to the activation dtype inside the K loop (exact: |Q|
   <= 127), the per-output-channel scale S [E, N] multiplies the fp32 accumulator in the epilogue.
-- fp8_tensor / fp8_channel / fp8_block (W8A8): x (and h between the GEMMs) are quantized per token by
-  per_token_quant.py (s [rows]); fp8 x fp8 `tl.dot` with fp32 accumulation; the epilogue multiplies by s[row]
-  and by S (per expert [E] or per output channel [E, N]); 128x128 block scales [E, N/128, K/128] multiply each
-  K-tile's partial product instead (BLOCK_K is capped at 128 so that a K-tile never straddles two blocks).
+- fp8_tensor / fp8_channel / fp8_block (W8A8): x (and h between the GEMMs) are quantized per token (s [rows],
+  the arithmetic of per_token_quant.py); fp8 x fp8 `tl.dot` with fp32 accumulation; the epilogue multiplies by
+  s[row] and by S (per expert [E] or per output channel [E, N]); 128x128 block scales [E, N/128, K/128] multiply
+  each K-tile's partial product instead (BLOCK_K is capped at 128 so that a K-tile never straddles two blocks).
+  Where the quantization happens (ACT_QUANT, the same values either way):
+  "separate": a per_token_quant launch for x and one for h;
+  "fused" (default): x by extra programs of the moe_align launch (moe_align_quant) where there is one (not at
+  naive blocks), h by its own per_token_quant launch. (Quantizing inside the GEMMs instead was measured and
+  dropped: docs/perf/moe_kernels.md, v3 and v5.)
 
 The grid is sized on the host from (T*K, E, BLOCK_M); programs past the padded row count return at once, so
 nothing reads the routing on the host and the whole layer can be captured in a CUDA graph.
@@ -37,12 +42,14 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, get_config, use_naive_blocks
-from moelab.kernels.moe_align import moe_align
+from moelab.kernels.moe_align import moe_align, moe_align_quant
 from moelab.kernels.moe_sum import moe_sum
 from moelab.kernels.pdl import gdc_prologue, launch_options
 from moelab.kernels.per_token_quant import per_token_quant
 
 NAIVE_BLOCK_M = 16
+ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
+SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
 QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
@@ -83,12 +90,14 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
                     stride_wn, stride_wk, stride_hr, stride_se, stride_sn, stride_sk, up_scale_row,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
-                    A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, USE_PDL: tl.constexpr = False):
+                    A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
+                    USE_PDL: tl.constexpr = False):
     """h[rows, n-tile] = silu(A G^T) * (A U^T), A = x[slot // top_k] gathered; N = I, K = D.
     USE_TMA: w_ptr is a TMA descriptor over w13 viewed [E * 2N, K] with [BLOCK_N, BLOCK_K] boxes.
     Quantized (see the module docstring): W_INT8 converts weight tiles to x's dtype; A_SCALE multiplies row r by
     a_scale[token]; W_SCALE 1/2/3 = per expert / per channel / 128x128 block, the up rows' scales starting at
-    scale row up_scale_row (N for channels, the gate's block-row count for blocks)."""
+    scale row up_scale_row (N for channels, the gate's block-row count for blocks).
+    SWAP_AB: the products computed transposed, W-tile [BLOCK_N, BLOCK_K] x A-tile^T (see swap_ab())."""
     gdc_prologue(USE_PDL)
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
@@ -107,24 +116,37 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
     if USE_TMA:  # box rows past N fall on up rows or the next expert (or zero fill); the store masks them
         g_row = (expert * 2 * N + pid_n * BLOCK_N).to(tl.int32)
     else:
-        g_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        if SWAP_AB:  # [BLOCK_N, BLOCK_K] tiles
+            g_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        else:  # [BLOCK_K, BLOCK_N]
+            g_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
         u_ptrs = g_ptrs + N * stride_wn
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if W_SCALE > 0:
         s_base = w_scale_ptr + expert * stride_se
     for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
         if EVEN_K:
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
         else:
-            k_ok = offs_k < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
         if USE_TMA:
-            g = w_ptr.load([g_row, k * BLOCK_K]).T
-            u = w_ptr.load([g_row + N, k * BLOCK_K]).T
+            g = w_ptr.load([g_row, k * BLOCK_K])
+            u = w_ptr.load([g_row + N, k * BLOCK_K])
+            if not SWAP_AB:
+                g = g.T
+                u = u.T
         elif EVEN_K:
             g = tl.load(g_ptrs)
             u = tl.load(u_ptrs)
+        elif SWAP_AB:
+            g = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
         else:
             g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
             u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
@@ -135,8 +157,15 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
             kb = (k * BLOCK_K) // 128 * stride_sk
             sg = tl.load(s_base + (w_rows // 128) * stride_sn + kb)
             su = tl.load(s_base + (up_scale_row + w_rows // 128) * stride_sn + kb)
-            acc_g += tl.dot(a, g, input_precision=PRECISION) * sg[None, :]
-            acc_u += tl.dot(a, u, input_precision=PRECISION) * su[None, :]
+            if SWAP_AB:
+                acc_g += tl.dot(g, tl.trans(a), input_precision=PRECISION) * sg[:, None]
+                acc_u += tl.dot(u, tl.trans(a), input_precision=PRECISION) * su[:, None]
+            else:
+                acc_g += tl.dot(a, g, input_precision=PRECISION) * sg[None, :]
+                acc_u += tl.dot(a, u, input_precision=PRECISION) * su[None, :]
+        elif SWAP_AB:
+            acc_g = tl.dot(g, tl.trans(a), acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(u, tl.trans(a), acc_u, input_precision=PRECISION)
         else:
             acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
             acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
@@ -144,6 +173,9 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
         if not USE_TMA:
             g_ptrs += BLOCK_K * stride_wk
             u_ptrs += BLOCK_K * stride_wk
+    if SWAP_AB:
+        acc_g = tl.trans(acc_g)
+        acc_u = tl.trans(acc_u)
     if W_SCALE == 1:
         s = tl.load(s_base)
         acc_g *= s
@@ -167,7 +199,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
                  stride_wn, stride_wk, stride_ys, stride_se, stride_sn, stride_sk, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr, EVEN_K: tl.constexpr,
                  PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr, A_SCALE: tl.constexpr,
-                 W_SCALE: tl.constexpr, USE_PDL: tl.constexpr = False):
+                 W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """y[slot, n-tile] = w[slot] * (h[rows] W2^T); N = D, K = I.
     USE_TMA: h_ptr and w_ptr are TMA descriptors over h [P, K] ([BLOCK_M, BLOCK_K] boxes) and w2 viewed
     [E * N, K] ([BLOCK_N, BLOCK_K] boxes); zero fill past K replaces the masks.
@@ -190,31 +222,49 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
         b_row = (expert * N + pid_n * BLOCK_N).to(tl.int32)
     else:
         a_ptrs = h_ptr + rows[:, None] * stride_hr + offs_k[None, :]
-        b_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        if SWAP_AB:  # [BLOCK_N, BLOCK_K] tiles
+            b_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        else:
+            b_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
     if W_SCALE > 0:
         s_base = w_scale_ptr + expert * stride_se
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
         if USE_TMA:
             a = h_ptr.load([pid_m * BLOCK_M, k * BLOCK_K])
-            b = w_ptr.load([b_row, k * BLOCK_K]).T
+            b = w_ptr.load([b_row, k * BLOCK_K])
+            if not SWAP_AB:
+                b = b.T
         elif EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            k_ok = offs_k < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if SWAP_AB:
+                b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+            else:
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if W_INT8:
             b = b.to(a.dtype)
         if W_SCALE == 3:
             sb = tl.load(s_base + (w_rows // 128) * stride_sn + (k * BLOCK_K) // 128 * stride_sk)
-            acc += tl.dot(a, b, input_precision=PRECISION) * sb[None, :]
+            if SWAP_AB:
+                acc += tl.dot(b, tl.trans(a), input_precision=PRECISION) * sb[:, None]
+            else:
+                acc += tl.dot(a, b, input_precision=PRECISION) * sb[None, :]
+        elif SWAP_AB:
+            acc = tl.dot(b, tl.trans(a), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if not USE_TMA:
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_wk
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if W_SCALE == 1:
         acc *= tl.load(s_base)
     elif W_SCALE == 2:
@@ -298,12 +348,20 @@ def route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     return Routing(*aligned, ids, K, block_m, aligned.expert_ids.numel(), False)
 
 
+def swap_ab(block_m: int, cfg: GemmConfig, dtype: torch.dtype) -> bool:
+    """Compute an fp8 GEMM's products transposed (W-tile x A-tile^T) when its row blocks are narrower than 64:
+    Triton gives Hopper's fp8 tensor-core instruction (wgmma) only to dots of >= 64 rows; narrower ones run on
+    the older 16-row instruction, which has no fp8 form on Hopper, so every weight element is first converted
+    to fp16 (docs/perf/moe_kernels.md, v5). Transposed, the weight tile's BLOCK_N >= 64 rows are the wide side."""
+    return SWAP_AB_FP8 and dtype == torch.float8_e4m3fn and block_m < 64 and cfg.block_n >= 64
+
+
 def _launch_args(r: Routing, cfg: GemmConfig, K: int, dtype: torch.dtype, tma: bool) -> dict:
     """dtype: the dot operands' dtype (fp32: exact "ieee" dots; fp8: the default precision)."""
     precision = "ieee" if dtype == torch.float32 else None if dtype == torch.float8_e4m3fn else "tf32"
     return dict(BLOCK_M=r.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NAIVE=r.naive,
                 EVEN_K=K % cfg.block_k == 0, PRECISION=precision, USE_TMA=tma, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                num_stages=cfg.num_stages, SWAP_AB=swap_ab(r.block_m, cfg, dtype))
 
 
 def _tma_ok(*ts: torch.Tensor) -> bool:
@@ -407,19 +465,42 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if T * K == 0:
         return x.new_zeros(T if sum_topk else T * K, D)
     cfg = quant_config(config or config_for(x, K, w13, quant), quant)
-    r = route(topk_ids, w13.shape[0], cfg.block_m)
     weights = topk_weights.reshape(-1).contiguous().float()
+    if quant is not None and QUANT_FORMATS[quant][1] == torch.float8_e4m3fn:
+        return _fused_moe_w8a8(x, topk_ids, weights, w13, w2, cfg, quant, w13_scale, w2_scale, sum_topk)
+    r = route(topk_ids, w13.shape[0], cfg.block_m)
     if quant is None:
         h = gate_up(x, w13, r, cfg.gate_up)
         y = down(h, w2, weights, r, cfg.down)  # [T*K, D]
-    elif QUANT_FORMATS[quant][1] == torch.int8:
+    else:  # int8 W8A16
         h = gate_up(x, w13, r, cfg.gate_up, Quant(quant, w13_scale))
         y = down(h, w2, weights, r, cfg.down, Quant(quant, w2_scale))
-    else:  # W8A8: fp8 x and h, per-row scales
+    return y if K == 1 or not sum_topk else moe_sum(y, K)
+
+
+def set_act_quant(mode: str) -> None:
+    """Where W8A8 layers quantize their activations: "fused" (default) or "separate" (module docstring; the
+    values are the same, for A/B timings)."""
+    global ACT_QUANT
+    if mode not in ("fused", "separate"):
+        raise ValueError(f"act_quant must be 'fused' or 'separate', got {mode!r}")
+    ACT_QUANT = mode
+
+
+def _fused_moe_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                    w2: torch.Tensor, cfg: MoEConfig, quant: str, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
+                    sum_topk: bool) -> torch.Tensor:
+    """fp8 x and h with per-row scales; where x is quantized: ACT_QUANT (module docstring)."""
+    (T, D), (E, K), act = x.shape, (w13.shape[0], topk_ids.shape[1]), x.dtype
+    if ACT_QUANT == "fused" and not use_naive_blocks(T, K, E):  # x by extra programs of the align launch
+        aligned, xq, xs = moe_align_quant(topk_ids, E, cfg.block_m, x)
+        r = Routing(*aligned, topk_ids.reshape(-1).contiguous(), K, cfg.block_m, aligned.expert_ids.numel(), False)
+    else:
+        r = route(topk_ids, E, cfg.block_m)
         xq, xs = per_token_quant(x)
-        h = gate_up(xq, w13, r, cfg.gate_up, Quant(quant, w13_scale, xs), out_dtype=x.dtype)
-        hq, hs = per_token_quant(h, None if r.naive else r.num_padded)
-        y = down(hq, w2, weights, r, cfg.down, Quant(quant, w2_scale, hs), out_dtype=x.dtype)
+    h = gate_up(xq, w13, r, cfg.gate_up, Quant(quant, w13_scale, xs), out_dtype=act)
+    hq, hs = per_token_quant(h, None if r.naive else r.num_padded)
+    y = down(hq, w2, weights, r, cfg.down, Quant(quant, w2_scale, hs), out_dtype=act)
     return y if K == 1 or not sum_topk else moe_sum(y, K)
 
 

@@ -4,6 +4,9 @@ The T*K (token, slot) pairs, numbered slot = t*K + k, are grouped by expert, and
 to a multiple of BLOCK_M with the sentinel T*K. Every output size depends only on (T*K, E, BLOCK_M), never on
 the routing, so the launch can be captured in a CUDA graph.
 
+`moe_align_quant` also quantizes the layer's input x per token to fp8 (as per_token_quant.py does) in the same
+launch: programs past the ones that sort take one row of x each, so a W8A8 layer pays no launch for it.
+
 Variants: `moe_align` (Triton counting sort: histogram, prefix sum, atomic per-expert cursors; one launch while
 the slots fit one program, else a count launch and a place launch; the order of slots inside an expert's run
 may differ from run to run), `moe_align_ref` (plain torch ops; stable order inside a run).
@@ -18,6 +21,7 @@ import triton
 import triton.language as tl
 
 from moelab.kernels.pdl import gdc_prologue, launch_options
+from moelab.kernels.per_token_quant import FP8_MAX_C, MIN_SCALE_C, per_token_quant, quant_block_k, quant_row
 
 # One program places up to this many slots by itself (one launch); above it the slots are split into chunks of
 # at least CHUNK_SLOTS over at most MAX_CHUNKS programs (a count launch, then a place launch). On the H100 one
@@ -50,27 +54,49 @@ def _histogram(ids_ptr, start, end, num_experts, E_PAD: tl.constexpr, CHUNK: tl.
     return tl.where(tl.arange(0, E_PAD) < num_experts, counts, 0)
 
 
-@triton.jit(do_not_specialize=["num_slots", "chunk", "num_experts"])
-def _count_kernel(ids_ptr, counts_ptr, num_slots, chunk, num_experts, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                  USE_PDL: tl.constexpr = False):
-    """counts[c, e] = slots of chunk c routed to expert e."""
+@triton.jit
+def _quant_role(pid, first, x_ptr, xq_ptr, xs_ptr, D, stride_x, stride_q, QUANT: tl.constexpr,
+                QBLOCK: tl.constexpr):
+    """True (after quantizing row pid - first of x) for the programs past the sorting ones."""
+    if QUANT:
+        if pid >= first:
+            quant_row(x_ptr, xq_ptr, xs_ptr, (pid - first).to(tl.int64), D, stride_x, stride_q, FP8_MAX_C,
+                      MIN_SCALE_C, QBLOCK)
+            return True
+    return False
+
+
+_QUANT_INTS = ["D", "stride_x", "stride_q"]
+
+
+@triton.jit(do_not_specialize=["num_slots", "chunk", "num_experts"] + _QUANT_INTS)
+def _count_kernel(ids_ptr, counts_ptr, num_slots, chunk, num_experts, x_ptr, xq_ptr, xs_ptr, D, stride_x, stride_q,
+                  E_PAD: tl.constexpr, CHUNK: tl.constexpr, QUANT: tl.constexpr = False,
+                  QBLOCK: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
+    """counts[c, e] = slots of chunk c routed to expert e; QUANT: programs past the chunks quantize x rows."""
     gdc_prologue(USE_PDL)
     pid = tl.program_id(0)
+    if _quant_role(pid, tl.cdiv(num_slots, chunk), x_ptr, xq_ptr, xs_ptr, D, stride_x, stride_q, QUANT, QBLOCK):
+        return
     start = pid * chunk
     counts = _histogram(ids_ptr, start, tl.minimum(start + chunk, num_slots), num_experts, E_PAD, CHUNK)
     tl.store(counts_ptr + pid * E_PAD + tl.arange(0, E_PAD), counts)
 
 
-@triton.jit(do_not_specialize=["num_slots", "chunk", "num_chunks", "num_blocks", "num_experts"])
+@triton.jit(do_not_specialize=["num_slots", "chunk", "num_chunks", "num_blocks", "num_experts"] + _QUANT_INTS)
 def _place_kernel(ids_ptr, counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr, num_slots, chunk,
-                  num_chunks, num_blocks, num_experts, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-                  CHUNK: tl.constexpr, CHUNK_ROWS: tl.constexpr, PAD_COLS: tl.constexpr, SUB: tl.constexpr,
-                  SINGLE: tl.constexpr, USE_PDL: tl.constexpr = False):
+                  num_chunks, num_blocks, num_experts, x_ptr, xq_ptr, xs_ptr, D, stride_x, stride_q,
+                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, CHUNK_ROWS: tl.constexpr,
+                  PAD_COLS: tl.constexpr, SUB: tl.constexpr, SINGLE: tl.constexpr, QUANT: tl.constexpr = False,
+                  QBLOCK: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
     """Program c places chunk c's slots through per-expert atomic cursors of its own (so the order inside an
     expert run is not fixed; each row is computed on its own, so the GEMM results do not depend on it), and
-    writes a share of the padding sentinels and of the block -> expert map; program 0 writes the total."""
+    writes a share of the padding sentinels and of the block -> expert map; program 0 writes the total.
+    QUANT (with SINGLE only): programs past the first quantize x rows."""
     gdc_prologue(USE_PDL)
     pid = tl.program_id(0)
+    if _quant_role(pid, num_chunks, x_ptr, xq_ptr, xs_ptr, D, stride_x, stride_q, QUANT, QBLOCK):
+        return
     experts = tl.arange(0, E_PAD)
     if SINGLE:  # one program: count everything here
         total = _histogram(ids_ptr, 0, num_slots, num_experts, E_PAD, CHUNK)
@@ -130,6 +156,22 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, single_pro
               ) -> AlignedRouting:
     """topk_ids [T, K] (int32/int64, values in [0, E)) -> AlignedRouting with P = padded_size(T*K, E, block_m).
     single_program_slots overrides SINGLE_PROGRAM_SLOTS (the one-launch limit)."""
+    return _align(topk_ids, num_experts, block_m, single_program_slots, None)[0]
+
+
+def moe_align_quant(topk_ids: torch.Tensor, num_experts: int, block_m: int, x: torch.Tensor,
+                    single_program_slots: int | None = None
+                    ) -> tuple[AlignedRouting, torch.Tensor, torch.Tensor]:
+    """moe_align, plus x [T, D] quantized per token as per_token_quant(x) returns it ((q [T, D] float8_e4m3fn,
+    s [T] float32), the same values) by extra programs of the same launch."""
+    if x.dim() != 2 or x.stride(1) != 1 or topk_ids.dim() != 2 or x.shape[0] != topk_ids.shape[0]:
+        raise ValueError(f"moe_align_quant: want x [T, D] with a contiguous last dim and topk_ids [T, K]; got x "
+                         f"{tuple(x.shape)} strides {x.stride()}, topk_ids {tuple(topk_ids.shape)}")
+    return _align(topk_ids, num_experts, block_m, single_program_slots, x)
+
+
+def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int, single_program_slots: int | None,
+           x: torch.Tensor | None) -> tuple:
     if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_ids must be [T, K] int32/int64, got {tuple(topk_ids.shape)} {topk_ids.dtype}")
     if block_m < 1 or block_m & (block_m - 1):
@@ -142,8 +184,18 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, single_pro
     sorted_ids = torch.empty(size, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    if x is None:
+        quant, qargs, extra = (), [ids, ids, ids, 0, 0, 0], 0
+    else:
+        T, D = x.shape
+        xq = torch.empty(T, D, dtype=torch.float8_e4m3fn, device=dev)
+        xs = torch.empty(T, dtype=torch.float32, device=dev)
+        quant, qargs, extra = (xq, xs), [x, xq, xs, D, x.stride(0), xq.stride(0)], T
+    qflags = dict(QUANT=x is not None, QBLOCK=quant_block_k(x.shape[1]) if x is not None else 16)
     if n == 0:
-        return AlignedRouting(sorted_ids, expert_ids.fill_(-1), num_padded.zero_())
+        if x is not None and extra:  # nothing to sort; the rows still need their quantization
+            quant = per_token_quant(x)
+        return (AlignedRouting(sorted_ids, expert_ids.fill_(-1), num_padded.zero_()), *quant)
     e_pad = _pow2_at_least(num_experts + 1)  # one spare histogram bin for masked lanes
     if n <= (SINGLE_PROGRAM_SLOTS if single_program_slots is None else single_program_slots):
         chunk, num_chunks, counts = n, 1, ids  # counts unused
@@ -151,15 +203,17 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, single_pro
         chunk = triton.cdiv(max(CHUNK_SLOTS, triton.cdiv(n, MAX_CHUNKS)), CHUNK_SLOTS) * CHUNK_SLOTS
         num_chunks = triton.cdiv(n, chunk)
         counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
-        _count_kernel[(num_chunks,)](ids, counts, n, chunk, num_experts, E_PAD=e_pad, CHUNK=CHUNK_SLOTS,
-                                     num_warps=NUM_WARPS, **launch_options(dev))
+        _count_kernel[(num_chunks + extra,)](ids, counts, n, chunk, num_experts, *qargs, E_PAD=e_pad,
+                                             CHUNK=CHUNK_SLOTS, **qflags, num_warps=NUM_WARPS, **launch_options(dev))
+        extra, qflags = 0, dict(QUANT=False, QBLOCK=16)  # the count launch quantized x
     cursors = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
-    _place_kernel[(num_chunks,)](ids, counts, cursors, sorted_ids, expert_ids, num_padded, n, chunk, num_chunks,
-                                 num_blocks, num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=CHUNK_SLOTS,
-                                 CHUNK_ROWS=max(1, 4096 // e_pad), PAD_COLS=min(block_m, max(1, 4096 // e_pad)),
-                                 SUB=max(16, 8192 // e_pad), SINGLE=num_chunks == 1, num_warps=NUM_WARPS,
-                                 **launch_options(dev))
-    return AlignedRouting(sorted_ids, expert_ids, num_padded)
+    _place_kernel[(num_chunks + extra,)](ids, counts, cursors, sorted_ids, expert_ids, num_padded, n, chunk,
+                                         num_chunks, num_blocks, num_experts, *qargs, BLOCK_M=block_m, E_PAD=e_pad,
+                                         CHUNK=CHUNK_SLOTS, CHUNK_ROWS=max(1, 4096 // e_pad),
+                                         PAD_COLS=min(block_m, max(1, 4096 // e_pad)), SUB=max(16, 8192 // e_pad),
+                                         SINGLE=num_chunks == 1, **qflags, num_warps=NUM_WARPS,
+                                         **launch_options(dev))
+    return (AlignedRouting(sorted_ids, expert_ids, num_padded), *quant)
 
 
 def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedRouting:

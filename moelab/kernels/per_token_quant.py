@@ -15,6 +15,8 @@ from moelab.kernels.pdl import gdc_prologue, launch_options
 
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12
+FP8_MAX_C = tl.constexpr(FP8_MAX)  # the same, for other kernels' jit code
+MIN_SCALE_C = tl.constexpr(MIN_SCALE)
 
 
 @triton.jit
@@ -30,27 +32,51 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows_ptr, K, stride_x, stride_q, FP8_MAX_: tl.constexpr,
-                            MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NUM_ROWS: tl.constexpr,
-                            USE_PDL: tl.constexpr = False):
-    """Row t: amax over K in BLOCK_K chunks (a second pass over the row quantizes it). HAS_NUM_ROWS: rows at or
-    past num_rows_ptr[0] are skipped (the MoE's padded rows not in use this step)."""
-    gdc_prologue(USE_PDL)
-    t = tl.program_id(0).to(tl.int64)
-    if HAS_NUM_ROWS:
-        if t >= tl.load(num_rows_ptr):
-            return
+def quant_scale(amax, FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr):
+    """The per-row scale of a row whose largest |value| is amax (float32)."""
+    return tl.maximum(amax / FP8_MAX_, MIN_SCALE_)
+
+
+@triton.jit
+def quantize(v, s, FP8_MAX_: tl.constexpr):
+    """v / s clamped to the e4m3 range and rounded to it (float32 values, exact in fp8); s broadcasts over v."""
+    return _round_e4m3(tl.clamp(v.to(tl.float32) / s, -FP8_MAX_, FP8_MAX_))
+
+
+@triton.jit
+def quant_row(x_ptr, q_ptr, s_ptr, t, K, stride_x, stride_q, FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """Row t: amax over K in BLOCK_K chunks, then a second pass over the row quantizes it; writes q[t], s[t]."""
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         v = tl.load(x_ptr + t * stride_x + k + offs, mask=k + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
-    s = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_, MIN_SCALE_)
+    s = quant_scale(tl.max(amax, axis=0), FP8_MAX_, MIN_SCALE_)
     for k in range(0, K, BLOCK_K):
-        v = tl.load(x_ptr + t * stride_x + k + offs, mask=k + offs < K, other=0.0).to(tl.float32)
-        q = _round_e4m3(tl.clamp(v / s, -FP8_MAX_, FP8_MAX_))
-        tl.store(q_ptr + t * stride_q + k + offs, q.to(q_ptr.dtype.element_ty), mask=k + offs < K)
+        v = tl.load(x_ptr + t * stride_x + k + offs, mask=k + offs < K, other=0.0)
+        tl.store(q_ptr + t * stride_q + k + offs, quantize(v, s, FP8_MAX_).to(q_ptr.dtype.element_ty),
+                 mask=k + offs < K)
     tl.store(s_ptr + t, s)
+
+
+@triton.jit
+def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows_ptr, K, stride_x, stride_q, FP8_MAX_: tl.constexpr,
+                            MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NUM_ROWS: tl.constexpr,
+                            USE_PDL: tl.constexpr = False):
+    """One program per row (quant_row). HAS_NUM_ROWS: rows at or past num_rows_ptr[0] are skipped (the MoE's
+    padded rows not in use this step)."""
+    gdc_prologue(USE_PDL)
+    t = tl.program_id(0).to(tl.int64)
+    if HAS_NUM_ROWS:
+        if t >= tl.load(num_rows_ptr):
+            return
+    quant_row(x_ptr, q_ptr, s_ptr, t, K, stride_x, stride_q, FP8_MAX_, MIN_SCALE_, BLOCK_K)
+
+
+def quant_block_k(K: int) -> int:
+    """The chunk quant_row walks a row of K values in."""
+    return min(4096, triton.next_power_of_2(max(K, 16)))
 
 
 def per_token_quant(x: torch.Tensor, num_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +89,7 @@ def per_token_quant(x: torch.Tensor, num_rows: torch.Tensor | None = None) -> tu
     q = torch.empty(T, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(T, dtype=torch.float32, device=x.device)
     if T:
-        block_k = min(4096, triton.next_power_of_2(max(K, 16)))
+        block_k = quant_block_k(K)
         _per_token_quant_kernel[(T,)](x, q, s, s if num_rows is None else num_rows, K, x.stride(0), q.stride(0),
                                       FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK_K=block_k,
                                       HAS_NUM_ROWS=num_rows is not None, num_warps=4 if block_k <= 2048 else 8,
