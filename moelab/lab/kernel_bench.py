@@ -301,7 +301,9 @@ def gemm_candidates(device: str, dtype: str = "bf16", per_expert: float | None =
     pe = 0.0 if per_expert is None else per_expert
     if pe <= 16:
         tiles = [(32, 256, 4, 4), (64, 256, 4, 3), (32, 512, 4, 3), (64, 512, 4, 3), (128, 256, 4, 3),
-                 (64, 128, 4, 4), (32, 128, 4, 4)]
+                 (64, 128, 4, 4), (32, 128, 4, 4),
+                 # BLOCK_N >= 64 at row blocks < 64 run transposed on fp8 wgmma (fused_moe.swap_ab): deeper pipelines
+                 (64, 256, 4, 5), (64, 128, 4, 6), (128, 128, 4, 4), (128, 256, 8, 3)]
     elif pe <= 192:
         tiles = [(64, 128, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (128, 256, 4, 3), (128, 256, 8, 3),
                  (256, 128, 8, 3), (64, 256, 4, 3)]
