@@ -1,0 +1,77 @@
+"""Kernel times inside one fused MoE layer call (CUDA graph replays under torch.profiler), per dtype.
+
+    PYTHONPATH=. python scripts/profile_moe_layer_gpu.py olmoe:1,256 mixtral:1 --dtypes bf16 fp8_channel
+
+For each (shape, M, dtype): the layer's graph (moelab.lab.kernel_bench's weights and uniform routing) replayed
+`--replays` times under the profiler; prints each kernel's mean us per layer call and the sum next to the
+layer's graph time, and writes the rows to $OUT/profile_moe_layer.json. Programmatic dependent launch is off
+unless --pdl (under it a kernel starts before its predecessor ends and its time includes the wait, so kernel
+times overlap and do not add up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moelab.kernels import fused_moe as fm
+from moelab.kernels import pdl
+from moelab.lab import kernel_bench as kb
+
+
+def profile_cell(shape: tuple, M: int, dtype: str, replays: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    wts = kb.make_weights(shape, dtype, "cuda", g)
+    x, ids, w = kb.make_inputs(M, shape, kb.act_dtype(dtype, "cuda"), "cuda", g)
+    quant = {} if wts["scales"] is None else dict(quant=dtype, w13_scale=wts["scales"].w13_scale,
+                                                 w2_scale=wts["scales"].w2_scale)
+    layer_ms = kb.graph_ms(lambda i: fm.fused_moe(x, ids, w, wts["w13"], wts["w2"], **quant), 1, "cuda")[0]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fm.fused_moe(x, ids, w, wts["w13"], wts["w2"], **quant)
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    us: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            us[ev.name[:60]] += ev.device_time / replays
+    return dict(shape=shape, M=M, dtype=dtype, layer_ms=layer_ms, kernels_us=dict(us),
+                sum_us=sum(us.values()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cells", nargs="+", help="shape:M1,M2 (shapes: " + ", ".join(kb.SHAPES) + ")")
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp8_channel"])
+    ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--pdl", action="store_true")
+    args = ap.parse_args()
+    pdl.set_enabled(args.pdl)
+    rows = []
+    for cell in args.cells:
+        name, ms = cell.split(":")
+        for M in (int(m) for m in ms.split(",")):
+            for dtype in args.dtypes:
+                r = profile_cell(kb.SHAPES[name], M, dtype, args.replays)
+                rows.append(dict(r, shape=name))
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["kernels_us"].items(), key=lambda kv: -kv[1]))
+                print(f"{name} M={M} {dtype}{' (pdl)' if args.pdl else ''}: layer {r['layer_ms'] * 1e3:.1f} us (graph), kernels {r['sum_us']:.1f} "
+                      f"us: {parts}", flush=True)
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile_moe_layer.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
