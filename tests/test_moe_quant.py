@@ -161,34 +161,29 @@ def test_triton_quantized_tile_configs() -> None:
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 @pytest.mark.parametrize("fmt", ["fp8_channel", "fp8_block"])
-@pytest.mark.parametrize("T,E,K,D,I,h_max", [(1, 8, 2, 200, 136, 256), (1, 60, 6, 32, 16, 256),
-                                             (7, 6, 3, 40, 24, 256), (7, 6, 3, 40, 24, 4), (30, 60, 6, 32, 136, 256)])
-def test_w8a8_activation_quant_fused_equals_separate(fmt, T, E, K, D, I, h_max, monkeypatch) -> None:
-    """Activations quantized inside other launches -- x by moe_align_quant's extra programs (also in the chunked
-    count launch; decode blocks have no align launch and keep per_token_quant), h by gate_up's last program per
-    row block (up to FUSED_H_QUANT_MAX_TOKENS tokens) -- give the layer the values of the per_token_quant
-    launches, bit for bit, and leave the arrival counters at zero."""
+@pytest.mark.parametrize("T,E,K,D,I", [(1, 8, 2, 200, 136), (1, 60, 6, 32, 16), (7, 6, 3, 40, 24),
+                                       (30, 60, 6, 32, 136)])
+def test_w8a8_activation_quant_fused_equals_separate(fmt, T, E, K, D, I, monkeypatch) -> None:
+    """x quantized by moe_align_quant's extra programs (also in the chunked count launch; at decode blocks, which
+    have no align launch, by per_token_quant) gives the layer the values of its own per_token_quant launch, bit
+    for bit."""
     from moelab.kernels import fused_moe as fm
     from moelab.kernels import moe_align as ma
-    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
     from test_fused_moe import routing
 
     monkeypatch.setattr(ma, "SINGLE_PROGRAM_SLOTS", 64)  # T=30 x top-6: the count + place launches
-    monkeypatch.setattr(fm, "FUSED_H_QUANT_MAX_TOKENS", h_max)
     x, w = torch.randn(T, D) * 3, torch.rand(T, K)
     w13, w2 = weights(E, D, I)
     q13, q2, s = quantize_experts(w13, w2, fmt)
     ids = routing(T, E, K, "skew" if T > 1 else "uniform")
     args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
-    cfg = MoEConfig(16, GemmConfig(16, 32), GemmConfig(32, 32))  # several column tiles per row block
-    kw = dict(config=cfg, quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
+    kw = dict(quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
     outs = {}
-    for mode, sign in (("fused", -1), ("fused", 1), ("separate", 1)):  # the first call leaves other values in
-        monkeypatch.setattr(fm, "ACT_QUANT", mode)                      # the memory the next h is allocated in
-        outs[mode] = fm.fused_moe(sign * args[0], *args[1:], **kw).cpu()
+    for mode in ("separate", "fused"):
+        monkeypatch.setattr(fm, "ACT_QUANT", mode)
+        outs[mode] = fm.fused_moe(*args, **kw).cpu()
     assert torch.equal(outs["fused"], outs["separate"])
     assert rel(outs["fused"], naive_moe(x, ids, w, q13, q2, s)) < 1e-5
-    assert not fm._row_block_counters(torch.device(DEV)).any()
     with pytest.raises(ValueError, match="must be 'fused' or 'separate'"):
         fm.set_act_quant("inline")
 

@@ -18,10 +18,8 @@ Quantized experts (`quant`, formats as in moelab/layers/moe/quant.py; W = Q * S)
   Where the quantization happens (ACT_QUANT, the same values either way):
   "separate": a per_token_quant launch for x and one for h;
   "fused" (default): x by extra programs of the moe_align launch (moe_align_quant) where there is one (not at
-  naive blocks); h, up to FUSED_H_QUANT_MAX_TOKENS tokens, by gate_up itself: the last program of each row block
-  to finish its tile reads the block's rows back from L2 and quantizes them (above that, the last programs'
-  extra work would trail the launch, and h gets its per_token_quant launch). (Quantizing A tiles inside the
-  GEMMs' K loops instead was measured and dropped: docs/perf/moe_kernels.md, v3 and v5.)
+  naive blocks), h by its own per_token_quant launch. (Quantizing inside the GEMMs instead was measured and
+  dropped: docs/perf/moe_kernels.md, v3 and v5.)
 
 The grid is sized on the host from (T*K, E, BLOCK_M); programs past the padded row count return at once, so
 nothing reads the routing on the host and the whole layer can be captured in a CUDA graph.
@@ -47,11 +45,10 @@ from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, get_config, u
 from moelab.kernels.moe_align import moe_align, moe_align_quant
 from moelab.kernels.moe_sum import moe_sum
 from moelab.kernels.pdl import gdc_prologue, launch_options
-from moelab.kernels.per_token_quant import FP8_MAX_C, MIN_SCALE_C, per_token_quant, quant_scale, quantize
+from moelab.kernels.per_token_quant import per_token_quant
 
 NAIVE_BLOCK_M = 16
 ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
-FUSED_H_QUANT_MAX_TOKENS = 256  # h quantized by gate_up's last programs up to here (module docstring)
 SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
@@ -94,17 +91,13 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
                     A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
-                    hq_ptr=None, hs_ptr=None, count_ptr=None, stride_hq=0, H_QUANT: tl.constexpr = False,
-                    QROWS: tl.constexpr = 1, QBLOCK: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
+                    USE_PDL: tl.constexpr = False):
     """h[rows, n-tile] = silu(A G^T) * (A U^T), A = x[slot // top_k] gathered; N = I, K = D.
     USE_TMA: w_ptr is a TMA descriptor over w13 viewed [E * 2N, K] with [BLOCK_N, BLOCK_K] boxes.
     Quantized (see the module docstring): W_INT8 converts weight tiles to x's dtype; A_SCALE multiplies row r by
     a_scale[token]; W_SCALE 1/2/3 = per expert / per channel / 128x128 block, the up rows' scales starting at
     scale row up_scale_row (N for channels, the gate's block-row count for blocks).
-    SWAP_AB: the products computed transposed, W-tile [BLOCK_N, BLOCK_K] x A-tile^T (see swap_ab()).
-    H_QUANT: also hq, hs = per_token_quant of the row block's first QROWS rows of h: the last program of the row
-    block to store its tile (an acq_rel arrival counter per row block, left at zero) reads them back and quantizes
-    them in QBLOCK-wide chunks."""
+    SWAP_AB: the products computed transposed, W-tile [BLOCK_N, BLOCK_K] x A-tile^T (see swap_ab())."""
     gdc_prologue(USE_PDL)
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
@@ -198,32 +191,6 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     tl.store(h_ptr + rows[:, None] * stride_hr + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=offs_n[None, :] < N)
-    if H_QUANT:
-        tl.debug_barrier()  # every thread's h stores before the release below
-        arrived = tl.atomic_add(count_ptr + pid_m, 1, sem="acq_rel")
-        if arrived == tl.cdiv(N, BLOCK_N) - 1:  # the row block's last tile: its rows of h are complete
-            _quant_rows(h_ptr, hq_ptr, hs_ptr, pid_m * BLOCK_M, N, stride_hr, stride_hq, QROWS, QBLOCK)
-            tl.store(count_ptr + pid_m, 0)
-
-
-@triton.jit
-def _quant_rows(h_ptr, hq_ptr, hs_ptr, row0, N, stride_hr, stride_hq, QROWS: tl.constexpr, QBLOCK: tl.constexpr):
-    """hq, hs of rows row0 .. row0 + QROWS - 1 of h, as per_token_quant computes them (read through L2: the
-    other programs' stores are not in this one's L1)."""
-    r = (row0 + tl.arange(0, QROWS)).to(tl.int64)
-    offs = tl.arange(0, QBLOCK)
-    amax = tl.zeros((QROWS, QBLOCK), dtype=tl.float32)
-    for c in range(0, N, QBLOCK):
-        ok = (c + offs)[None, :] < N
-        v = tl.load(h_ptr + r[:, None] * stride_hr + c + offs[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-        amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-    s = quant_scale(tl.max(amax, axis=1), FP8_MAX_C, MIN_SCALE_C)
-    for c in range(0, N, QBLOCK):
-        ok = (c + offs)[None, :] < N
-        v = tl.load(h_ptr + r[:, None] * stride_hr + c + offs[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-        tl.store(hq_ptr + r[:, None] * stride_hq + c + offs[None, :],
-                 quantize(v, s[:, None], FP8_MAX_C).to(hq_ptr.dtype.element_ty), mask=ok)
-    tl.store(hs_ptr + r, s)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS[:1] + _RUNTIME_INTS[2:])
@@ -429,24 +396,11 @@ def _quant_args(w: torch.Tensor, q: Quant | None) -> tuple[list, dict]:
 
 
 def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: Quant | None = None,
-            out_dtype: torch.dtype | None = None, quant_h: bool = False
-            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] -> h [num_pid_m * block_m, I]: silu(gate) * up per sorted row, in out_dtype
-    (default x's). Quantized: x fp8 with q.a_scale [T] (W8A8) or x bf16/fp16/fp32 (int8 W8A16).
-    quant_h (needs r.num_pid_m <= MAX_QUANT_ROW_BLOCKS): (h, hq, hs), h's rows in use quantized per row as
-    per_token_quant(h, r.num_padded) does (at naive blocks only each block's one live row)."""
+    (default x's). Quantized: x fp8 with q.a_scale [T] (W8A8) or x bf16/fp16/fp32 (int8 W8A16)."""
     (E, two_i, D), I = w13.shape, w13.shape[1] // 2
     h = torch.empty(r.num_pid_m * r.block_m, I, dtype=out_dtype or x.dtype, device=x.device)
-    hq_args: dict = {}
-    if quant_h:
-        if r.num_pid_m > MAX_QUANT_ROW_BLOCKS:
-            raise ValueError(f"gate_up: quant_h takes at most {MAX_QUANT_ROW_BLOCKS} row blocks, got {r.num_pid_m}")
-        hq = torch.empty(h.shape, dtype=torch.float8_e4m3fn, device=x.device)
-        hs = torch.empty(h.shape[0], dtype=torch.float32, device=x.device)
-        qrows = 1 if r.naive else r.block_m
-        hq_args = dict(hq_ptr=hq, hs_ptr=hs, count_ptr=_row_block_counters(x.device), stride_hq=hq.stride(0),
-                       H_QUANT=True, QROWS=qrows,
-                       QBLOCK=max(16, min(triton.next_power_of_2(I), 4096 // qrows)))
     tma = cfg.tma and _tma_ok(w13)
     w = _desc(w13, E * two_i, [cfg.block_n, cfg.block_k]) if tma else w13
     qargs, qflags = _quant_args(w13, q)
@@ -455,23 +409,8 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: 
     _gate_up_kernel[(r.num_pid_m * triton.cdiv(I, cfg.block_n),)](
         x, w, h, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], r.ids.numel(), r.top_k,
         r.num_pid_m, cfg.group_m, I, D, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
-        *qargs[2:], up_row, **_launch_args(r, cfg, D, x.dtype, tma), **qflags, **hq_args,
-        **launch_options(x.device))
-    return (h, hq_args["hq_ptr"], hq_args["hs_ptr"]) if quant_h else h
-
-
-MAX_QUANT_ROW_BLOCKS = 4096
-_ROW_BLOCK_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _row_block_counters(device: torch.device) -> torch.Tensor:
-    """Zeroed arrival counters of gate_up(quant_h=True), one per row block, allocated once per device and never
-    replaced (CUDA graphs captured with them stay valid); every launch leaves them at zero. One buffer per device:
-    such launches must not run concurrently on two streams (the engine uses one)."""
-    c = _ROW_BLOCK_COUNTERS.get(device)
-    if c is None:
-        c = _ROW_BLOCK_COUNTERS[device] = torch.zeros(MAX_QUANT_ROW_BLOCKS, dtype=torch.int32, device=device)
-    return c
+        *qargs[2:], up_row, **_launch_args(r, cfg, D, x.dtype, tma), **qflags, **launch_options(x.device))
+    return h
 
 
 def down(h: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, r: Routing, cfg: GemmConfig,
@@ -559,12 +498,8 @@ def _fused_moe_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tens
     else:
         r = route(topk_ids, E, cfg.block_m)
         xq, xs = per_token_quant(x)
-    q13 = Quant(quant, w13_scale, xs)
-    if ACT_QUANT == "fused" and T <= FUSED_H_QUANT_MAX_TOKENS and r.num_pid_m <= MAX_QUANT_ROW_BLOCKS:
-        _, hq, hs = gate_up(xq, w13, r, cfg.gate_up, q13, out_dtype=act, quant_h=True)
-    else:
-        h = gate_up(xq, w13, r, cfg.gate_up, q13, out_dtype=act)
-        hq, hs = per_token_quant(h, None if r.naive else r.num_padded)
+    h = gate_up(xq, w13, r, cfg.gate_up, Quant(quant, w13_scale, xs), out_dtype=act)
+    hq, hs = per_token_quant(h, None if r.naive else r.num_padded)
     y = down(hq, w2, weights, r, cfg.down, Quant(quant, w2_scale, hs), out_dtype=act)
     return y if K == 1 or not sum_topk else moe_sum(y, K)
 
