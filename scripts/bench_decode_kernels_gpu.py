@@ -4,7 +4,8 @@ back-to-back calls in one CUDA graph (one call per graph would time the graph la
 
 - router GEMM + top-k in one kernel (D split over programs at decode) vs the float32 GEMM + the top-k kernel;
 - q/k norm + RoPE + KV store in one kernel vs the four kernels before it;
-- decode attention at B = 64 / 256, 150-token contexts: launch configs and key splits.
+- decode attention at B = 64 / 256 (--attn-batches), 150-token contexts: launch configs and key splits (at B = 1
+  key splits 1-8 for each config).
 
     PYTHONPATH=. python scripts/bench_decode_kernels_gpu.py [--budget-s 400] [--sections router,qk,attn]
 """
@@ -113,9 +114,9 @@ def qk_section(budget: float) -> None:
                 rel_err=err, ok=err < 1e-2))
 
 
-def attn_section(rates, budget: float) -> None:
+def attn_section(rates, budget: float, batches: tuple[int, ...] = (64, 256)) -> None:
     for shape in ("olmoe", "mla16"):
-        for B in (64, 256):
+        for B in batches:
             mla = shape == "mla16"
             lens = [150] * B
             per_copy = sum(lens) * (576 if mla else 16 * 256) * 2
@@ -129,7 +130,7 @@ def attn_section(rates, budget: float) -> None:
                                            ((32, 4, 3), (32, 2, 2), (32, 2, 3), (32, 2, 5), (16, 2, 4), (16, 1, 4),
                                             (32, 1, 3), (32, 1, 4), (64, 2, 4), (64, 2, 2))])
             for cfg in cands:
-                for splits in ((1, 2) if cfg == base else (1,)):
+                for splits in ((1, 2, 3, 4, 6, 8) if B == 1 else (1, 2) if cfg == base else (1,)):
                     if not left(budget):
                         return
                     kw = dict(config=cfg, num_splits=splits, max_seq_len=4096)
@@ -151,6 +152,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=400.0, help="start no new timing after this many seconds")
     ap.add_argument("--sections", default="qk,router,attn")
+    ap.add_argument("--attn-batches", default="64,256", help="decode batch sizes of the attention sweep")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
@@ -161,7 +163,8 @@ def main() -> None:
     for i, s in enumerate(sections):
         budget = share * (i + 1)
         try:
-            {"router": router_section, "qk": qk_section, "attn": partial(attn_section, rates)}[s](budget)
+            {"router": router_section, "qk": qk_section, "attn": partial(attn_section, rates, batches=tuple(
+                int(b) for b in args.attn_batches.split(",")))}[s](budget)
         except Exception as e:  # noqa: BLE001 (one section failing must not lose the others)
             import traceback
 

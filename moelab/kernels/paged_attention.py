@@ -21,7 +21,7 @@ from moelab.kernels.pdl import gdc_prologue, launch_options
 
 LOG2E = 1.4426950408889634
 TARGET_WAVES = 2  # decode: split the keys until the grid holds about this many programs per SM
-MIN_KEYS_PER_SPLIT = 256
+MIN_KEYS_PER_SPLIT = 32  # one 32-key step (H200 sweep at B=1, docs/perf/engine.md v5)
 MAX_SPLITS = 64
 
 
@@ -225,7 +225,8 @@ def default_config(max_query_len: int, group: int, dk: int, dv: int, num_seqs_x_
                    num_sms: int = 132) -> PagedAttentionConfig:
     """Launch shape from host ints only, picked from H100 sweeps (scripts/bench_attention_gpu.py --sweep).
     Decode rows per program are capped so that the fp32 accumulator [rows, Dv] fits in registers; a decode grid of
-    fewer than two programs per SM (num_seqs_x_kv = B * KV) takes 64-key steps: more bytes in flight per program."""
+    fewer than four programs per SM takes 32-key steps, since num_kv_splits splits its keys (one step per split
+    at least)."""
     dv_pad = _pow2(dv)
     big = dk > 256
     row_cap = max(16, min(128, 16384 // dv_pad))
@@ -238,7 +239,7 @@ def default_config(max_query_len: int, group: int, dk: int, dv: int, num_seqs_x_
             return PagedAttentionConfig(1, 1, 32, 2, 2)  # sweeps, docs/perf/engine.md v3: OLMoE B=256 -17 %)
         if group == 1 and programs >= 4 * num_sms:  # (OLMoE B=64: -15 %)
             return PagedAttentionConfig(1, 1, 16, 1, 4)
-        return PagedAttentionConfig(1, hpp, 64 if programs < 2 * num_sms else 32, 4, 3)
+        return PagedAttentionConfig(1, hpp, 32, 4, 3)
     hpp = min(group, 64)  # prefill: 64 rows of (token, head) pairs
     block_q = min(max(1, 64 // hpp), triton.next_power_of_2(max_query_len))
     return PagedAttentionConfig(block_q, hpp, 32 if big else 64, 8 if big else 4, 2 if big else 3)
