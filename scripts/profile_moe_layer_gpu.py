@@ -66,8 +66,9 @@ def main() -> None:
                 r = profile_cell(kb.SHAPES[name], M, dtype, args.replays)
                 rows.append(dict(r, shape=name))
                 parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["kernels_us"].items(), key=lambda kv: -kv[1]))
-                print(f"{name} M={M} {dtype}{' (pdl)' if args.pdl else ''}: layer {r['layer_ms'] * 1e3:.1f} us (graph), kernels {r['sum_us']:.1f} "
-                      f"us: {parts}", flush=True)
+                tag = " (pdl)" if args.pdl else ""
+                print(f"{name} M={M} {dtype}{tag}: layer {r['layer_ms'] * 1e3:.1f} us (graph), kernels "
+                      f"{r['sum_us']:.1f} us: {parts}", flush=True)
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile_moe_layer.json").write_text(json.dumps(rows, indent=1))

@@ -202,6 +202,10 @@ def test_fp8_heuristic_tiles() -> None:
         for fmt in ("fp8_tensor", "fp8_channel", "fp8_block"):
             c = heuristic_config(M, 64, 8, 1024, 2048, fmt)
             assert fmt != "fp8_block" or max(c.gate_up.block_k, c.down.block_k) <= 128
+    for fmt in ("fp8_channel", "fp8_block"):  # streaming tiles wide enough for the transposed wgmma products
+        c = heuristic_config(1, 64, 8, 1024, 2048, fmt)
+        assert fm.swap_ab(c.block_m, c.gate_up, torch.float8_e4m3fn) and fm.swap_ab(c.block_m, c.down,
+                                                                                     torch.float8_e4m3fn)
     big = heuristic_config(16384, 64, 8, 1024, 2048, "fp8_block")
     assert big.gate_up.block_n == 64 and big.block_m == 128
     assert heuristic_config(4096, 64, 8, 1024, 2048, "fp8_channel").gate_up.block_k == 128

@@ -167,9 +167,10 @@ def test_w8a8_activation_quant_fused_equals_separate(fmt, T, E, K, D, I, monkeyp
     """x quantized by moe_align_quant's extra programs (also in the chunked count launch; at decode blocks, which
     have no align launch, by per_token_quant) gives the layer the values of its own per_token_quant launch, bit
     for bit."""
+    from test_fused_moe import routing
+
     from moelab.kernels import fused_moe as fm
     from moelab.kernels import moe_align as ma
-    from test_fused_moe import routing
 
     monkeypatch.setattr(ma, "SINGLE_PROGRAM_SLOTS", 64)  # T=30 x top-6: the count + place launches
     x, w = torch.randn(T, D) * 3, torch.rand(T, K)
@@ -194,9 +195,10 @@ def test_w8a8_activation_quant_fused_equals_separate(fmt, T, E, K, D, I, monkeyp
 def test_fp8_swapped_products_equal_unswapped(fmt, T, tma, monkeypatch) -> None:
     """fp8 GEMMs with row blocks < 64 computed transposed (swap_ab) give the products of the untransposed
     kernels, with pointer and TMA weight loads, K not a multiple of BLOCK_K, block scales."""
+    from test_fused_moe import routing
+
     from moelab.kernels import fused_moe as fm
     from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
-    from test_fused_moe import routing
 
     E, K, D, I = 6, 2, 200, 136
     x, w = torch.randn(T, D), torch.rand(T, K)

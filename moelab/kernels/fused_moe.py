@@ -491,7 +491,7 @@ def _fused_moe_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tens
                     w2: torch.Tensor, cfg: MoEConfig, quant: str, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
                     sum_topk: bool) -> torch.Tensor:
     """fp8 x and h with per-row scales; where x is quantized: ACT_QUANT (module docstring)."""
-    (T, D), (E, K), act = x.shape, (w13.shape[0], topk_ids.shape[1]), x.dtype
+    T, E, K, act = x.shape[0], w13.shape[0], topk_ids.shape[1], x.dtype
     if ACT_QUANT == "fused" and not use_naive_blocks(T, K, E):  # x by extra programs of the align launch
         aligned, xq, xs = moe_align_quant(topk_ids, E, cfg.block_m, x)
         r = Routing(*aligned, topk_ids.reshape(-1).contiguous(), K, cfg.block_m, aligned.expert_ids.numel(), False)

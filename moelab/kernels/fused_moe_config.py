@@ -75,8 +75,10 @@ def heuristic_config(M: int, E: int, K: int, N: int, D: int, dtype: str, device_
         # need narrow gate_up tiles or the registers spill (the bf16 tiles below ran at a third of bf16's speed)
         return MoEConfig(128, GemmConfig(64, 128, 1, 8, 4), GemmConfig(128, 128, 1, 4, 3, tma=True))
     if use_naive_blocks(M, K, E) or per_expert <= 16:
-        bk = 128 if dtype == "fp8_block" else 256  # a K-tile must lie inside one 128-wide scale block
-        return MoEConfig(16, GemmConfig(32, bk, 1, 4, 3), GemmConfig(64, bk, 1, 4, 3, tma=True))
+        if dtype.startswith("fp8"):  # 64-wide tiles: the transposed products on fp8 wgmma (fused_moe.swap_ab);
+            stages = 6 if use_naive_blocks(M, K, E) else 4  # the modal H200 tiles at M = 1 / 16-64 (v5 tables)
+            return MoEConfig(16, GemmConfig(64, 128, 1, 4, stages, tma=True), GemmConfig(64, 128, 1, 4, 4, tma=True))
+        return MoEConfig(16, GemmConfig(32, 256, 1, 4, 3), GemmConfig(64, 256, 1, 4, 3, tma=True))
     if per_expert <= 48:
         return MoEConfig(32, GemmConfig(128, 128, 1, 4, 3), GemmConfig(128, 128, 1, 4, 3))
     fp8 = dtype.startswith("fp8")  # 1-byte operands: 128-wide K steps move as many bytes as bf16's 64
