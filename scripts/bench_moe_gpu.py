@@ -559,8 +559,8 @@ def quant_main(args: argparse.Namespace, dev: torch.device, out: Path) -> None:
     log(f"fp8 activations quantized: {fm.ACT_QUANT}; swapped products below 64 rows: {fm.SWAP_AB_FP8}")
     cfg = kb.KernelBenchConfig(shapes=shapes, ms=ms, dtypes=dtypes, backends=("naive", "triton"),
                                device=dev.type)
-    if dev.type == "cuda" and args.workers > 1:
-        try:
+    if dev.type == "cuda" and args.workers > 1 and args.act_quant == "fused" and not args.no_swap_ab:
+        try:  # (the worker processes compile the default variants only)
             kb.precompile_in_use(shapes, ms, dtypes, "cuda", args.workers, log=log)
         except Exception as exc:  # only a head start: the run compiles what is missing as it goes
             log(f"precompile failed ({type(exc).__name__}: {exc}); compiling serially")

@@ -43,9 +43,10 @@ def routing(T: int, E: int, K: int, mode: str = "uniform") -> torch.Tensor:
     return ids
 
 
-def assert_align_equal(ids: torch.Tensor, E: int, block_m: int, **kw) -> None:
-    """Same runs, blocks and total as the reference; inside a run the Triton order may differ (atomics)."""
-    out, ref = moe_align(ids, E, block_m, **kw), moe_align_ref(ids, E, block_m)
+def assert_align_equal(ids: torch.Tensor, E: int, block_m: int, out=None, **kw) -> None:
+    """Same runs, blocks and total as the reference; inside a run the Triton order may differ (atomics).
+    out: an AlignedRouting already computed (else moe_align's)."""
+    out, ref = out if out is not None else moe_align(ids, E, block_m, **kw), moe_align_ref(ids, E, block_m)
     n = int(ref.num_padded)
     assert out.sorted_ids.numel() == padded_size(ids.numel(), E, block_m)
     assert int(out.num_padded) == n and n % block_m == 0
@@ -73,19 +74,22 @@ def test_align_chunked_matches_ref(single) -> None:
     assert_align_equal(ids, 60, 32, single_program_slots=single)
 
 
-@pytest.mark.parametrize("T,K,D,single", [(5, 2, 48, None), (1, 6, 300, None), (40, 4, 100, 16), (30, 6, 64, 1)])
-def test_align_quant_is_align_plus_per_token_quant(T, K, D, single) -> None:
+@pytest.mark.parametrize("T,K,D,single,chunk", [(5, 2, 48, None, None), (1, 6, 300, None, None),
+                                                (40, 4, 100, 16, 16), (30, 6, 64, 1, 16), (30, 6, 64, 1, None)])
+def test_align_quant_is_align_plus_per_token_quant(T, K, D, single, chunk, monkeypatch) -> None:
     """moe_align_quant's extra programs (in the one-program launch, or in the count launch of the chunked
-    path) give per_token_quant's values; the routing is moe_align's."""
+    path, with one chunk or several) give per_token_quant's values; the routing is moe_align's."""
+    import moelab.kernels.moe_align as ma
     from moelab.kernels.per_token_quant import per_token_quant
 
+    if chunk:
+        monkeypatch.setattr(ma, "CHUNK_SLOTS", chunk)  # several count/place programs before the quant ones
     ids = routing(T, 60, K, "skew").to(DEV)
-    x = (torch.randn(T, D) * 10 ** torch.randint(-3, 3, (T, 1))).to(DEV)
+    x = (torch.randn(T, D) * 10.0 ** torch.randint(-3, 3, (T, 1))).to(DEV)
     r, q, s = moe_align_quant(ids, 60, 16, x, single_program_slots=single)
     q0, s0 = per_token_quant(x)
     assert torch.equal(q.float(), q0.float()) and torch.equal(s, s0)
-    ref = moe_align_ref(ids, 60, 16)
-    assert torch.equal(r.expert_ids, ref.expert_ids) and int(r.num_padded) == int(ref.num_padded)
+    assert_align_equal(ids, 60, 16, out=r)
     with pytest.raises(ValueError, match="moe_align_quant: want x"):
         moe_align_quant(ids, 60, 16, x[:-1])
 

@@ -172,7 +172,8 @@ def test_w8a8_activation_quant_fused_equals_separate(fmt, T, E, K, D, I, monkeyp
     from moelab.kernels import fused_moe as fm
     from moelab.kernels import moe_align as ma
 
-    monkeypatch.setattr(ma, "SINGLE_PROGRAM_SLOTS", 64)  # T=30 x top-6: the count + place launches
+    monkeypatch.setattr(ma, "SINGLE_PROGRAM_SLOTS", 64)  # T=30 x top-6: the count + place launches,
+    monkeypatch.setattr(ma, "CHUNK_SLOTS", 64)  # over three chunks
     x, w = torch.randn(T, D) * 3, torch.rand(T, K)
     w13, w2 = weights(E, D, I)
     q13, q2, s = quantize_experts(w13, w2, fmt)
@@ -194,19 +195,21 @@ def test_w8a8_activation_quant_fused_equals_separate(fmt, T, E, K, D, I, monkeyp
 @pytest.mark.parametrize("T,tma", [(1, False), (1, True), (9, False), (9, True)])
 def test_fp8_swapped_products_equal_unswapped(fmt, T, tma, monkeypatch) -> None:
     """fp8 GEMMs with row blocks < 64 computed transposed (swap_ab) give the products of the untransposed
-    kernels, with pointer and TMA weight loads, K not a multiple of BLOCK_K, block scales."""
+    kernels, with pointer and TMA weight loads (rows of 16-byte multiples), K not a multiple of BLOCK_K (208, 144
+    against 64 / 128), block scales."""
     from test_fused_moe import routing
 
     from moelab.kernels import fused_moe as fm
     from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
 
-    E, K, D, I = 6, 2, 200, 136
+    E, K, D, I = 6, 2, 208, 144
     x, w = torch.randn(T, D), torch.rand(T, K)
     w13, w2 = weights(E, D, I)
     q13, q2, s = quantize_experts(w13, w2, fmt)
     ids = routing(T, E, K)
     cfg = MoEConfig(16, GemmConfig(64, 64, tma=tma), GemmConfig(64, 128, tma=tma))
     assert fm.swap_ab(16, cfg.gate_up, torch.float8_e4m3fn) and not fm.swap_ab(64, cfg.gate_up, torch.float8_e4m3fn)
+    assert fm._tma_ok(q13) and fm._tma_ok(q2)  # the tma=True cases take the descriptor path
     args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
     kw = dict(config=cfg, quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
     outs = {}

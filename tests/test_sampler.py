@@ -41,6 +41,18 @@ def test_greedy_rows_take_argmax_and_banned_tokens_never_come() -> None:
     assert ids[0] == logits[0].topk(2).indices[1]
 
 
+def test_banned_tokens_in_any_row_of_a_strided_batch() -> None:
+    """Bans land on their own row (flat positions row * V + token), also for non-contiguous logits."""
+    wide = torch.randn(30, 8)
+    logits = wide.t()  # [8, 30], column-major
+    top = logits.argmax(-1)
+    banned = [[int(top[i])] if i % 2 else [] for i in range(8)]
+    b = batch([0.0] * 8, [0] * 8, [1.0] * 8, banned=banned)
+    ids = sample(logits, b)
+    for i in range(8):
+        assert int(ids[i]) == (int(logits[i].topk(2).indices[1]) if i % 2 else int(top[i]))
+
+
 @pytest.mark.parametrize("seed", [0, 7])
 def test_seeded_rows_ignore_the_rest_of_the_batch(seed: int) -> None:
     logits = torch.randn(3, 100)

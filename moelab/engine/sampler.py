@@ -29,13 +29,13 @@ class SamplingBatch:
 
 def _apply_banned(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
     V = logits.shape[1]
-    flat = [i * V + t for i, ids in enumerate(banned) for t in ids if t < V]
+    flat = [i * V + t for i, ids in enumerate(banned) for t in ids if 0 <= t < V]
     if flat:
         # the flat (row, token) positions reach the device through a pinned buffer and an asynchronous copy, and
         # index_fill_ takes -inf as a kernel argument: indexing with Python lists, or assigning a Python scalar
         # through advanced indexing (a 0-dim tensor copied from pageable memory), waits for the device
         idx = torch.tensor(flat, dtype=torch.long, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
-        logits = logits.contiguous().clone()
+        logits = logits.clone(memory_format=torch.contiguous_format)
         logits.view(-1).index_fill_(0, idx, float("-inf"))
     return logits
 

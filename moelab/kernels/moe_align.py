@@ -66,10 +66,7 @@ def _quant_role(pid, first, x_ptr, xq_ptr, xs_ptr, D, stride_x, stride_q, QUANT:
     return False
 
 
-_QUANT_INTS = ["D", "stride_x", "stride_q"]
-
-
-@triton.jit(do_not_specialize=["num_slots", "chunk", "num_experts"] + _QUANT_INTS)
+@triton.jit(do_not_specialize=["num_slots", "chunk", "num_experts"])  # D, strides: 16-divisibility -> vector loads
 def _count_kernel(ids_ptr, counts_ptr, num_slots, chunk, num_experts, x_ptr, xq_ptr, xs_ptr, D, stride_x, stride_q,
                   E_PAD: tl.constexpr, CHUNK: tl.constexpr, QUANT: tl.constexpr = False,
                   QBLOCK: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
@@ -83,7 +80,7 @@ def _count_kernel(ids_ptr, counts_ptr, num_slots, chunk, num_experts, x_ptr, xq_
     tl.store(counts_ptr + pid * E_PAD + tl.arange(0, E_PAD), counts)
 
 
-@triton.jit(do_not_specialize=["num_slots", "chunk", "num_chunks", "num_blocks", "num_experts"] + _QUANT_INTS)
+@triton.jit(do_not_specialize=["num_slots", "chunk", "num_chunks", "num_blocks", "num_experts"])
 def _place_kernel(ids_ptr, counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, num_padded_ptr, num_slots, chunk,
                   num_chunks, num_blocks, num_experts, x_ptr, xq_ptr, xs_ptr, D, stride_x, stride_q,
                   BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, CHUNK_ROWS: tl.constexpr,

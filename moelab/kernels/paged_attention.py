@@ -21,7 +21,8 @@ from moelab.kernels.pdl import gdc_prologue, launch_options
 
 LOG2E = 1.4426950408889634
 TARGET_WAVES = 2  # decode: split the keys until the grid holds about this many programs per SM
-MIN_KEYS_PER_SPLIT = 32  # one 32-key step (H200 sweep at B=1, docs/perf/engine.md v5)
+MIN_KEYS_PER_SPLIT = 256
+SHORT_SPLITS = 16  # below MIN_KEYS_PER_SPLIT * SHORT_SPLITS keys: up to this many splits of >= one 32-key step
 MAX_SPLITS = 64
 
 
@@ -224,9 +225,10 @@ def _num_sms(device: torch.device) -> int:
 def default_config(max_query_len: int, group: int, dk: int, dv: int, num_seqs_x_kv: int = 0,
                    num_sms: int = 132) -> PagedAttentionConfig:
     """Launch shape from host ints only, picked from H100 sweeps (scripts/bench_attention_gpu.py --sweep).
-    Decode rows per program are capped so that the fp32 accumulator [rows, Dv] fits in registers; a decode grid of
-    fewer than four programs per SM takes 32-key steps, since num_kv_splits splits its keys (one step per split
-    at least)."""
+    Decode rows per program are capped so that the fp32 accumulator [rows, Dv] fits in registers. A decode grid of
+    fewer programs than SMs has its keys split (num_kv_splits) and takes 32-key steps (H200 sweep, docs/perf/
+    engine.md v5); one of one to two programs per SM, unsplit, takes 64-key steps: more bytes in flight per
+    program."""
     dv_pad = _pow2(dv)
     big = dk > 256
     row_cap = max(16, min(128, 16384 // dv_pad))
@@ -239,7 +241,7 @@ def default_config(max_query_len: int, group: int, dk: int, dv: int, num_seqs_x_
             return PagedAttentionConfig(1, 1, 32, 2, 2)  # sweeps, docs/perf/engine.md v3: OLMoE B=256 -17 %)
         if group == 1 and programs >= 4 * num_sms:  # (OLMoE B=64: -15 %)
             return PagedAttentionConfig(1, 1, 16, 1, 4)
-        return PagedAttentionConfig(1, hpp, 32, 4, 3)
+        return PagedAttentionConfig(1, hpp, 64 if num_sms <= programs < 2 * num_sms else 32, 4, 3)
     hpp = min(group, 64)  # prefill: 64 rows of (token, head) pairs
     block_q = min(max(1, 64 // hpp), triton.next_power_of_2(max_query_len))
     return PagedAttentionConfig(block_q, hpp, 32 if big else 64, 8 if big else 4, 2 if big else 3)
@@ -248,11 +250,14 @@ def default_config(max_query_len: int, group: int, dk: int, dv: int, num_seqs_x_
 def num_kv_splits(num_programs: int, max_seq_len: int, device: torch.device) -> int:
     """Key splits for a decode grid of `num_programs` (sequences x KV heads x head chunks): none once the grid
     fills the SMs, else enough for about TARGET_WAVES programs per SM, each split covering >= MIN_KEYS_PER_SPLIT
-    keys of max_seq_len."""
+    keys of max_seq_len -- or, for short max_seq_len, up to SHORT_SPLITS splits of >= 32 keys (H200 sweep at B=1
+    with 150-token contexts: OLMoE 7.5 -> 5.2 us, MLA 9.8 -> 7.2 us; docs/perf/engine.md v5). Under CUDA graphs
+    max_seq_len is max_model_len, so the count cannot follow the actual contexts."""
     if num_programs >= _num_sms(device):
         return 1
     want = TARGET_WAVES * _num_sms(device) // num_programs  # rounded down: a last, mostly empty wave costs a wave
-    return max(1, min(want, triton.cdiv(max_seq_len, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    by_len = max(triton.cdiv(max_seq_len, MIN_KEYS_PER_SPLIT), min(SHORT_SPLITS, triton.cdiv(max_seq_len, 32)))
+    return max(1, min(want, by_len, MAX_SPLITS))
 
 
 def value_is_key_prefix(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
