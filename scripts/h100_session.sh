@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe
+#   bash scripts/h100_session.sh gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -68,8 +68,11 @@ for section in "$@"; do
         OUT="$OUT/ab-$mode" python scripts/bench_moe_gpu.py --quant --formats fp8_channel --act-quant $mode \
           --ms 1,16,64,256,1024 2>&1 | grep -E "^quant:|fp8 activations" | grep -v "^quant: shape"
       done ;;
+    moe-profile)  # kernel times inside one MoE layer call, bf16 vs fp8 (PDL off so that they add up)
+      python scripts/profile_moe_layer_gpu.py olmoe:1,256 mixtral:1,256 qwen3:1 dsv2-lite:1 \
+        --dtypes bf16 fp8_channel fp8_block 2>&1 | grep -v -i warn ;;
     moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
       python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -45 ;;
-    *) echo "unknown section $section; allowed: gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe" >&2 ;;
   esac
 done
