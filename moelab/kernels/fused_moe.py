@@ -344,8 +344,22 @@ def route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     ids = topk_ids.reshape(-1).contiguous()
     if use_naive_blocks(T, K, num_experts):
         return Routing(ids, ids, ids, ids, K, NAIVE_BLOCK_M, ids.numel(), True)
-    aligned = moe_align(topk_ids, num_experts, block_m)
-    return Routing(*aligned, ids, K, block_m, aligned.expert_ids.numel(), False)
+    return _sorted(moe_align(topk_ids, num_experts, block_m), ids, K, block_m)
+
+
+def route_quant(topk_ids: torch.Tensor, num_experts: int, block_m: int, x: torch.Tensor
+                ) -> tuple[Routing, torch.Tensor, torch.Tensor]:
+    """route() plus x quantized per token (per_token_quant's values): by extra programs of the align launch, or
+    at naive blocks (no align launch) by per_token_quant."""
+    T, K = topk_ids.shape
+    if use_naive_blocks(T, K, num_experts):
+        return (route(topk_ids, num_experts, block_m), *per_token_quant(x))
+    aligned, xq, xs = moe_align_quant(topk_ids, num_experts, block_m, x)
+    return _sorted(aligned, topk_ids.reshape(-1).contiguous(), K, block_m), xq, xs
+
+
+def _sorted(aligned, ids: torch.Tensor, top_k: int, block_m: int) -> Routing:
+    return Routing(*aligned, ids, top_k, block_m, aligned.expert_ids.numel(), False)
 
 
 def swap_ab(block_m: int, cfg: GemmConfig, dtype: torch.dtype) -> bool:
@@ -491,10 +505,9 @@ def _fused_moe_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tens
                     w2: torch.Tensor, cfg: MoEConfig, quant: str, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
                     sum_topk: bool) -> torch.Tensor:
     """fp8 x and h with per-row scales; where x is quantized: ACT_QUANT (module docstring)."""
-    T, E, K, act = x.shape[0], w13.shape[0], topk_ids.shape[1], x.dtype
-    if ACT_QUANT == "fused" and not use_naive_blocks(T, K, E):  # x by extra programs of the align launch
-        aligned, xq, xs = moe_align_quant(topk_ids, E, cfg.block_m, x)
-        r = Routing(*aligned, topk_ids.reshape(-1).contiguous(), K, cfg.block_m, aligned.expert_ids.numel(), False)
+    E, K, act = w13.shape[0], topk_ids.shape[1], x.dtype
+    if ACT_QUANT == "fused":
+        r, xq, xs = route_quant(topk_ids, E, cfg.block_m, x)
     else:
         r = route(topk_ids, E, cfg.block_m)
         xq, xs = per_token_quant(x)

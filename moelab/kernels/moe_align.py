@@ -190,7 +190,7 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int, single_progra
         quant, qargs, extra = (xq, xs), [x, xq, xs, D, x.stride(0), xq.stride(0)], T
     qflags = dict(QUANT=x is not None, QBLOCK=quant_block_k(x.shape[1]) if x is not None else 16)
     if n == 0:
-        if x is not None and extra:  # nothing to sort; the rows still need their quantization
+        if x is not None:  # nothing to sort; the rows still need their quantization
             quant = per_token_quant(x)
         return (AlignedRouting(sorted_ids, expert_ids.fill_(-1), num_padded.zero_()), *quant)
     e_pad = _pow2_at_least(num_experts + 1)  # one spare histogram bin for masked lanes
