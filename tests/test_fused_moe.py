@@ -134,6 +134,28 @@ def test_fused_moe_matches_naive(T, E, K, D, I, mode, dtype) -> None:
     assert err < (1e-5 if dtype == torch.float32 else 2e-3), err
 
 
+@pytest.mark.parametrize("T,E,K,D,block_n", [(1, 8, 2, 40, 16), (2, 64, 4, 24, 64), (1, 60, 6, 130, 32)])
+def test_decode_sum_in_down_equals_moe_sum(T, E, K, D, block_n, monkeypatch) -> None:
+    """At naive blocks the down kernel's last program per (token, column tile) writes the top-k sum: the values
+    of the separate moe_sum launch bit for bit, twice in a row (the arrival counts go back to zero), with no
+    moe_sum launch; sum_topk=False still hands back the rows."""
+    x, ids, w, w13, w2 = case(T, E, K, D, 24, "uniform", torch.float16)
+    cfg = MoEConfig(16, GemmConfig(32, 32), GemmConfig(block_n, 32))
+    monkeypatch.setattr(fm, "DECODE_SUM", False)
+    rows = fm.fused_moe(x, ids, w, w13, w2, config=cfg, sum_topk=False)
+    separate = fm.fused_moe(x, ids, w, w13, w2, config=cfg)
+
+    def no_launch(*a, **k):
+        raise AssertionError("moe_sum launched at naive blocks")
+
+    monkeypatch.setattr(fm, "DECODE_SUM", True)
+    monkeypatch.setattr(fm, "moe_sum", no_launch)
+    for _ in range(2):
+        assert torch.equal(fm.fused_moe(x, ids, w, w13, w2, config=cfg), separate)
+        assert not any(buf.any() for buf in fm._ARRIVALS.values())
+    assert torch.equal(fm.fused_moe(x, ids, w, w13, w2, config=cfg, sum_topk=False), rows)
+
+
 def test_fused_moe_ref_matches_naive() -> None:
     x, ids, w, w13, w2 = case(13, 12, 4, 16, 8, "uniform", torch.float32)
     assert torch.allclose(fm.fused_moe_ref(x, ids, w, w13, w2), naive_moe(x, ids, w, w13, w2), atol=1e-5)
