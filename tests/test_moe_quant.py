@@ -191,38 +191,6 @@ def test_w8a8_activation_quant_fused_equals_separate(fmt, T, E, K, D, I, monkeyp
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-@pytest.mark.parametrize("fmt", ["fp8_tensor", "fp8_channel", "fp8_block"])
-@pytest.mark.parametrize("T,E,K,D,I,tma", [(1, 8, 2, 208, 144, False), (1, 8, 2, 208, 144, True),
-                                           (2, 64, 3, 40, 24, False)])
-def test_w8a8_decode_quantizes_inside_the_gemms(fmt, T, E, K, D, I, tma, monkeypatch) -> None:
-    """At naive blocks the "fused" layer makes no per_token_quant launch: each GEMM program quantizes its row
-    into a scratch copy (QUANT_A; h's A tile by pointer loads even with a TMA config), and the values equal the
-    separate launches' bit for bit (ragged K against BLOCK_K 64 / 128, two tokens whose programs write the same
-    rows)."""
-    from test_fused_moe import routing
-
-    from moelab.kernels import fused_moe as fm
-    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
-
-    x, w = torch.randn(T, D) * 3, torch.rand(T, K)
-    w13, w2 = weights(E, D, I)
-    q13, q2, s = quantize_experts(w13, w2, fmt)
-    ids = routing(T, E, K)
-    args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
-    cfg = MoEConfig(16, GemmConfig(64, 64, tma=tma), GemmConfig(64, 128, tma=tma))
-    kw = dict(config=cfg, quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
-    monkeypatch.setattr(fm, "ACT_QUANT", "separate")
-    separate = fm.fused_moe(*args, **kw).cpu()
-
-    def no_launch(*a, **k):
-        raise AssertionError("per_token_quant launched at naive blocks")
-
-    monkeypatch.setattr(fm, "ACT_QUANT", "fused")
-    monkeypatch.setattr(fm, "per_token_quant", no_launch)
-    assert torch.equal(fm.fused_moe(*args, **kw).cpu(), separate)
-
-
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 @pytest.mark.parametrize("fmt", ["fp8_tensor", "fp8_block"])
 @pytest.mark.parametrize("T,tma", [(1, False), (1, True), (9, False), (9, True)])
 def test_fp8_swapped_products_equal_unswapped(fmt, T, tma, monkeypatch) -> None:

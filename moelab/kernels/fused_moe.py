@@ -19,9 +19,9 @@ Quantized experts (`quant`, formats as in moelab/layers/moe/quant.py; W = Q * S)
   Where the quantization happens (ACT_QUANT, the same values either way):
   "separate": a per_token_quant launch for x and one for h;
   "fused" (default): with an align launch, x by its extra programs (moe_align_quant) and h by its own
-  per_token_quant launch; at naive blocks (decode: one live row per program) each GEMM program quantizes the one
-  row it reads into a scratch copy before its K loop (QUANT_A), so the layer is two launches as in bf16.
-  (Quantizing whole A tiles inside the K loops was measured and dropped: docs/perf/moe_kernels.md, v3 and v5.)
+  per_token_quant launch; at naive blocks (no align launch) both by per_token_quant. (Quantizing inside the GEMMs
+  instead was measured and dropped, whole A tiles in the K loops and the one live row of decode blocks before
+  them: docs/perf/moe_kernels.md, v3, v5 and v6.)
 
 The grid is sized on the host from (T*K, E, BLOCK_M); programs past the padded row count return at once, so
 nothing reads the routing on the host and the whole layer can be captured in a CUDA graph.
@@ -46,13 +46,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, get_config, use_naive_blocks
 from moelab.kernels.moe_align import moe_align, moe_align_quant
 from moelab.kernels.moe_sum import moe_sum
-from moelab.kernels.pdl import gdc_prologue, launch_options
-from moelab.kernels.per_token_quant import FP8_MAX_C, MIN_SCALE_C, per_token_quant, quant_block_k, quant_row
+from moelab.kernels.pdl import gdc_prologue, launch_options, use_pdl
+from moelab.kernels.per_token_quant import per_token_quant
 
 NAIVE_BLOCK_M = 16
 ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
 SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
 DECODE_SUM = True  # naive blocks: the top-k sum by down's last program per (token, column tile); False: moe_sum
+PREFETCH_BYTES = 8 << 20  # naive blocks under PDL: weight bytes a launch asks into L2 before its wait (_prefetch)
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
 QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
@@ -84,28 +85,48 @@ def _rows(pid_m, sorted_ids_ptr, expert_ids_ptr, topk_ids_ptr, num_slots, BLOCK_
     return expert, slots
 
 
-_RUNTIME_INTS = ["num_slots", "top_k", "num_pid_m", "group_m"]  # no recompile per value
+@triton.jit
+def _prefetch_l2(ptrs, nbytes):
+    """Ask for nbytes from each address of ptrs (16-byte aligned) into L2: Hopper's bulk prefetch, which nothing
+    waits for."""
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                              [ptrs, nbytes + tl.zeros(ptrs.shape, tl.int32)], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, expert, first_row, stride_we, stride_wn, nbytes, BLOCK_N: tl.constexpr):
+    """The first nbytes of weight rows first_row + [0, BLOCK_N) of expert (stride 1 along a row)."""
+    rows = first_row + tl.arange(0, BLOCK_N)
+    _prefetch_l2(w_ptr + expert * stride_we + rows.to(tl.int64) * stride_wn, nbytes)
+
+
+_RUNTIME_INTS = ["num_slots", "top_k", "num_pid_m", "group_m", "prefetch_bytes"]  # no recompile per value
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, topk_ids_ptr,
-                    a_scale_ptr, w_scale_ptr, xq_ptr, num_slots, top_k, num_pid_m, group_m, N, K, stride_xt,
-                    stride_we, stride_wn, stride_wk, stride_hr, stride_se, stride_sn, stride_sk, up_scale_row,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
-                    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
-                    A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
-                    QUANT_A: tl.constexpr = False, QBLOCK: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
+                    a_scale_ptr, w_scale_ptr, w_raw_ptr, num_slots, top_k, num_pid_m, group_m, prefetch_bytes, N,
+                    K, stride_xt, stride_we, stride_wn, stride_wk, stride_hr, stride_se, stride_sn, stride_sk,
+                    up_scale_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    NAIVE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                    W_INT8: tl.constexpr, A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
+                    PREFETCH: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """h[rows, n-tile] = silu(A G^T) * (A U^T), A = x[slot // top_k] gathered; N = I, K = D.
     USE_TMA: w_ptr is a TMA descriptor over w13 viewed [E * 2N, K] with [BLOCK_N, BLOCK_K] boxes.
     Quantized (see the module docstring): W_INT8 converts weight tiles to x's dtype; A_SCALE multiplies row r by
     a_scale[token]; W_SCALE 1/2/3 = per expert / per channel / 128x128 block, the up rows' scales starting at
     scale row up_scale_row (N for channels, the gate's block-row count for blocks).
     SWAP_AB: the products computed transposed, W-tile [BLOCK_N, BLOCK_K] x A-tile^T (see swap_ab()).
-    QUANT_A (naive blocks, W8A8): x is in the activation dtype; the program first quantizes its token's row into
-    xq [T, K] and a_scale [T] (quant_row, per_token_quant's values) and reads its A tiles from there. Every program
-    of that token writes the same bytes, so the overlapping writes need no ordering between programs."""
-    gdc_prologue(USE_PDL)
+    PREFETCH (naive blocks; only where topk_ids was written two or more launches earlier, see _prefetch): before
+    the PDL wait, the first prefetch_bytes of each of this program's gate and up rows (w_raw_ptr: w13 itself)."""
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
+    if PREFETCH:
+        e = tl.load(topk_ids_ptr + pid_m).to(tl.int64)
+        first = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N)  # (N >= BLOCK_N: checked on the host)
+        _prefetch_rows(w_raw_ptr, e, first, stride_we, stride_wn, prefetch_bytes, BLOCK_N)
+        _prefetch_rows(w_raw_ptr, e, first + N, stride_we, stride_wn, prefetch_bytes, BLOCK_N)
+    gdc_prologue(USE_PDL)
     if NAIVE:
         num_rows = num_pid_m * BLOCK_M
     else:
@@ -118,12 +139,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = (offs_n % N).to(tl.int64)  # columns past N re-read valid rows; the store masks them
-    if QUANT_A:
-        quant_row(x_ptr, xq_ptr, a_scale_ptr, pid_m // top_k, K, stride_xt, K, FP8_MAX_C, MIN_SCALE_C, QBLOCK)
-        tl.debug_barrier()  # this program's row writes, before its own A loads
-        a_ptrs = xq_ptr + tokens[:, None] * K + offs_k[None, :]
-    else:
-        a_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :]
+    a_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :]
     if USE_TMA:  # box rows past N fall on up rows or the next expert (or zero fill); the store masks them
         g_row = (expert * 2 * N + pid_n * BLOCK_N).to(tl.int32)
     else:
@@ -206,25 +222,28 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS[:1] + _RUNTIME_INTS[2:])
 def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
-                 topk_ids_ptr, a_scale_ptr, w_scale_ptr, hq_ptr, out_ptr, arrivals_ptr, num_slots, num_pid_m,
-                 group_m, N, K, stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_se, stride_sn,
-                 stride_sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
-                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
-                 A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
-                 QUANT_A: tl.constexpr = False, QBLOCK: tl.constexpr = 16, SUM_TOP_K: tl.constexpr = 0,
-                 USE_PDL: tl.constexpr = False):
+                 topk_ids_ptr, a_scale_ptr, w_scale_ptr, out_ptr, arrivals_ptr, w_raw_ptr, num_slots, num_pid_m,
+                 group_m, prefetch_bytes, N, K, stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_se,
+                 stride_sn, stride_sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NAIVE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                 W_INT8: tl.constexpr, A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
+                 SUM_TOP_K: tl.constexpr = 0, PREFETCH: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """y[slot, n-tile] = w[slot] * (h[rows] W2^T); N = D, K = I.
-    USE_TMA: w_ptr is a TMA descriptor over w2 viewed [E * N, K] ([BLOCK_N, BLOCK_K] boxes), and so is h_ptr over
-    h [P, K] ([BLOCK_M, BLOCK_K] boxes) unless QUANT_A; zero fill past K replaces the masks.
+    USE_TMA: h_ptr and w_ptr are TMA descriptors over h [P, K] ([BLOCK_M, BLOCK_K] boxes) and w2 viewed
+    [E * N, K] ([BLOCK_N, BLOCK_K] boxes); zero fill past K replaces the masks.
     Quantized: as _gate_up_kernel, with a_scale per h row. SWAP_AB: as _gate_up_kernel.
-    QUANT_A (naive blocks, W8A8): h is in the activation dtype; the program quantizes its slot's row into hq
-    [T*K, K] and a_scale [T*K] first, as _gate_up_kernel does x.
     SUM_TOP_K = top-k > 0 (naive blocks): the top-k sum too. A program adds one to arrivals[token, n-tile] after
     its store; the one that finds SUM_TOP_K - 1 there (the last, so every row is written) writes
     out[token, n-tile] = sum over k (in order, float32) of y[token * top-k + k, n-tile], moe_sum's arithmetic, and
-    sets the count back to 0 for the next call."""
-    gdc_prologue(USE_PDL)
+    sets the count back to 0 for the next call.
+    PREFETCH (naive blocks): as _gate_up_kernel's, for this program's w2 rows (gate_up runs in between, so the
+    routing is always two launches old here)."""
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
+    if PREFETCH:
+        e = tl.load(topk_ids_ptr + pid_m).to(tl.int64)
+        first = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N)
+        _prefetch_rows(w_raw_ptr, e, first, stride_we, stride_wn, prefetch_bytes, BLOCK_N)
+    gdc_prologue(USE_PDL)
     if NAIVE:
         num_rows = num_pid_m * BLOCK_M
     else:
@@ -237,15 +256,10 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = (offs_n % N).to(tl.int64)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    if QUANT_A:
-        quant_row(h_ptr, hq_ptr, a_scale_ptr, pid_m, K, stride_hr * BLOCK_M, K, FP8_MAX_C, MIN_SCALE_C, QBLOCK)
-        tl.debug_barrier()  # this program's row writes, before its own A loads
-        a_ptrs = hq_ptr + slots.to(tl.int64)[:, None] * K + offs_k[None, :]
-    elif not USE_TMA:
-        a_ptrs = h_ptr + rows[:, None] * stride_hr + offs_k[None, :]
     if USE_TMA:
         b_row = (expert * N + pid_n * BLOCK_N).to(tl.int32)
     else:
+        a_ptrs = h_ptr + rows[:, None] * stride_hr + offs_k[None, :]
         if SWAP_AB:  # [BLOCK_N, BLOCK_K] tiles
             b_ptrs = w_ptr + expert * stride_we + w_rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
         else:
@@ -258,22 +272,11 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        if QUANT_A:  # the one live row
-            a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
-            a_ptrs += BLOCK_K
         if USE_TMA:
-            if not QUANT_A:
-                a = h_ptr.load([pid_m * BLOCK_M, k * BLOCK_K])
+            a = h_ptr.load([pid_m * BLOCK_M, k * BLOCK_K])
             b = w_ptr.load([b_row, k * BLOCK_K])
             if not SWAP_AB:
                 b = b.T
-        elif QUANT_A:
-            if EVEN_K:
-                b = tl.load(b_ptrs)
-            elif SWAP_AB:
-                b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
-            else:
-                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         elif EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
@@ -296,8 +299,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if not USE_TMA:
-            if not QUANT_A:
-                a_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_wk
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -307,10 +309,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
         acc *= tl.load(s_base + w_rows * stride_sn)[None, :]
     weight = tl.load(topk_weights_ptr + slots, mask=live, other=0.0)
     if A_SCALE:
-        if QUANT_A:
-            weight *= tl.load(a_scale_ptr + slots, mask=live, other=0.0)
-        else:
-            weight *= tl.load(a_scale_ptr + rows)
+        weight *= tl.load(a_scale_ptr + rows)
     y = acc * weight[:, None]
     tl.store(y_ptr + slots.to(tl.int64)[:, None] * stride_ys + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=live[:, None] & (offs_n[None, :] < N))
@@ -322,8 +321,8 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
             tl.debug_barrier()
             n_ok = offs_n < N
             total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in tl.static_range(SUM_TOP_K):
-                total += tl.load(y_ptr + (token * SUM_TOP_K + k) * stride_ys + offs_n, mask=n_ok, other=0.0,
+            for j in tl.static_range(SUM_TOP_K):  # (not k: the K loop's runtime variable)
+                total += tl.load(y_ptr + (token * SUM_TOP_K + j) * stride_ys + offs_n, mask=n_ok, other=0.0,
                                  cache_modifier=".cg").to(tl.float32)
             tl.store(out_ptr + token * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
             tl.store(count, 0)
@@ -461,37 +460,44 @@ def _quant_args(w: torch.Tensor, q: Quant | None) -> tuple[list, dict]:
     return [a_s, q.w_scale, *st], dict(W_INT8=wdtype == torch.int8, A_SCALE=q.a_scale is not None, W_SCALE=code)
 
 
+def _prefetch(w: torch.Tensor, n: int, r: Routing, block_n: int, programs: int, rows_per_program: int) -> int:
+    """Bytes per weight row a GEMM launch prefetches into L2 before its PDL wait, 0 for none.
+
+    Under PDL a launch's programs become resident while the launch before it still runs (at decode a few
+    microseconds: the per-token quantization, gate_up's tail) and wait there with the memory system idle. Weights
+    do not depend on that launch, so each program first asks for the start of its weight rows, PREFETCH_BYTES over
+    the launch, split evenly. Only at naive blocks, where the row's expert is topk_ids itself: reading it before
+    the wait is safe when it was written two or more launches earlier, since the launch in between waited for its
+    writer to finish before it let this one start (every moelab kernel waits, then lets the next start). Needs
+    rows of 16-byte multiples at unit stride, n >= block_n (n: the GEMM's N, rows per expert or per half of w13)
+    and a launch that PDL applies to."""
+    K, elt = w.shape[-1], w.element_size()
+    if not (r.naive and use_pdl(w.device) and w.is_contiguous() and (K * elt) % 16 == 0
+            and w.data_ptr() % 16 == 0 and n >= block_n):
+        return 0
+    return min(K * elt, PREFETCH_BYTES // (programs * rows_per_program)) // 16 * 16
+
+
 def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: Quant | None = None,
-            out_dtype: torch.dtype | None = None, quantize_x: bool = False) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None, prefetch: bool = False) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] -> h [num_pid_m * block_m, I]: silu(gate) * up per sorted row, in out_dtype
     (default x's). Quantized: x fp8 with q.a_scale [T] (W8A8) or x bf16/fp16/fp32 (int8 W8A16).
-    quantize_x (naive blocks, fp8 formats, q.a_scale None): x in the activation dtype, quantized per token by the
-    GEMM's programs themselves (_gate_up_kernel's QUANT_A)."""
+    prefetch: the caller's word that topk_ids was written two or more launches before this one (_prefetch)."""
     (E, two_i, D), I = w13.shape, w13.shape[1] // 2
     h = torch.empty(r.num_pid_m * r.block_m, I, dtype=out_dtype or x.dtype, device=x.device)
     tma = cfg.tma and _tma_ok(w13)
     w = _desc(w13, E * two_i, [cfg.block_n, cfg.block_k]) if tma else w13
-    xq, dot_dtype = x, x.dtype
-    if quantize_x:
-        _check_quantize_a(r, q, "x")
-        xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-        q, dot_dtype = q._replace(a_scale=torch.empty(x.shape[0], dtype=torch.float32, device=x.device)), xq.dtype
-        x = x.contiguous()
     qargs, qflags = _quant_args(w13, q)
     code = qflags["W_SCALE"]
     up_row = I if code == 2 else q.w_scale.shape[1] // 2 if code == 3 else 0  # scale row of the first up row
-    _gate_up_kernel[(r.num_pid_m * triton.cdiv(I, cfg.block_n),)](
-        x, w, h, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], xq, r.ids.numel(), r.top_k,
-        r.num_pid_m, cfg.group_m, I, D, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
-        *qargs[2:], up_row, **_launch_args(r, cfg, D, dot_dtype, tma), **qflags, QUANT_A=quantize_x,
-        QBLOCK=quant_block_k(D), **launch_options(x.device))
+    grid = r.num_pid_m * triton.cdiv(I, cfg.block_n)
+    pf = _prefetch(w13, I, r, cfg.block_n, grid, 2 * cfg.block_n) if prefetch else 0
+    _gate_up_kernel[(grid,)](
+        x, w, h, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], w13, r.ids.numel(), r.top_k,
+        r.num_pid_m, cfg.group_m, pf, I, D, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
+        *qargs[2:], up_row, **_launch_args(r, cfg, D, x.dtype, tma), **qflags, PREFETCH=pf > 0,
+        **launch_options(x.device))
     return h
-
-
-def _check_quantize_a(r: Routing, q: Quant | None, name: str) -> None:
-    if not r.naive or q is None or QUANT_FORMATS[q.fmt][1] != torch.float8_e4m3fn or q.a_scale is not None:
-        raise ValueError(f"fused_moe: quantizing {name} inside the GEMM needs naive blocks and an fp8 format without "
-                         f"given activation scales")
 
 
 _ARRIVALS: dict[tuple, torch.Tensor] = {}
@@ -512,14 +518,11 @@ def _arrivals(device: torch.device, n: int) -> torch.Tensor | None:
 
 
 def down(h: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, r: Routing, cfg: GemmConfig,
-         q: Quant | None = None, out_dtype: torch.dtype | None = None, quantize_h: bool = False,
-         sum_topk: bool = False) -> torch.Tensor:
+         q: Quant | None = None, out_dtype: torch.dtype | None = None, sum_topk: bool = False) -> torch.Tensor:
     """h [P, I], w2 [E, D, I], topk_weights [T*K] float32 -> y [T*K, D]: router-weighted rows in slot order, in
     out_dtype (default h's). Quantized: h fp8 with q.a_scale [P] (W8A8) or h bf16/fp16/fp32 (int8 W8A16).
-    quantize_h (naive blocks, fp8 formats, q.a_scale None): h in the activation dtype, quantized per row by the
-    GEMM's programs (_down_kernel's QUANT_A).
     sum_topk (naive blocks, top-k > 1): the top-k sum [T, D] instead, by the kernel's last program per token and
-    column tile (_down_kernel's SUM_TOP_K); falls back to moe_sum when the arrival buffer cannot grow (inside a
+    column tile (_down_kernel's SUM_TOP_K); moe_sum after it when the arrival buffer cannot grow (inside a
     CUDA-graph capture)."""
     E, D, I = w2.shape
     T, K = r.ids.numel() // r.top_k, r.top_k
@@ -531,20 +534,17 @@ def down(h: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, r: Routi
         arrivals = _arrivals(h.device, T * triton.cdiv(D, cfg.block_n))
     out = torch.empty(T, D, dtype=y.dtype, device=h.device) if arrivals is not None else y
     tma = cfg.tma and _tma_ok(w2, h)
-    hq, dot_dtype = h, h.dtype
-    if quantize_h:
-        _check_quantize_a(r, q, "h")
-        hq = torch.empty(r.ids.numel(), I, dtype=torch.float8_e4m3fn, device=h.device)
-        q, dot_dtype = q._replace(a_scale=torch.empty(r.ids.numel(), dtype=torch.float32, device=h.device)), hq.dtype
-    a = _desc(h, h.shape[0], [r.block_m, cfg.block_k]) if tma and not quantize_h else h
+    a = _desc(h, h.shape[0], [r.block_m, cfg.block_k]) if tma else h
     w = _desc(w2, E * D, [cfg.block_n, cfg.block_k]) if tma else w2
     qargs, qflags = _quant_args(w2, q)
-    _down_kernel[(r.num_pid_m * triton.cdiv(D, cfg.block_n),)](
-        a, w, y, topk_weights, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], hq, out,
-        arrivals if arrivals is not None else r.ids, r.ids.numel(), r.num_pid_m, cfg.group_m, D, I, h.stride(0),
-        w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), *qargs[2:], **_launch_args(r, cfg, I, dot_dtype, tma),
-        **qflags, QUANT_A=quantize_h, QBLOCK=quant_block_k(I), SUM_TOP_K=K if arrivals is not None else 0,
-        **launch_options(h.device))
+    grid = r.num_pid_m * triton.cdiv(D, cfg.block_n)
+    pf = _prefetch(w2, D, r, cfg.block_n, grid, cfg.block_n)
+    _down_kernel[(grid,)](
+        a, w, y, topk_weights, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], out,
+        arrivals if arrivals is not None else r.ids, w2, r.ids.numel(), r.num_pid_m, cfg.group_m, pf, D, I,
+        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), *qargs[2:],
+        **_launch_args(r, cfg, I, h.dtype, tma), **qflags, SUM_TOP_K=K if arrivals is not None else 0,
+        PREFETCH=pf > 0, **launch_options(h.device))
     if sum_topk and arrivals is None:
         return moe_sum(y, K)
     return out
@@ -615,21 +615,17 @@ def _fused_moe_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tens
     """fp8 x and h with per-row scales; where they are quantized: ACT_QUANT (module docstring)."""
     E, K, act = w13.shape[0], topk_ids.shape[1], x.dtype
     q13, q2 = Quant(quant, w13_scale), Quant(quant, w2_scale)
-    if ACT_QUANT == "fused" and use_naive_blocks(*topk_ids.shape, E):  # decode: inside the GEMMs, two launches
-        r = route(topk_ids, E, cfg.block_m)
-        in_down = _sum_in_down(r, sum_topk)
-        h = gate_up(x, w13, r, cfg.gate_up, q13, quantize_x=True)
-        y = down(h, w2, weights, r, cfg.down, q2, quantize_h=True, sum_topk=in_down)
-        return y if K == 1 or not sum_topk or in_down else moe_sum(y, K)
     if ACT_QUANT == "fused":
         r, xq, xs = route_quant(topk_ids, E, cfg.block_m, x)
     else:
         r = route(topk_ids, E, cfg.block_m)
         xq, xs = per_token_quant(x)
-    h = gate_up(xq, w13, r, cfg.gate_up, q13._replace(a_scale=xs), out_dtype=act)
+    # at naive blocks the x quantization runs between the routing's writer and gate_up (_prefetch)
+    h = gate_up(xq, w13, r, cfg.gate_up, q13._replace(a_scale=xs), out_dtype=act, prefetch=r.naive)
     hq, hs = per_token_quant(h, None if r.naive else r.num_padded)
-    y = down(hq, w2, weights, r, cfg.down, q2._replace(a_scale=hs), out_dtype=act)
-    return y if K == 1 or not sum_topk else moe_sum(y, K)
+    in_down = _sum_in_down(r, sum_topk)
+    y = down(hq, w2, weights, r, cfg.down, q2._replace(a_scale=hs), out_dtype=act, sum_topk=in_down)
+    return y if K == 1 or not sum_topk or in_down else moe_sum(y, K)
 
 
 def fused_moe_ref(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
