@@ -557,14 +557,12 @@ def quant_main(args: argparse.Namespace, dev: torch.device, out: Path) -> None:
     fm.set_act_quant(args.act_quant)
     fm.SWAP_AB_FP8 = not args.no_swap_ab
     fm.DECODE_SUM = not args.no_decode_sum
-    if args.prefetch_mib is not None:
-        fm.PREFETCH_BYTES = int(args.prefetch_mib * (1 << 20))
     log(f"fp8 activations quantized: {fm.ACT_QUANT}; swapped products below 64 rows: {fm.SWAP_AB_FP8}; top-k sum "
-        f"inside down at decode blocks: {fm.DECODE_SUM}; L2 prefetch before the PDL wait: {fm.PREFETCH_BYTES} B")
+        f"inside down at decode blocks: {fm.DECODE_SUM}")
     cfg = kb.KernelBenchConfig(shapes=shapes, ms=ms, dtypes=dtypes, backends=("naive", "triton"),
                                device=dev.type)
     if dev.type == "cuda" and args.workers > 1 and args.act_quant == "fused" and not args.no_swap_ab \
-            and not args.no_decode_sum and args.prefetch_mib is None:
+            and not args.no_decode_sum:
         try:  # (the worker processes compile the default variants only)
             kb.precompile_in_use(shapes, ms, dtypes, "cuda", args.workers, log=log)
         except Exception as exc:  # only a head start: the run compiles what is missing as it goes
@@ -593,8 +591,6 @@ def parse_args() -> argparse.Namespace:
                    help="with --quant: where W8A8 layers quantize activations (moelab/kernels/fused_moe.py)")
     p.add_argument("--no-swap-ab", action="store_true",
                    help="with --quant: fp8 GEMMs never transposed (fused_moe.swap_ab), for A/B timings")
-    p.add_argument("--prefetch-mib", type=float, default=None,
-                   help="with --quant: fused_moe.PREFETCH_BYTES in MiB (0: no L2 prefetch before the PDL wait)")
     p.add_argument("--no-decode-sum", action="store_true",
                    help="with --quant: the top-k sum at decode blocks in its own launch (fused_moe.DECODE_SUM)")
     return p.parse_args()

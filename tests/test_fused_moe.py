@@ -156,23 +156,6 @@ def test_decode_sum_in_down_equals_moe_sum(T, E, K, D, block_n, monkeypatch) -> 
     assert torch.equal(fm.fused_moe(x, ids, w, w13, w2, config=cfg, sum_topk=False), rows)
 
 
-def test_prefetch_bytes(monkeypatch) -> None:
-    """The L2 prefetch before the PDL wait: only at naive blocks under PDL, for 16-byte rows of unit stride, the
-    launch's budget split over its programs' rows, capped at a row, in 16-byte multiples."""
-    w = torch.empty(8, 2048, 1024, dtype=torch.float8_e4m3fn)
-    naive = fm.route(torch.tensor([[1, 5]]), 8, 16)
-    sorted_ = fm.route(torch.arange(8).view(4, 2), 8, 16)
-    assert naive.naive and not sorted_.naive
-    assert fm._prefetch(w, 2048, naive, 64, 64, 64) == 0  # no PDL on the CPU
-    monkeypatch.setattr(fm, "use_pdl", lambda device: True)
-    assert fm._prefetch(w, 2048, naive, 64, 64, 64) == 1024  # budget 8 MiB / 4096 rows = 2 KiB, capped at a row
-    assert fm._prefetch(w, 2048, naive, 64, 256, 128) == (8 << 20) // (256 * 128) // 16 * 16
-    assert fm._prefetch(w, 2048, sorted_, 64, 64, 64) == 0
-    assert fm._prefetch(w, 32, naive, 64, 64, 64) == 0  # fewer rows than a tile
-    assert fm._prefetch(torch.empty(8, 64, 1000, dtype=torch.float8_e4m3fn), 64, naive, 64, 8, 64) == 0
-    assert fm._prefetch(w.transpose(1, 2), 1024, naive, 64, 8, 64) == 0
-
-
 def test_fused_moe_ref_matches_naive() -> None:
     x, ids, w, w13, w2 = case(13, 12, 4, 16, 8, "uniform", torch.float32)
     assert torch.allclose(fm.fused_moe_ref(x, ids, w, w13, w2), naive_moe(x, ids, w, w13, w2), atol=1e-5)

@@ -46,14 +46,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, get_config, use_naive_blocks
 from moelab.kernels.moe_align import moe_align, moe_align_quant
 from moelab.kernels.moe_sum import moe_sum
-from moelab.kernels.pdl import gdc_prologue, launch_options, use_pdl
+from moelab.kernels.pdl import gdc_prologue, launch_options
 from moelab.kernels.per_token_quant import per_token_quant
 
 NAIVE_BLOCK_M = 16
 ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
 SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
 DECODE_SUM = True  # naive blocks: the top-k sum by down's last program per (token, column tile); False: moe_sum
-PREFETCH_BYTES = 8 << 20  # naive blocks under PDL: weight bytes a launch asks into L2 before its wait (_prefetch)
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
 QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
@@ -85,48 +84,25 @@ def _rows(pid_m, sorted_ids_ptr, expert_ids_ptr, topk_ids_ptr, num_slots, BLOCK_
     return expert, slots
 
 
-@triton.jit
-def _prefetch_l2(ptrs, nbytes):
-    """Ask for nbytes from each address of ptrs (16-byte aligned) into L2: Hopper's bulk prefetch, which nothing
-    waits for."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                              [ptrs, nbytes + tl.zeros(ptrs.shape, tl.int32)], dtype=tl.int32, is_pure=False,
-                              pack=1)
-
-
-@triton.jit
-def _prefetch_rows(w_ptr, expert, first_row, stride_we, stride_wn, nbytes, BLOCK_N: tl.constexpr):
-    """The first nbytes of weight rows first_row + [0, BLOCK_N) of expert (stride 1 along a row)."""
-    rows = first_row + tl.arange(0, BLOCK_N)
-    _prefetch_l2(w_ptr + expert * stride_we + rows.to(tl.int64) * stride_wn, nbytes)
-
-
-_RUNTIME_INTS = ["num_slots", "top_k", "num_pid_m", "group_m", "prefetch_bytes"]  # no recompile per value
+_RUNTIME_INTS = ["num_slots", "top_k", "num_pid_m", "group_m"]  # no recompile per value
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, topk_ids_ptr,
-                    a_scale_ptr, w_scale_ptr, w_raw_ptr, num_slots, top_k, num_pid_m, group_m, prefetch_bytes, N,
-                    K, stride_xt, stride_we, stride_wn, stride_wk, stride_hr, stride_se, stride_sn, stride_sk,
-                    up_scale_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    NAIVE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-                    W_INT8: tl.constexpr, A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
-                    PREFETCH: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                    a_scale_ptr, w_scale_ptr, num_slots, top_k, num_pid_m, group_m, N, K, stride_xt, stride_we,
+                    stride_wn, stride_wk, stride_hr, stride_se, stride_sn, stride_sk, up_scale_row,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
+                    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
+                    A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
+                    USE_PDL: tl.constexpr = False):
     """h[rows, n-tile] = silu(A G^T) * (A U^T), A = x[slot // top_k] gathered; N = I, K = D.
     USE_TMA: w_ptr is a TMA descriptor over w13 viewed [E * 2N, K] with [BLOCK_N, BLOCK_K] boxes.
     Quantized (see the module docstring): W_INT8 converts weight tiles to x's dtype; A_SCALE multiplies row r by
     a_scale[token]; W_SCALE 1/2/3 = per expert / per channel / 128x128 block, the up rows' scales starting at
     scale row up_scale_row (N for channels, the gate's block-row count for blocks).
-    SWAP_AB: the products computed transposed, W-tile [BLOCK_N, BLOCK_K] x A-tile^T (see swap_ab()).
-    PREFETCH (naive blocks; only where topk_ids was written two or more launches earlier, see _prefetch): before
-    the PDL wait, the first prefetch_bytes of each of this program's gate and up rows (w_raw_ptr: w13 itself)."""
-    pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
-    if PREFETCH:
-        e = tl.load(topk_ids_ptr + pid_m).to(tl.int64)
-        first = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N)  # (N >= BLOCK_N: checked on the host)
-        _prefetch_rows(w_raw_ptr, e, first, stride_we, stride_wn, prefetch_bytes, BLOCK_N)
-        _prefetch_rows(w_raw_ptr, e, first + N, stride_we, stride_wn, prefetch_bytes, BLOCK_N)
+    SWAP_AB: the products computed transposed, W-tile [BLOCK_N, BLOCK_K] x A-tile^T (see swap_ab())."""
     gdc_prologue(USE_PDL)
+    pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
         num_rows = num_pid_m * BLOCK_M
     else:
@@ -222,12 +198,12 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS[:1] + _RUNTIME_INTS[2:])
 def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
-                 topk_ids_ptr, a_scale_ptr, w_scale_ptr, out_ptr, arrivals_ptr, w_raw_ptr, num_slots, num_pid_m,
-                 group_m, prefetch_bytes, N, K, stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_se,
-                 stride_sn, stride_sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NAIVE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-                 W_INT8: tl.constexpr, A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
-                 SUM_TOP_K: tl.constexpr = 0, PREFETCH: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                 topk_ids_ptr, a_scale_ptr, w_scale_ptr, out_ptr, arrivals_ptr, num_slots, num_pid_m, group_m, N,
+                 K, stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_se, stride_sn, stride_sk,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
+                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
+                 A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
+                 SUM_TOP_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
     """y[slot, n-tile] = w[slot] * (h[rows] W2^T); N = D, K = I.
     USE_TMA: h_ptr and w_ptr are TMA descriptors over h [P, K] ([BLOCK_M, BLOCK_K] boxes) and w2 viewed
     [E * N, K] ([BLOCK_N, BLOCK_K] boxes); zero fill past K replaces the masks.
@@ -235,15 +211,9 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
     SUM_TOP_K = top-k > 0 (naive blocks): the top-k sum too. A program adds one to arrivals[token, n-tile] after
     its store; the one that finds SUM_TOP_K - 1 there (the last, so every row is written) writes
     out[token, n-tile] = sum over k (in order, float32) of y[token * top-k + k, n-tile], moe_sum's arithmetic, and
-    sets the count back to 0 for the next call.
-    PREFETCH (naive blocks): as _gate_up_kernel's, for this program's w2 rows (gate_up runs in between, so the
-    routing is always two launches old here)."""
-    pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
-    if PREFETCH:
-        e = tl.load(topk_ids_ptr + pid_m).to(tl.int64)
-        first = tl.minimum(pid_n * BLOCK_N, N - BLOCK_N)
-        _prefetch_rows(w_raw_ptr, e, first, stride_we, stride_wn, prefetch_bytes, BLOCK_N)
+    sets the count back to 0 for the next call."""
     gdc_prologue(USE_PDL)
+    pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
         num_rows = num_pid_m * BLOCK_M
     else:
@@ -460,29 +430,10 @@ def _quant_args(w: torch.Tensor, q: Quant | None) -> tuple[list, dict]:
     return [a_s, q.w_scale, *st], dict(W_INT8=wdtype == torch.int8, A_SCALE=q.a_scale is not None, W_SCALE=code)
 
 
-def _prefetch(w: torch.Tensor, n: int, r: Routing, block_n: int, programs: int, rows_per_program: int) -> int:
-    """Bytes per weight row a GEMM launch prefetches into L2 before its PDL wait, 0 for none.
-
-    Under PDL a launch's programs become resident while the launch before it still runs (at decode a few
-    microseconds: the per-token quantization, gate_up's tail) and wait there with the memory system idle. Weights
-    do not depend on that launch, so each program first asks for the start of its weight rows, PREFETCH_BYTES over
-    the launch, split evenly. Only at naive blocks, where the row's expert is topk_ids itself: reading it before
-    the wait is safe when it was written two or more launches earlier, since the launch in between waited for its
-    writer to finish before it let this one start (every moelab kernel waits, then lets the next start). Needs
-    rows of 16-byte multiples at unit stride, n >= block_n (n: the GEMM's N, rows per expert or per half of w13)
-    and a launch that PDL applies to."""
-    K, elt = w.shape[-1], w.element_size()
-    if not (r.naive and use_pdl(w.device) and w.is_contiguous() and (K * elt) % 16 == 0
-            and w.data_ptr() % 16 == 0 and n >= block_n):
-        return 0
-    return min(K * elt, PREFETCH_BYTES // (programs * rows_per_program)) // 16 * 16
-
-
 def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: Quant | None = None,
-            out_dtype: torch.dtype | None = None, prefetch: bool = False) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] -> h [num_pid_m * block_m, I]: silu(gate) * up per sorted row, in out_dtype
-    (default x's). Quantized: x fp8 with q.a_scale [T] (W8A8) or x bf16/fp16/fp32 (int8 W8A16).
-    prefetch: the caller's word that topk_ids was written two or more launches before this one (_prefetch)."""
+    (default x's). Quantized: x fp8 with q.a_scale [T] (W8A8) or x bf16/fp16/fp32 (int8 W8A16)."""
     (E, two_i, D), I = w13.shape, w13.shape[1] // 2
     h = torch.empty(r.num_pid_m * r.block_m, I, dtype=out_dtype or x.dtype, device=x.device)
     tma = cfg.tma and _tma_ok(w13)
@@ -490,13 +441,10 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: 
     qargs, qflags = _quant_args(w13, q)
     code = qflags["W_SCALE"]
     up_row = I if code == 2 else q.w_scale.shape[1] // 2 if code == 3 else 0  # scale row of the first up row
-    grid = r.num_pid_m * triton.cdiv(I, cfg.block_n)
-    pf = _prefetch(w13, I, r, cfg.block_n, grid, 2 * cfg.block_n) if prefetch else 0
-    _gate_up_kernel[(grid,)](
-        x, w, h, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], w13, r.ids.numel(), r.top_k,
-        r.num_pid_m, cfg.group_m, pf, I, D, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
-        *qargs[2:], up_row, **_launch_args(r, cfg, D, x.dtype, tma), **qflags, PREFETCH=pf > 0,
-        **launch_options(x.device))
+    _gate_up_kernel[(r.num_pid_m * triton.cdiv(I, cfg.block_n),)](
+        x, w, h, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], r.ids.numel(), r.top_k,
+        r.num_pid_m, cfg.group_m, I, D, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
+        *qargs[2:], up_row, **_launch_args(r, cfg, D, x.dtype, tma), **qflags, **launch_options(x.device))
     return h
 
 
@@ -537,14 +485,11 @@ def down(h: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, r: Routi
     a = _desc(h, h.shape[0], [r.block_m, cfg.block_k]) if tma else h
     w = _desc(w2, E * D, [cfg.block_n, cfg.block_k]) if tma else w2
     qargs, qflags = _quant_args(w2, q)
-    grid = r.num_pid_m * triton.cdiv(D, cfg.block_n)
-    pf = _prefetch(w2, D, r, cfg.block_n, grid, cfg.block_n)
-    _down_kernel[(grid,)](
+    _down_kernel[(r.num_pid_m * triton.cdiv(D, cfg.block_n),)](
         a, w, y, topk_weights, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], out,
-        arrivals if arrivals is not None else r.ids, w2, r.ids.numel(), r.num_pid_m, cfg.group_m, pf, D, I,
-        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), *qargs[2:],
-        **_launch_args(r, cfg, I, h.dtype, tma), **qflags, SUM_TOP_K=K if arrivals is not None else 0,
-        PREFETCH=pf > 0, **launch_options(h.device))
+        arrivals if arrivals is not None else r.ids, r.ids.numel(), r.num_pid_m, cfg.group_m, D, I, h.stride(0),
+        w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), *qargs[2:], **_launch_args(r, cfg, I, h.dtype, tma),
+        **qflags, SUM_TOP_K=K if arrivals is not None else 0, **launch_options(h.device))
     if sum_topk and arrivals is None:
         return moe_sum(y, K)
     return out
@@ -620,8 +565,7 @@ def _fused_moe_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tens
     else:
         r = route(topk_ids, E, cfg.block_m)
         xq, xs = per_token_quant(x)
-    # at naive blocks the x quantization runs between the routing's writer and gate_up (_prefetch)
-    h = gate_up(xq, w13, r, cfg.gate_up, q13._replace(a_scale=xs), out_dtype=act, prefetch=r.naive)
+    h = gate_up(xq, w13, r, cfg.gate_up, q13._replace(a_scale=xs), out_dtype=act)
     hq, hs = per_token_quant(h, None if r.naive else r.num_padded)
     in_down = _sum_in_down(r, sum_topk)
     y = down(hq, w2, weights, r, cfg.down, q2._replace(a_scale=hs), out_dtype=act, sum_topk=in_down)
