@@ -1,8 +1,7 @@
 """Dynamic per-token fp8 quantization of activations (the A side of the W8A8 MoE GEMMs).
 
 x [T, K] -> (q [T, K] fp8 e4m3fn, s [T] float32) with s[t] = max(max|x[t]|, 448 * 1e-12) / 448 and
-q[t] = fp8(clamp(x[t] / s[t], -448, 448)), so x[t] ~= q[t] * s[t]. A program takes ROWS rows (one warp each where
-a row fits one chunk; quant_rows); no host sync.
+q[t] = fp8(clamp(x[t] / s[t], -448, 448)), so x[t] ~= q[t] * s[t]. One program per row; no host sync.
 Variants: `per_token_quant` (Triton), `per_token_quant_ref` (torch).
 """
 
@@ -62,52 +61,22 @@ def quant_row(x_ptr, q_ptr, s_ptr, t, K, stride_x, stride_q, FP8_MAX_: tl.conste
 
 
 @triton.jit
-def quant_rows(x_ptr, q_ptr, s_ptr, t0, num_rows, K, stride_x, stride_q, FP8_MAX_: tl.constexpr,
-               MIN_SCALE_: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """quant_row for rows t0 .. t0 + ROWS - 1 below num_rows, as one [ROWS, BLOCK_K] tile per chunk (the same
-    values: the row maximum does not depend on the order it is taken in)."""
-    t = t0 + tl.arange(0, ROWS).to(tl.int64)
-    row_ok = t < num_rows
-    offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        m = row_ok[:, None] & (k + offs[None, :] < K)
-        v = tl.load(x_ptr + t[:, None] * stride_x + k + offs[None, :], mask=m, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    s = quant_scale(tl.max(amax, axis=1), FP8_MAX_, MIN_SCALE_)
-    for k in range(0, K, BLOCK_K):
-        m = row_ok[:, None] & (k + offs[None, :] < K)
-        v = tl.load(x_ptr + t[:, None] * stride_x + k + offs[None, :], mask=m, other=0.0)
-        tl.store(q_ptr + t[:, None] * stride_q + k + offs[None, :],
-                 quantize(v, s[:, None], FP8_MAX_).to(q_ptr.dtype.element_ty), mask=m)
-    tl.store(s_ptr + t, s, mask=row_ok)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows_ptr, T, K, stride_x, stride_q, FP8_MAX_: tl.constexpr,
-                            MIN_SCALE_: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-                            HAS_NUM_ROWS: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """ROWS rows per program (quant_rows). HAS_NUM_ROWS: rows at or past num_rows_ptr[0] are skipped (the MoE's
+def _per_token_quant_kernel(x_ptr, q_ptr, s_ptr, num_rows_ptr, K, stride_x, stride_q, FP8_MAX_: tl.constexpr,
+                            MIN_SCALE_: tl.constexpr, BLOCK_K: tl.constexpr, HAS_NUM_ROWS: tl.constexpr,
+                            USE_PDL: tl.constexpr = False):
+    """One program per row (quant_row). HAS_NUM_ROWS: rows at or past num_rows_ptr[0] are skipped (the MoE's
     padded rows not in use this step)."""
     gdc_prologue(USE_PDL)
-    t0 = tl.program_id(0).to(tl.int64) * ROWS
-    num_rows = T
+    t = tl.program_id(0).to(tl.int64)
     if HAS_NUM_ROWS:
-        num_rows = tl.minimum(tl.load(num_rows_ptr).to(tl.int64), T)
-    if t0 >= num_rows:
-        return
-    quant_rows(x_ptr, q_ptr, s_ptr, t0, num_rows, K, stride_x, stride_q, FP8_MAX_, MIN_SCALE_, ROWS, BLOCK_K)
+        if t >= tl.load(num_rows_ptr):
+            return
+    quant_row(x_ptr, q_ptr, s_ptr, t, K, stride_x, stride_q, FP8_MAX_, MIN_SCALE_, BLOCK_K)
 
 
 def quant_block_k(K: int) -> int:
     """The chunk quant_row walks a row of K values in."""
     return min(4096, triton.next_power_of_2(max(K, 16)))
-
-
-def rows_per_program(K: int) -> int:
-    """per_token_quant's rows per program: 4096 values a program where rows are short (a program per row was
-    mostly launch and reduction latency for the MoE's h rows: docs/perf/moe_kernels.md, v6)."""
-    return max(1, 4096 // quant_block_k(K))
 
 
 def per_token_quant(x: torch.Tensor, num_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,11 +89,11 @@ def per_token_quant(x: torch.Tensor, num_rows: torch.Tensor | None = None) -> tu
     q = torch.empty(T, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(T, dtype=torch.float32, device=x.device)
     if T:
-        block_k, rows = quant_block_k(K), rows_per_program(K)
-        _per_token_quant_kernel[(triton.cdiv(T, rows),)](
-            x, q, s, s if num_rows is None else num_rows, T, K, x.stride(0), q.stride(0), FP8_MAX_=FP8_MAX,
-            MIN_SCALE_=MIN_SCALE, ROWS=rows, BLOCK_K=block_k, HAS_NUM_ROWS=num_rows is not None,
-            num_warps=4 if block_k <= 2048 else 8, **launch_options(x.device))
+        block_k = quant_block_k(K)
+        _per_token_quant_kernel[(T,)](x, q, s, s if num_rows is None else num_rows, K, x.stride(0), q.stride(0),
+                                      FP8_MAX_=FP8_MAX, MIN_SCALE_=MIN_SCALE, BLOCK_K=block_k,
+                                      HAS_NUM_ROWS=num_rows is not None, num_warps=4 if block_k <= 2048 else 8,
+                                      **launch_options(x.device))
     return q, s
 
 
