@@ -448,20 +448,20 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: 
     return h
 
 
-_ARRIVALS: dict[tuple, torch.Tensor] = {}
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
 
 def _arrivals(device: torch.device, n: int) -> torch.Tensor | None:
-    """A zeroed int32 buffer of >= n arrival counts for this device and stream, kept between calls (the down
-    kernel leaves it zeroed; launches on one stream never overlap in memory, PDL included, since every kernel
-    waits for the one before it first). It grows only outside CUDA-graph capture (a buffer from the graph's pool
-    would not outlive it); None when it would have to grow during one."""
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
-    buf = _ARRIVALS.get(key)
+    """A zeroed int32 buffer of >= n arrival counts on device, kept between calls (the down kernel leaves it
+    zeroed). One per device, so down launches that use it must not run at the same time: on one stream they never
+    do, PDL included (every kernel waits for the one before it first); callers that run MoE layers concurrently
+    on several streams set DECODE_SUM = False. It grows only outside CUDA-graph capture (a buffer from the
+    graph's pool would not outlive the graph); None when it would have to grow during one."""
+    buf = _ARRIVALS.get(device)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        buf = _ARRIVALS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        buf = _ARRIVALS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return buf
 
 
