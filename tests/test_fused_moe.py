@@ -134,52 +134,6 @@ def test_fused_moe_matches_naive(T, E, K, D, I, mode, dtype) -> None:
     assert err < (1e-5 if dtype == torch.float32 else 2e-3), err
 
 
-@pytest.mark.parametrize("T,E,K,D,block_n", [(1, 8, 2, 40, 16), (2, 64, 4, 24, 64), (1, 60, 6, 130, 32)])
-def test_decode_sum_in_down_equals_moe_sum(T, E, K, D, block_n, monkeypatch) -> None:
-    """At naive blocks the down kernel's last program per (token, column tile) writes the top-k sum: the values
-    of the separate moe_sum launch bit for bit, twice in a row (the arrival counts go back to zero), with no
-    moe_sum launch; sum_topk=False still hands back the rows."""
-    x, ids, w, w13, w2 = case(T, E, K, D, 24, "uniform", torch.float16)
-    cfg = MoEConfig(16, GemmConfig(32, 32), GemmConfig(block_n, 32))
-    monkeypatch.setattr(fm, "DECODE_SUM", False)
-    rows = fm.fused_moe(x, ids, w, w13, w2, config=cfg, sum_topk=False)
-    separate = fm.fused_moe(x, ids, w, w13, w2, config=cfg)
-
-    def no_launch(*a, **k):
-        raise AssertionError("moe_sum launched at naive blocks")
-
-    monkeypatch.setattr(fm, "DECODE_SUM", True)
-    monkeypatch.setattr(fm, "moe_sum", no_launch)
-    for _ in range(2):
-        assert torch.equal(fm.fused_moe(x, ids, w, w13, w2, config=cfg), separate)
-        assert not any(buf.any() for buf in fm._ARRIVALS.values())
-    assert torch.equal(fm.fused_moe(x, ids, w, w13, w2, config=cfg, sum_topk=False), rows)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
-def test_decode_sum_in_down_under_cuda_graph_capture(monkeypatch) -> None:
-    """Captured after an eager call (as every graph runner does), in torch.cuda.graph's own stream, a bf16 decode
-    layer still sums inside down (no moe_sum launch) and replays to the eager values."""
-    x, ids, w, w13, w2 = case(1, 64, 8, 256, 128, "uniform", torch.bfloat16)
-    monkeypatch.setattr(fm, "DECODE_SUM", False)
-    want = fm.fused_moe(x, ids, w, w13, w2)
-    monkeypatch.setattr(fm, "DECODE_SUM", True)
-    eager = fm.fused_moe(x, ids, w, w13, w2)
-
-    def no_launch(*a, **k):
-        raise AssertionError("moe_sum launched at naive blocks")
-
-    monkeypatch.setattr(fm, "moe_sum", no_launch)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fm.fused_moe(x, ids, w, w13, w2)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(eager, want) and torch.equal(out, want)
-
-
 def test_fused_moe_ref_matches_naive() -> None:
     x, ids, w, w13, w2 = case(13, 12, 4, 16, 8, "uniform", torch.float32)
     assert torch.allclose(fm.fused_moe_ref(x, ids, w, w13, w2), naive_moe(x, ids, w, w13, w2), atol=1e-5)

@@ -4,8 +4,7 @@ gate_up: h[r] = silu(x[t] G[e]^T) * (x[t] U[e]^T) for each sorted row r (slot s 
     G, U the gate and up rows of w13 [E, 2I, D]; h [P, I] in the activation dtype, rows in sorted order
     (padding rows hold zeros), so the down GEMM reads its rows contiguously.
 down: y[s] = w[s] * (h[r] W2[e]^T) [T*K, D], rows in slot order.
-sum: out[t] = sum_k y[t*K + k] [T, D] (moe_sum.py); at naive blocks (decode) the down kernel's last program per
-    (token, column tile) does it instead, counting arrivals (DECODE_SUM; the same arithmetic, one launch fewer).
+sum: out[t] = sum_k y[t*K + k] [T, D] (moe_sum.py).
 
 Both accumulate in float32 and write the activation dtype.
 
@@ -18,10 +17,9 @@ Quantized experts (`quant`, formats as in moelab/layers/moe/quant.py; W = Q * S)
   each K-tile's partial product instead (BLOCK_K is capped at 128 so that a K-tile never straddles two blocks).
   Where the quantization happens (ACT_QUANT, the same values either way):
   "separate": a per_token_quant launch for x and one for h;
-  "fused" (default): with an align launch, x by its extra programs (moe_align_quant) and h by its own
-  per_token_quant launch; at naive blocks (no align launch) both by per_token_quant. (Quantizing inside the GEMMs
-  instead was measured and dropped, whole A tiles in the K loops and the one live row of decode blocks before
-  them: docs/perf/moe_kernels.md, v3, v5 and v6.)
+  "fused" (default): x by extra programs of the moe_align launch (moe_align_quant) where there is one (not at
+  naive blocks), h by its own per_token_quant launch. (Quantizing inside the GEMMs instead was measured and
+  dropped: docs/perf/moe_kernels.md, v3 and v5.)
 
 The grid is sized on the host from (T*K, E, BLOCK_M); programs past the padded row count return at once, so
 nothing reads the routing on the host and the whole layer can be captured in a CUDA graph.
@@ -52,7 +50,6 @@ from moelab.kernels.per_token_quant import per_token_quant
 NAIVE_BLOCK_M = 16
 ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
 SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
-DECODE_SUM = True  # naive blocks: the top-k sum by down's last program per (token, column tile); False: moe_sum
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
 QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
@@ -198,20 +195,15 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS[:1] + _RUNTIME_INTS[2:])
 def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
-                 topk_ids_ptr, a_scale_ptr, w_scale_ptr, out_ptr, arrivals_ptr, num_slots, num_pid_m, group_m, N,
-                 K, stride_hr, stride_we, stride_wn, stride_wk, stride_ys, stride_se, stride_sn, stride_sk,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
-                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
-                 A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
-                 SUM_TOP_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
+                 topk_ids_ptr, a_scale_ptr, w_scale_ptr, num_slots, num_pid_m, group_m, N, K, stride_hr, stride_we,
+                 stride_wn, stride_wk, stride_ys, stride_se, stride_sn, stride_sk, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr, EVEN_K: tl.constexpr,
+                 PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr, A_SCALE: tl.constexpr,
+                 W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """y[slot, n-tile] = w[slot] * (h[rows] W2^T); N = D, K = I.
     USE_TMA: h_ptr and w_ptr are TMA descriptors over h [P, K] ([BLOCK_M, BLOCK_K] boxes) and w2 viewed
     [E * N, K] ([BLOCK_N, BLOCK_K] boxes); zero fill past K replaces the masks.
-    Quantized: as _gate_up_kernel, with a_scale per h row. SWAP_AB: as _gate_up_kernel.
-    SUM_TOP_K = top-k > 0 (naive blocks): the top-k sum too. A program adds one to arrivals[token, n-tile] after
-    its store; the one that finds SUM_TOP_K - 1 there (the last, so every row is written) writes
-    out[token, n-tile] = sum over k (in order, float32) of y[token * top-k + k, n-tile], moe_sum's arithmetic, and
-    sets the count back to 0 for the next call."""
+    Quantized: as _gate_up_kernel, with a_scale per h row. SWAP_AB: as _gate_up_kernel."""
     gdc_prologue(USE_PDL)
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
@@ -283,19 +275,6 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
     y = acc * weight[:, None]
     tl.store(y_ptr + slots.to(tl.int64)[:, None] * stride_ys + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
              mask=live[:, None] & (offs_n[None, :] < N))
-    if SUM_TOP_K > 0:
-        token = pid_m // SUM_TOP_K  # naive: slot == pid_m
-        count = arrivals_ptr + token * tl.cdiv(N, BLOCK_N) + pid_n
-        tl.debug_barrier()  # every thread's y stores, before the release below
-        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SUM_TOP_K - 1:
-            tl.debug_barrier()
-            n_ok = offs_n < N
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for j in tl.static_range(SUM_TOP_K):  # (not k: the K loop's runtime variable)
-                total += tl.load(y_ptr + (token * SUM_TOP_K + j) * stride_ys + offs_n, mask=n_ok, other=0.0,
-                                 cache_modifier=".cg").to(tl.float32)
-            tl.store(out_ptr + token * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
-            tl.store(count, 0)
 
 
 def _check(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
@@ -448,51 +427,21 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: 
     return h
 
 
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrivals(device: torch.device, n: int) -> torch.Tensor | None:
-    """A zeroed int32 buffer of >= n arrival counts on device, kept between calls (the down kernel leaves it
-    zeroed). One per device, so down launches that use it must not run at the same time: on one stream they never
-    do, PDL included (every kernel waits for the one before it first); callers that run MoE layers concurrently
-    on several streams set DECODE_SUM = False. It grows only outside CUDA-graph capture (a buffer from the
-    graph's pool would not outlive the graph); None when it would have to grow during one."""
-    buf = _ARRIVALS.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _ARRIVALS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
-
-
 def down(h: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, r: Routing, cfg: GemmConfig,
-         q: Quant | None = None, out_dtype: torch.dtype | None = None, sum_topk: bool = False) -> torch.Tensor:
+         q: Quant | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """h [P, I], w2 [E, D, I], topk_weights [T*K] float32 -> y [T*K, D]: router-weighted rows in slot order, in
-    out_dtype (default h's). Quantized: h fp8 with q.a_scale [P] (W8A8) or h bf16/fp16/fp32 (int8 W8A16).
-    sum_topk (naive blocks, top-k > 1): the top-k sum [T, D] instead, by the kernel's last program per token and
-    column tile (_down_kernel's SUM_TOP_K); moe_sum after it when the arrival buffer cannot grow (inside a
-    CUDA-graph capture)."""
+    out_dtype (default h's). Quantized: h fp8 with q.a_scale [P] (W8A8) or h bf16/fp16/fp32 (int8 W8A16)."""
     E, D, I = w2.shape
-    T, K = r.ids.numel() // r.top_k, r.top_k
     y = torch.empty(r.ids.numel(), D, dtype=out_dtype or h.dtype, device=h.device)
-    arrivals = None
-    if sum_topk:
-        if not r.naive or K < 2:
-            raise ValueError("fused_moe: the top-k sum inside down needs naive blocks and top-k > 1")
-        arrivals = _arrivals(h.device, T * triton.cdiv(D, cfg.block_n))
-    out = torch.empty(T, D, dtype=y.dtype, device=h.device) if arrivals is not None else y
     tma = cfg.tma and _tma_ok(w2, h)
     a = _desc(h, h.shape[0], [r.block_m, cfg.block_k]) if tma else h
     w = _desc(w2, E * D, [cfg.block_n, cfg.block_k]) if tma else w2
     qargs, qflags = _quant_args(w2, q)
     _down_kernel[(r.num_pid_m * triton.cdiv(D, cfg.block_n),)](
-        a, w, y, topk_weights, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], out,
-        arrivals if arrivals is not None else r.ids, r.ids.numel(), r.num_pid_m, cfg.group_m, D, I, h.stride(0),
-        w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), *qargs[2:], **_launch_args(r, cfg, I, h.dtype, tma),
-        **qflags, SUM_TOP_K=K if arrivals is not None else 0, **launch_options(h.device))
-    if sum_topk and arrivals is None:
-        return moe_sum(y, K)
-    return out
+        a, w, y, topk_weights, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], r.ids.numel(),
+        r.num_pid_m, cfg.group_m, D, I, h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
+        *qargs[2:], **_launch_args(r, cfg, I, h.dtype, tma), **qflags, **launch_options(h.device))
+    return y
 
 
 def _check_scales(quant: str, w13: torch.Tensor, w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None
@@ -534,15 +483,13 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if quant is not None and QUANT_FORMATS[quant][1] == torch.float8_e4m3fn:
         return _fused_moe_w8a8(x, topk_ids, weights, w13, w2, cfg, quant, w13_scale, w2_scale, sum_topk)
     r = route(topk_ids, w13.shape[0], cfg.block_m)
-    in_down = _sum_in_down(r, sum_topk)
-    q13, q2 = (None, None) if quant is None else (Quant(quant, w13_scale), Quant(quant, w2_scale))  # int8 W8A16
-    h = gate_up(x, w13, r, cfg.gate_up, q13)
-    y = down(h, w2, weights, r, cfg.down, q2, sum_topk=in_down)  # [T*K, D], or [T, D] when in_down
-    return y if K == 1 or not sum_topk or in_down else moe_sum(y, K)
-
-
-def _sum_in_down(r: Routing, sum_topk: bool) -> bool:
-    return DECODE_SUM and r.naive and sum_topk and r.top_k > 1
+    if quant is None:
+        h = gate_up(x, w13, r, cfg.gate_up)
+        y = down(h, w2, weights, r, cfg.down)  # [T*K, D]
+    else:  # int8 W8A16
+        h = gate_up(x, w13, r, cfg.gate_up, Quant(quant, w13_scale))
+        y = down(h, w2, weights, r, cfg.down, Quant(quant, w2_scale))
+    return y if K == 1 or not sum_topk else moe_sum(y, K)
 
 
 def set_act_quant(mode: str) -> None:
@@ -557,19 +504,17 @@ def set_act_quant(mode: str) -> None:
 def _fused_moe_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor, cfg: MoEConfig, quant: str, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
                     sum_topk: bool) -> torch.Tensor:
-    """fp8 x and h with per-row scales; where they are quantized: ACT_QUANT (module docstring)."""
+    """fp8 x and h with per-row scales; where x is quantized: ACT_QUANT (module docstring)."""
     E, K, act = w13.shape[0], topk_ids.shape[1], x.dtype
-    q13, q2 = Quant(quant, w13_scale), Quant(quant, w2_scale)
     if ACT_QUANT == "fused":
         r, xq, xs = route_quant(topk_ids, E, cfg.block_m, x)
     else:
         r = route(topk_ids, E, cfg.block_m)
         xq, xs = per_token_quant(x)
-    h = gate_up(xq, w13, r, cfg.gate_up, q13._replace(a_scale=xs), out_dtype=act)
+    h = gate_up(xq, w13, r, cfg.gate_up, Quant(quant, w13_scale, xs), out_dtype=act)
     hq, hs = per_token_quant(h, None if r.naive else r.num_padded)
-    in_down = _sum_in_down(r, sum_topk)
-    y = down(hq, w2, weights, r, cfg.down, q2._replace(a_scale=hs), out_dtype=act, sum_topk=in_down)
-    return y if K == 1 or not sum_topk or in_down else moe_sum(y, K)
+    y = down(hq, w2, weights, r, cfg.down, Quant(quant, w2_scale, hs), out_dtype=act)
+    return y if K == 1 or not sum_topk else moe_sum(y, K)
 
 
 def fused_moe_ref(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
