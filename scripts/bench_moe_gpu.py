@@ -556,9 +556,7 @@ def quant_main(args: argparse.Namespace, dev: torch.device, out: Path) -> None:
     dtypes = ("fp32" if args.dry else "bf16",) + formats
     fm.set_act_quant(args.act_quant)
     fm.SWAP_AB_FP8 = not args.no_swap_ab
-    fm.PIPE_BLOCK_SCALES = args.pipe_block_scales
-    log(f"fp8 activations quantized: {fm.ACT_QUANT}; swapped products below 64 rows: {fm.SWAP_AB_FP8}; block "
-        f"scales one iteration later: {fm.PIPE_BLOCK_SCALES}")
+    log(f"fp8 activations quantized: {fm.ACT_QUANT}; swapped products below 64 rows: {fm.SWAP_AB_FP8}")
     cfg = kb.KernelBenchConfig(shapes=shapes, ms=ms, dtypes=dtypes, backends=("naive", "triton"),
                                device=dev.type)
     if dev.type == "cuda" and args.workers > 1 and args.act_quant == "fused" and not args.no_swap_ab:
@@ -590,8 +588,6 @@ def parse_args() -> argparse.Namespace:
                    help="with --quant: where W8A8 layers quantize activations (moelab/kernels/fused_moe.py)")
     p.add_argument("--no-swap-ab", action="store_true",
                    help="with --quant: fp8 GEMMs never transposed (fused_moe.swap_ab), for A/B timings")
-    p.add_argument("--pipe-block-scales", action="store_true",
-                   help="with --quant: fp8_block products scaled one iteration later (fused_moe.PIPE_BLOCK_SCALES)")
     return p.parse_args()
 
 

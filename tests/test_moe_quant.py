@@ -221,32 +221,6 @@ def test_fp8_swapped_products_equal_unswapped(fmt, T, tma, monkeypatch) -> None:
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-@pytest.mark.parametrize("T,block_m", [(1, 16), (30, 32)])
-def test_fp8_block_scales_one_iteration_later_are_the_same_sums(T, block_m, monkeypatch) -> None:
-    """PIPE_BLOCK_SCALES (each K-tile's product scaled in the next iteration) gives the values of the in-place
-    scaling bit for bit: transposed and untransposed products, ragged K (208, 144 against BLOCK_K 64 / 128)."""
-    from test_fused_moe import routing
-
-    from moelab.kernels import fused_moe as fm
-    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
-
-    E, K, D, I = 6, 2, 208, 144
-    x, w = torch.randn(T, D), torch.rand(T, K)
-    w13, w2 = weights(E, D, I)
-    q13, q2, s = quantize_experts(w13, w2, "fp8_block")
-    ids = routing(T, E, K)
-    cfg = MoEConfig(block_m, GemmConfig(64, 64), GemmConfig(64, 128))
-    args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
-    kw = dict(config=cfg, quant="fp8_block", w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(fm, "PIPE_BLOCK_SCALES", on)
-        outs[on] = fm.fused_moe(*args, **kw).cpu()
-    assert torch.equal(outs[True], outs[False])
-    assert rel(outs[True], naive_moe(x, ids, w, q13, q2, s)) < 1e-5
-
-
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 def test_per_token_quant_kernel_matches_ref() -> None:
     from moelab.kernels.per_token_quant import per_token_quant, per_token_quant_ref
 

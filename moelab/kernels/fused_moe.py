@@ -50,7 +50,6 @@ from moelab.kernels.per_token_quant import per_token_quant
 NAIVE_BLOCK_M = 16
 ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
 SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
-PIPE_BLOCK_SCALES = False  # fp8_block: scale each K-tile's product one iteration later (the kernels' PIPE_SCALES)
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
 QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
@@ -92,16 +91,13 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
                     A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
-                    PIPE_SCALES: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                    USE_PDL: tl.constexpr = False):
     """h[rows, n-tile] = silu(A G^T) * (A U^T), A = x[slot // top_k] gathered; N = I, K = D.
     USE_TMA: w_ptr is a TMA descriptor over w13 viewed [E * 2N, K] with [BLOCK_N, BLOCK_K] boxes.
     Quantized (see the module docstring): W_INT8 converts weight tiles to x's dtype; A_SCALE multiplies row r by
     a_scale[token]; W_SCALE 1/2/3 = per expert / per channel / 128x128 block, the up rows' scales starting at
     scale row up_scale_row (N for channels, the gate's block-row count for blocks).
-    SWAP_AB: the products computed transposed, W-tile [BLOCK_N, BLOCK_K] x A-tile^T (see swap_ab()).
-    PIPE_SCALES (block scales): a K-tile's product joins the accumulator, scaled, in the next iteration, after
-    that iteration's products are issued, so the tensor cores need not wait for the scaling (the same sums in the
-    same order)."""
+    SWAP_AB: the products computed transposed, W-tile [BLOCK_N, BLOCK_K] x A-tile^T (see swap_ab())."""
     gdc_prologue(USE_PDL)
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
@@ -133,11 +129,6 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if W_SCALE > 0:
         s_base = w_scale_ptr + expert * stride_se
-    if PIPE_SCALES:
-        prev_g = tl.zeros_like(acc_g)
-        prev_u = tl.zeros_like(acc_u)
-        prev_sg = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        prev_su = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         if EVEN_K:
@@ -166,19 +157,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
             kb = (k * BLOCK_K) // 128 * stride_sk
             sg = tl.load(s_base + (w_rows // 128) * stride_sn + kb)
             su = tl.load(s_base + (up_scale_row + w_rows // 128) * stride_sn + kb)
-            if PIPE_SCALES:
-                if SWAP_AB:
-                    pg = tl.dot(g, tl.trans(a), input_precision=PRECISION)
-                    pu = tl.dot(u, tl.trans(a), input_precision=PRECISION)
-                    acc_g += prev_g * prev_sg[:, None]
-                    acc_u += prev_u * prev_su[:, None]
-                else:
-                    pg = tl.dot(a, g, input_precision=PRECISION)
-                    pu = tl.dot(a, u, input_precision=PRECISION)
-                    acc_g += prev_g * prev_sg[None, :]
-                    acc_u += prev_u * prev_su[None, :]
-                prev_g, prev_u, prev_sg, prev_su = pg, pu, sg, su
-            elif SWAP_AB:
+            if SWAP_AB:
                 acc_g += tl.dot(g, tl.trans(a), input_precision=PRECISION) * sg[:, None]
                 acc_u += tl.dot(u, tl.trans(a), input_precision=PRECISION) * su[:, None]
             else:
@@ -194,13 +173,6 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
         if not USE_TMA:
             g_ptrs += BLOCK_K * stride_wk
             u_ptrs += BLOCK_K * stride_wk
-    if PIPE_SCALES:
-        if SWAP_AB:
-            acc_g += prev_g * prev_sg[:, None]
-            acc_u += prev_u * prev_su[:, None]
-        else:
-            acc_g += prev_g * prev_sg[None, :]
-            acc_u += prev_u * prev_su[None, :]
     if SWAP_AB:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
@@ -227,12 +199,11 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
                  stride_wn, stride_wk, stride_ys, stride_se, stride_sn, stride_sk, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr, EVEN_K: tl.constexpr,
                  PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr, A_SCALE: tl.constexpr,
-                 W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False, PIPE_SCALES: tl.constexpr = False,
-                 USE_PDL: tl.constexpr = False):
+                 W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """y[slot, n-tile] = w[slot] * (h[rows] W2^T); N = D, K = I.
     USE_TMA: h_ptr and w_ptr are TMA descriptors over h [P, K] ([BLOCK_M, BLOCK_K] boxes) and w2 viewed
     [E * N, K] ([BLOCK_N, BLOCK_K] boxes); zero fill past K replaces the masks.
-    Quantized: as _gate_up_kernel, with a_scale per h row. SWAP_AB, PIPE_SCALES: as _gate_up_kernel."""
+    Quantized: as _gate_up_kernel, with a_scale per h row. SWAP_AB: as _gate_up_kernel."""
     gdc_prologue(USE_PDL)
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
@@ -261,9 +232,6 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PIPE_SCALES:
-        prev = tl.zeros_like(acc)
-        prev_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         if USE_TMA:
@@ -284,15 +252,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
             b = b.to(a.dtype)
         if W_SCALE == 3:
             sb = tl.load(s_base + (w_rows // 128) * stride_sn + (k * BLOCK_K) // 128 * stride_sk)
-            if PIPE_SCALES:
-                if SWAP_AB:
-                    p = tl.dot(b, tl.trans(a), input_precision=PRECISION)
-                    acc += prev * prev_s[:, None]
-                else:
-                    p = tl.dot(a, b, input_precision=PRECISION)
-                    acc += prev * prev_s[None, :]
-                prev, prev_s = p, sb
-            elif SWAP_AB:
+            if SWAP_AB:
                 acc += tl.dot(b, tl.trans(a), input_precision=PRECISION) * sb[:, None]
             else:
                 acc += tl.dot(a, b, input_precision=PRECISION) * sb[None, :]
@@ -303,11 +263,6 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
         if not USE_TMA:
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_wk
-    if PIPE_SCALES:
-        if SWAP_AB:
-            acc += prev * prev_s[:, None]
-        else:
-            acc += prev * prev_s[None, :]
     if SWAP_AB:
         acc = tl.trans(acc)
     if W_SCALE == 1:
@@ -447,12 +402,11 @@ class Quant(NamedTuple):
 def _quant_args(w: torch.Tensor, q: Quant | None) -> tuple[list, dict]:
     """(positional scale args, constexpr flags) of a GEMM launch; w stands in for absent pointers."""
     if q is None:
-        return [w, w, 0, 0, 0], dict(W_INT8=False, A_SCALE=False, W_SCALE=0, PIPE_SCALES=False)
+        return [w, w, 0, 0, 0], dict(W_INT8=False, A_SCALE=False, W_SCALE=0)
     code, wdtype = QUANT_FORMATS[q.fmt]
     st = list(q.w_scale.stride()) + [0] * (3 - q.w_scale.dim())
     a_s = q.a_scale if q.a_scale is not None else q.w_scale
-    return [a_s, q.w_scale, *st], dict(W_INT8=wdtype == torch.int8, A_SCALE=q.a_scale is not None, W_SCALE=code,
-                                       PIPE_SCALES=code == 3 and PIPE_BLOCK_SCALES)
+    return [a_s, q.w_scale, *st], dict(W_INT8=wdtype == torch.int8, A_SCALE=q.a_scale is not None, W_SCALE=code)
 
 
 def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: Quant | None = None,
