@@ -23,8 +23,7 @@ Quantized experts (`quant`, formats as in moelab/layers/moe/quant.py; W = Q * S)
 
 The grid is sized on the host from (T*K, E, BLOCK_M); programs past the padded row count return at once, so
 nothing reads the routing on the host and the whole layer can be captured in a CUDA graph.
-Decode (see fused_moe_config.use_naive_blocks) skips the sort: program row-block b holds slot b alone. W8A8 there
-goes to w8a8_decode.py instead (DECODE_GEMV): matrix-vector products on the CUDA cores, no quantization launch.
+Decode (see fused_moe_config.use_naive_blocks) skips the sort: program row-block b holds slot b alone.
 
 Variants: `fused_moe` (Triton, tile config from fused_moe_config), `fused_moe_ref` (plain torch, float32).
 """
@@ -47,12 +46,10 @@ from moelab.kernels.moe_align import moe_align, moe_align_quant
 from moelab.kernels.moe_sum import moe_sum
 from moelab.kernels.pdl import gdc_prologue, launch_options
 from moelab.kernels.per_token_quant import per_token_quant
-from moelab.kernels.w8a8_decode import w8a8_decode_moe
 
 NAIVE_BLOCK_M = 16
 ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
 SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
-DECODE_GEMV = True  # W8A8 at naive blocks: w8a8_decode.py (CUDA-core GEMVs, activations quantized in registers)
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
 QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
@@ -507,11 +504,8 @@ def set_act_quant(mode: str) -> None:
 def _fused_moe_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor, cfg: MoEConfig, quant: str, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
                     sum_topk: bool) -> torch.Tensor:
-    """fp8 x and h with per-row scales; where x is quantized: ACT_QUANT (module docstring). At naive blocks
-    (DECODE_GEMV): w8a8_decode_moe instead, which needs no quantization launch."""
+    """fp8 x and h with per-row scales; where x is quantized: ACT_QUANT (module docstring)."""
     E, K, act = w13.shape[0], topk_ids.shape[1], x.dtype
-    if DECODE_GEMV and use_naive_blocks(*topk_ids.shape, E) and w13.is_contiguous() and w2.is_contiguous():
-        return w8a8_decode_moe(x, topk_ids, weights, w13, w2, quant, w13_scale, w2_scale, sum_topk)
     if ACT_QUANT == "fused":
         r, xq, xs = route_quant(topk_ids, E, cfg.block_m, x)
     else:
