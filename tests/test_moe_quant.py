@@ -231,6 +231,11 @@ def test_per_token_quant_kernel_matches_ref() -> None:
     assert torch.equal(s, sr) and torch.equal(q.float(), qr.float())
     q2, _ = per_token_quant(x, num_rows=torch.tensor([3], dtype=torch.int32))
     assert torch.equal(q2[:3].float(), qr[:3].float())
+    x = torch.randn(3, 4100) * torch.tensor([[1.0], [1e-3], [30.0]])  # two chunks of 4,096: the first kept
+    x[1, 4099] = 5.0  # the row's largest value in the second chunk
+    q, s = per_token_quant(x)
+    qr, sr = per_token_quant_ref(x)
+    assert torch.equal(s, sr) and torch.equal(q.float(), qr.float())
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")

@@ -46,17 +46,21 @@ def quantize(v, s, FP8_MAX_: tl.constexpr):
 @triton.jit
 def quant_row(x_ptr, q_ptr, s_ptr, t, K, stride_x, stride_q, FP8_MAX_: tl.constexpr, MIN_SCALE_: tl.constexpr,
               BLOCK_K: tl.constexpr):
-    """Row t: amax over K in BLOCK_K chunks, then a second pass over the row quantizes it; writes q[t], s[t]."""
+    """Row t: amax over K in BLOCK_K chunks, then a second pass over the row quantizes it; writes q[t], s[t]. The
+    first chunk stays in registers between the two passes (a row of one chunk is read once)."""
     offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        v = tl.load(x_ptr + t * stride_x + k + offs, mask=k + offs < K, other=0.0).to(tl.float32)
+    x_row = x_ptr + t * stride_x
+    first = tl.load(x_row + offs, mask=offs < K, other=0.0)
+    amax = tl.abs(first.to(tl.float32))
+    for k in range(BLOCK_K, K, BLOCK_K):
+        v = tl.load(x_row + k + offs, mask=k + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
     s = quant_scale(tl.max(amax, axis=0), FP8_MAX_, MIN_SCALE_)
-    for k in range(0, K, BLOCK_K):
-        v = tl.load(x_ptr + t * stride_x + k + offs, mask=k + offs < K, other=0.0)
-        tl.store(q_ptr + t * stride_q + k + offs, quantize(v, s, FP8_MAX_).to(q_ptr.dtype.element_ty),
-                 mask=k + offs < K)
+    q_row = q_ptr + t * stride_q
+    tl.store(q_row + offs, quantize(first, s, FP8_MAX_).to(q_ptr.dtype.element_ty), mask=offs < K)
+    for k in range(BLOCK_K, K, BLOCK_K):
+        v = tl.load(x_row + k + offs, mask=k + offs < K, other=0.0)
+        tl.store(q_row + k + offs, quantize(v, s, FP8_MAX_).to(q_ptr.dtype.element_ty), mask=k + offs < K)
     tl.store(s_ptr + t, s)
 
 
