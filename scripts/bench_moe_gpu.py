@@ -556,13 +556,10 @@ def quant_main(args: argparse.Namespace, dev: torch.device, out: Path) -> None:
     dtypes = ("fp32" if args.dry else "bf16",) + formats
     fm.set_act_quant(args.act_quant)
     fm.SWAP_AB_FP8 = not args.no_swap_ab
-    fm.DECODE_FUSED = not args.no_decode_fused
-    log(f"fp8 activations quantized: {fm.ACT_QUANT}; swapped products below 64 rows: {fm.SWAP_AB_FP8}; decode in one "
-        f"launch: {fm.DECODE_FUSED}")
+    log(f"fp8 activations quantized: {fm.ACT_QUANT}; swapped products below 64 rows: {fm.SWAP_AB_FP8}")
     cfg = kb.KernelBenchConfig(shapes=shapes, ms=ms, dtypes=dtypes, backends=("naive", "triton"),
                                device=dev.type)
-    if dev.type == "cuda" and args.workers > 1 and args.act_quant == "fused" and not args.no_swap_ab \
-            and not args.no_decode_fused:
+    if dev.type == "cuda" and args.workers > 1 and args.act_quant == "fused" and not args.no_swap_ab:
         try:  # (the worker processes compile the default variants only)
             kb.precompile_in_use(shapes, ms, dtypes, "cuda", args.workers, log=log)
         except Exception as exc:  # only a head start: the run compiles what is missing as it goes
@@ -591,8 +588,6 @@ def parse_args() -> argparse.Namespace:
                    help="with --quant: where W8A8 layers quantize activations (moelab/kernels/fused_moe.py)")
     p.add_argument("--no-swap-ab", action="store_true",
                    help="with --quant: fp8 GEMMs never transposed (fused_moe.swap_ab), for A/B timings")
-    p.add_argument("--no-decode-fused", action="store_true",
-                   help="with --quant: W8A8 at decode blocks in five launches, not one (fused_moe.DECODE_FUSED)")
     return p.parse_args()
 
 

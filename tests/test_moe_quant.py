@@ -180,7 +180,6 @@ def test_w8a8_activation_quant_fused_equals_separate(fmt, T, E, K, D, I, monkeyp
     ids = routing(T, E, K, "skew" if T > 1 else "uniform")
     args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
     kw = dict(quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
-    monkeypatch.setattr(fm, "DECODE_FUSED", False)  # (decode_moe_fp8 has its own test)
     outs = {}
     for mode in ("separate", "fused"):
         monkeypatch.setattr(fm, "ACT_QUANT", mode)
@@ -213,52 +212,12 @@ def test_fp8_swapped_products_equal_unswapped(fmt, T, tma, monkeypatch) -> None:
     assert fm._tma_ok(q13) and fm._tma_ok(q2)  # the tma=True cases take the descriptor path
     args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
     kw = dict(config=cfg, quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
-    monkeypatch.setattr(fm, "DECODE_FUSED", False)  # (decode_moe_fp8 has its own test)
     outs = {}
     for on in (False, True):
         monkeypatch.setattr(fm, "SWAP_AB_FP8", on)
         outs[on] = fm.fused_moe(*args, **kw).cpu()
     assert rel(outs[True], outs[False]) < 1e-6
     assert rel(outs[True], naive_moe(x, ids, w, q13, q2, s)) < 1e-5
-
-
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-@pytest.mark.parametrize("fmt", ["fp8_tensor", "fp8_channel", "fp8_block"])
-@pytest.mark.parametrize("T,E,K,D,I,tma", [(1, 8, 2, 208, 144, False), (1, 60, 6, 256, 136, True),
-                                           (2, 64, 4, 40, 24, False)])
-def test_w8a8_decode_in_one_launch_equals_five(fmt, T, E, K, D, I, tma, monkeypatch) -> None:
-    """decode_moe_fp8 (x quantized, gate_up, h quantized by each slot's last program, down: one launch ordered by
-    flags) gives the five launches' values bit for bit, call after call (the epoch moves on, the counts go back to
-    zero, no wait gives up); ragged K, TMA weight tiles, two tokens; no per_token_quant launch."""
-    from test_fused_moe import routing
-
-    from moelab.kernels import decode_moe_fp8 as dm
-    from moelab.kernels import fused_moe as fm
-    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
-
-    x, w = torch.randn(T, D) * 3, torch.rand(T, K)
-    w13, w2 = weights(E, D, I)
-    q13, q2, s = quantize_experts(w13, w2, fmt)
-    ids = routing(T, E, K)
-    args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
-    cfg = MoEConfig(16, GemmConfig(64, 64, tma=tma), GemmConfig(64, 128, tma=tma))
-    kw = dict(config=cfg, quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
-    monkeypatch.setattr(fm, "DECODE_FUSED", False)
-    five = fm.fused_moe(*args, **kw).cpu()
-    rows = fm.fused_moe(*args, **kw, sum_topk=False).cpu()
-
-    def no_launch(*a, **k):
-        raise AssertionError("per_token_quant launched")
-
-    monkeypatch.setattr(fm, "DECODE_FUSED", True)
-    monkeypatch.setattr(fm, "per_token_quant", no_launch)
-    epoch = int(dm.sync_buffer(args[0].device)[0])
-    for i in range(2):
-        assert torch.equal(fm.fused_moe(*args, **kw).cpu(), five)
-        sync = dm.sync_buffer(args[0].device)
-        assert int(sync[0]) == epoch + i + 1 and int(sync[1]) == 0 and dm.failures(args[0].device) == 0
-        assert not sync[dm.HEADER + dm.MAX_TOKENS:dm.HEADER + dm.MAX_TOKENS + dm.MAX_SLOTS].any()  # arrival counts
-    assert torch.equal(fm.fused_moe(*args, **kw, sum_topk=False).cpu(), rows)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")

@@ -41,7 +41,6 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from moelab.kernels.decode_moe_fp8 import decode_moe_fp8
 from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, get_config, use_naive_blocks
 from moelab.kernels.moe_align import moe_align, moe_align_quant
 from moelab.kernels.moe_sum import moe_sum
@@ -51,7 +50,6 @@ from moelab.kernels.per_token_quant import per_token_quant
 NAIVE_BLOCK_M = 16
 ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
 SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
-DECODE_FUSED = True  # W8A8 at naive blocks in one launch (decode_moe_fp8.py); False: the five launches
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
 QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
@@ -506,15 +504,8 @@ def set_act_quant(mode: str) -> None:
 def _fused_moe_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor, cfg: MoEConfig, quant: str, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
                     sum_topk: bool) -> torch.Tensor:
-    """fp8 x and h with per-row scales; where x is quantized: ACT_QUANT (module docstring). At naive blocks
-    (DECODE_FUSED): decode_moe_fp8's one launch where it can run."""
+    """fp8 x and h with per-row scales; where x is quantized: ACT_QUANT (module docstring)."""
     E, K, act = w13.shape[0], topk_ids.shape[1], x.dtype
-    if DECODE_FUSED and use_naive_blocks(*topk_ids.shape, E) and w13.is_contiguous() and w2.is_contiguous() \
-            and min(cfg.gate_up.block_n, cfg.down.block_n) >= 16:
-        out = decode_moe_fp8(x.contiguous(), topk_ids, weights, w13, w2, quant, w13_scale, w2_scale, cfg.gate_up,
-                             cfg.down, sum_topk)
-        if out is not None:
-            return out
     if ACT_QUANT == "fused":
         r, xq, xs = route_quant(topk_ids, E, cfg.block_m, x)
     else:
