@@ -25,6 +25,10 @@ from moelab.layers.moe.quant import (
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# triton against the dequantized oracle: the interpreter computes exactly what the oracle does; on the GPU fp8 tensor
+# cores accumulate with fewer bits, float32 operands run as tf32, and an h value at an fp8 rounding boundary moves by
+# one fp8 step when its float32 sum differs in the last bit; the GPU figure is the kernel bench's check (2e-2).
+ORACLE_TOL = 1e-5 if DEV == "cpu" else 2e-2
 # worst relative error of one quantize-dequantize round trip (fp8 e4m3: 3 mantissa bits; int8: 127 levels)
 ROUND_TRIP = {"fp8_tensor": 0.06, "fp8_channel": 0.06, "fp8_block": 0.06, "int8_channel": 0.02}
 
@@ -140,7 +144,7 @@ def test_triton_quantized_matches_naive(fmt, T, E, K, D, I, mode) -> None:
     s_dev = QuantScales(fmt, to(s.w13_scale), to(s.w2_scale))
     out = BACKENDS["triton"](to(x), to(ids), to(w), to(q13), to(q2), s_dev).cpu()
     assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
-    assert rel(out, ref) < 1e-5, rel(out, ref)
+    assert rel(out, ref) < ORACLE_TOL, rel(out, ref)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
@@ -154,9 +158,9 @@ def test_triton_quantized_tile_configs() -> None:
         q13, q2, s = quantize_experts(w13, w2, fmt)
         ref = naive_moe(x.half(), ids, w, q13, q2, s).float()
         cfg = MoEConfig(32, GemmConfig(32, 256, tma=True), GemmConfig(64, 64, group_m=4))
-        out = fm.fused_moe(x.half(), ids, w, q13, q2, config=cfg, quant=fmt, w13_scale=s.w13_scale,
-                           w2_scale=s.w2_scale)
-        assert out.dtype == torch.float16 and rel(out, ref) < 2e-3, (fmt, rel(out, ref))
+        out = fm.fused_moe(*(t.to(DEV) for t in (x.half(), ids, w, q13, q2)), config=cfg, quant=fmt,
+                           w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV)).cpu()
+        assert out.dtype == torch.float16 and rel(out, ref) < max(2e-3, ORACLE_TOL), (fmt, rel(out, ref))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
@@ -185,7 +189,7 @@ def test_w8a8_activation_quant_fused_equals_separate(fmt, T, E, K, D, I, monkeyp
         monkeypatch.setattr(fm, "ACT_QUANT", mode)
         outs[mode] = fm.fused_moe(*args, **kw).cpu()
     assert torch.equal(outs["fused"], outs["separate"])
-    assert rel(outs["fused"], naive_moe(x, ids, w, q13, q2, s)) < 1e-5
+    assert rel(outs["fused"], naive_moe(x, ids, w, q13, q2, s)) < ORACLE_TOL
     with pytest.raises(ValueError, match="must be 'fused' or 'separate'"):
         fm.set_act_quant("inline")
 
@@ -216,22 +220,23 @@ def test_fp8_swapped_products_equal_unswapped(fmt, T, tma, monkeypatch) -> None:
     for on in (False, True):
         monkeypatch.setattr(fm, "SWAP_AB_FP8", on)
         outs[on] = fm.fused_moe(*args, **kw).cpu()
-    assert rel(outs[True], outs[False]) < 1e-6
-    assert rel(outs[True], naive_moe(x, ids, w, q13, q2, s)) < 1e-5
+    # (on the GPU the two run on different instructions: fp8 wgmma against fp16 mma after a conversion)
+    assert rel(outs[True], outs[False]) < (1e-6 if DEV == "cpu" else ORACLE_TOL)
+    assert rel(outs[True], naive_moe(x, ids, w, q13, q2, s)) < ORACLE_TOL
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 def test_per_token_quant_kernel_matches_ref() -> None:
     from moelab.kernels.per_token_quant import per_token_quant, per_token_quant_ref
 
-    x = torch.cat([torch.randn(6, 300) * 10 ** torch.arange(-3, 3)[:, None], torch.zeros(1, 300)])
+    x = torch.cat([torch.randn(6, 300) * 10 ** torch.arange(-3, 3)[:, None], torch.zeros(1, 300)]).to(DEV)
     x[0, :4] = torch.tensor([126.8, -0.0146, 1e-30, 447.9])  # a binade carry, e4m3 subnormals, tiny
     q, s = per_token_quant(x)
     qr, sr = per_token_quant_ref(x)
     assert torch.equal(s, sr) and torch.equal(q.float(), qr.float())
-    q2, _ = per_token_quant(x, num_rows=torch.tensor([3], dtype=torch.int32))
+    q2, _ = per_token_quant(x, num_rows=torch.tensor([3], dtype=torch.int32, device=DEV))
     assert torch.equal(q2[:3].float(), qr[:3].float())
-    x = torch.randn(3, 4100) * torch.tensor([[1.0], [1e-3], [30.0]])  # two chunks of 4,096: the first kept
+    x = (torch.randn(3, 4100) * torch.tensor([[1.0], [1e-3], [30.0]])).to(DEV)  # two chunks: the first kept
     x[1, 4099] = 5.0  # the row's largest value in the second chunk
     q, s = per_token_quant(x)
     qr, sr = per_token_quant_ref(x)
@@ -242,7 +247,7 @@ def test_per_token_quant_kernel_matches_ref() -> None:
 def test_triton_quantized_shape_errors() -> None:
     from moelab.kernels import fused_moe as fm
 
-    x, ids, w, w13, w2 = make_case(3, 4, 2, 16, 8)
+    x, ids, w, w13, w2 = (t.to(DEV) for t in make_case(3, 4, 2, 16, 8))
     q13, q2, s = quantize_experts(w13, w2, "fp8_channel")
     with pytest.raises(ValueError, match="float32 scales of shapes"):
         fm.fused_moe(x, ids, w, q13, q2, quant="fp8_channel", w13_scale=s.w13_scale, w2_scale=None)
@@ -314,11 +319,11 @@ def test_quantized_checkpoint_through_the_engine(fmt, tmp_path) -> None:
     ids = torch.randint(4, 320, (7,))
     logits = {}
     for backend in ("naive", "triton"):
-        model = load_model(dst, moe_backend=backend)
+        model = load_model(dst, moe_backend=backend, device=DEV)
         assert model.model.layers[0].mlp.experts.scales is not None
-        with torch.no_grad(), forward_context(ForwardContext.for_prompts([7])):
-            logits[backend] = model.compute_logits(model(ids, torch.arange(7)))
-    assert rel(logits["triton"], logits["naive"]) < 1e-5
+        with torch.no_grad(), forward_context(ForwardContext.for_prompts([7], device=DEV)):
+            logits[backend] = model.compute_logits(model(ids.to(DEV), torch.arange(7, device=DEV))).cpu()
+    assert rel(logits["triton"], logits["naive"]) < ORACLE_TOL
     out = LLM(str(dst), max_model_len=32).generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=4,
                                                                               ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
