@@ -18,8 +18,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 for section in "$@"; do
   echo "== $section $(date +%T)"
   case "$section" in
-    gpu-tests)  # the CUDA-only tests (bf16 kernels, CUDA graphs, no host sync when launching a step)
-      python -m pytest -q -p no:cacheprovider tests -k "cuda or never_waits" -rs --ignore tests/test_server.py \
+    gpu-tests)  # the CUDA-only tests (bf16 kernels, CUDA graphs, no host sync when launching a step), compiled
+      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests -k "cuda or never_waits" -rs --ignore tests/test_server.py \
         --ignore tests/test_serving_bench.py 2>&1 | tail -40 ;;  # the image has no fastapi/uvicorn
     tune-fp8)  # fp8 tiles of the four benchmark shapes at the seven token counts (precompiled on 12 processes)
       for fmt in fp8_channel fp8_block; do

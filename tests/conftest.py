@@ -9,12 +9,18 @@ from typing import Any
 import pytest
 import torch
 
-# Triton kernels run under the interpreter on machines without CUDA. The variable is read when a kernel
-# module is imported, so it is set here, before any test module imports one.
-if not torch.cuda.is_available():
+# The tests build CPU tensors and run the Triton kernels under the interpreter, on any machine (the engine's "auto"
+# device is then the CPU: moelab/device.py). A GPU run compiles them instead: MOELAB_TEST_GPU=1 on a machine with
+# CUDA, for the tests marked with `needs_gpu` and the kernel tests that place their tensors on `DEV`:
+#   MOELAB_TEST_GPU=1 python -m pytest -q tests -k "cuda or never_waits or quant or fused_moe"
+# The variable is read when a kernel module is imported, so it is set here, before any test module imports one.
+if not (torch.cuda.is_available() and os.environ.get("MOELAB_TEST_GPU") == "1"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moelab.checkpoint.synthetic import synthetic_config, write_checkpoint
+
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+needs_gpu = pytest.mark.skipif(DEV != "cuda", reason="compiled CUDA kernels: MOELAB_TEST_GPU=1 on a CUDA machine")
 
 SMALL = dict(layers=2, hidden_size=64, heads=4, kv_heads=4, experts=8, top_k=2, moe_intermediate_size=32,
              vocab_size=320)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_gpu
 
 from moelab.engine.sampling_params import SamplingParams
 from moelab.llm import LLM
@@ -300,7 +301,7 @@ def test_prefill_warmup_runs_single_and_mixed_steps_and_changes_no_output(olmoe:
     assert [o.outputs[0].token_ids for o in olmoe.generate([[5, 6, 7], [9] * 20], params)] == before
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_gpu
 def test_launching_a_step_never_waits_for_the_device(tiny_checkpoints: dict[str, Path]) -> None:
     """ModelRunner.launch enqueues a step without a host-device synchronization, for prefill chunks (eager), mixed
     steps and decode steps (CUDA graphs), greedy and sampled: torch's sync debug mode raises on any synchronizing
@@ -327,3 +328,17 @@ def test_launching_a_step_never_waits_for_the_device(tiny_checkpoints: dict[str,
               SamplingParams(temperature=0, min_tokens=4, max_tokens=6)]  # EOS banned for 4 tokens
     outs = llm.generate(prompts, params)
     assert [len(o.outputs[0].token_ids) for o in outs][:3] == [6, 6, 6] and len(outs[3].outputs[0].token_ids) >= 4
+
+
+def test_auto_device_is_the_cpu_under_the_triton_interpreter(monkeypatch) -> None:
+    """The interpreter takes CPU tensors only, so "auto" (the engine, the kernel bench, calibration) picks the CPU
+    under it even where CUDA is present; the test suite relies on it on GPU machines."""
+    from moelab.device import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert default_device() == "cpu"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert default_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu"

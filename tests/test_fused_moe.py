@@ -13,6 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import DEV  # noqa: E402
+
 from moelab.kernels import fused_moe as fm  # noqa: E402
 from moelab.kernels.fused_moe_config import (  # noqa: E402
     GemmConfig,
@@ -27,8 +29,6 @@ from moelab.kernels.fused_moe_config import (  # noqa: E402
 from moelab.kernels.moe_align import moe_align, moe_align_quant, moe_align_ref, padded_size  # noqa: E402
 from moelab.kernels.moe_sum import moe_sum, moe_sum_ref  # noqa: E402
 from moelab.layers.moe.backends import naive_moe  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def routing(T: int, E: int, K: int, mode: str = "uniform") -> torch.Tensor:

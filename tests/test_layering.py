@@ -10,8 +10,8 @@ import moelab
 ROOT = Path(moelab.__file__).parent
 LEVEL0 = {"spec", "hf_config", "presets", "context", "summary", "roofline"}
 # analysis: pure numpy/pandas on specs and traces (no engine); lab: measures the engine through its public API
-LEVELS = {**{m: 0 for m in LEVEL0}, "checkpoint": 1, "kernels": 1, "parallel": 1, "analysis": 1, "layers": 2,
-          "models": 3, "engine": 4, "generate": 5, "llm": 5, "server": 5, "lab": 6, "cli": 9}
+LEVELS = {**{m: 0 for m in LEVEL0}, "device": 1, "checkpoint": 1, "kernels": 1, "parallel": 1, "analysis": 1,
+          "layers": 2, "models": 3, "engine": 4, "generate": 5, "llm": 5, "server": 5, "lab": 6, "cli": 9}
 
 
 def level(module: str) -> int | None:

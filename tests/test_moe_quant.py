@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import DEV
 from safetensors import safe_open
 from test_moe_backends import dense_moe, make_case
 
@@ -24,7 +25,6 @@ from moelab.layers.moe.quant import (
     quantize_weight,
 )
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # triton against the dequantized oracle: the interpreter computes exactly what the oracle does; on the GPU fp8 tensor
 # cores accumulate with fewer bits, float32 operands run as tf32, and an h value at an fp8 rounding boundary moves by
 # one fp8 step when its float32 sum differs in the last bit; the GPU figure is the kernel bench's check (2e-2).

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_gpu
 
 from moelab.kernels.paged_attention import (
     PagedAttentionConfig,
@@ -185,7 +186,7 @@ def test_ref_matches_dense_sdpa(mla: bool) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_gpu
 def test_bf16_cuda_graph() -> None:
     """bf16 on the GPU, captured in a CUDA graph and replayed after the metadata changed in place."""
     batch = make_batch([1] * 3, [100, 7, 300], KV=2, group=4, Dk=128, Dv=128, bs=16, dtype=torch.bfloat16)

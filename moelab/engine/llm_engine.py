@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from moelab.device import default_device
 from moelab.engine.block_manager import BlockManager
 from moelab.engine.config import EngineConfig
 from moelab.engine.model_runner import ModelRunner
@@ -41,7 +42,7 @@ class Resolved:
 def resolve(config: EngineConfig) -> Resolved:
     from moelab.layers.moe.backends import BACKENDS
 
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = config.device if config.device != "auto" else default_device()
     cuda = device.startswith("cuda")
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if cuda else "float32")
     backend = config.moe_backend

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moelab.device import default_device
 from moelab.lab.store import ResultsStore, now_iso
 from moelab.roofline import Ceilings
 
@@ -67,7 +68,7 @@ def resolve_device(device: str) -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
     return device

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from moelab.device import default_device
+
 SHAPES = {"olmoe": (64, 8, 2048, 1024), "mixtral": (8, 2, 4096, 14336), "qwen3": (128, 8, 2048, 768),
           "dsv2-lite": (64, 6, 2048, 1408)}  # (E, K, D, I)
 TINY_SHAPES = {"tiny": (8, 2, 64, 48), "tiny-e60": (60, 6, 32, 16)}
@@ -49,7 +51,7 @@ class KernelBenchConfig:
     time_layer: bool = True
     naive_max_m: int = 64  # the oracle loops over experts with host syncs: checked up to this M only
     seed: int = 0
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    device: str = field(default_factory=default_device)
 
     def __post_init__(self) -> None:
         bad = [d for d in self.dtypes if d not in DTYPES]

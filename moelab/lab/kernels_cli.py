@@ -35,11 +35,11 @@ def _shapes(args: argparse.Namespace, device: str) -> dict[str, tuple[int, int, 
 
 
 def _device(args: argparse.Namespace) -> str:
-    import torch
+    from moelab.device import default_device
 
     if args.device not in (None, "cpu", "cuda"):
         raise ValueError(f"--device {args.device!r}: cpu or cuda")
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args.device or default_device()
 
 
 def _preset_shape(name: str) -> tuple[int, int, int, int]:
