@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -21,6 +21,9 @@ for section in "$@"; do
     gpu-tests)  # the CUDA-only tests (bf16 kernels, CUDA graphs, no host sync when launching a step), compiled
       MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests -k "cuda or never_waits" -rs --ignore tests/test_server.py \
         --ignore tests/test_serving_bench.py 2>&1 | tail -40 ;;  # the image has no fastapi/uvicorn
+    gpu-kernel-tests)  # the fused-MoE and quantized-expert tests compiled on the GPU (tensors on DEV; ~100 s of compiles)
+      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_moe_quant.py tests/test_fused_moe.py \
+        --tb=line 2>&1 | tail -40 ;;
     tune-fp8)  # fp8 tiles of the four benchmark shapes at the seven token counts (precompiled on 12 processes)
       for fmt in fp8_channel fp8_block; do
         python scripts/tune_engine_shapes_gpu.py --dtype "$fmt" --deadline 420 olmoe:1,16,64,256,1024,4096,16384 \
@@ -73,6 +76,6 @@ for section in "$@"; do
         --dtypes bf16 fp8_channel fp8_block 2>&1 | grep -v -i warn ;;
     moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
       python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -45 ;;
-    *) echo "unknown section $section; allowed: gpu-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe" >&2 ;;
   esac
 done
