@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moelab.device import default_device
 from moelab.lab.store import ResultsStore, now_iso
 from moelab.roofline import Ceilings
 
@@ -66,6 +65,8 @@ def device_key(device: str) -> str:
 
 def resolve_device(device: str) -> str:
     import torch
+
+    from moelab.device import default_device
 
     if device == "auto":
         return default_device()
