@@ -68,34 +68,44 @@ def count_touched(llm: LLM, fn) -> list[float]:
 
 
 def check_bf16(model_name: str, device: str, overrides: dict) -> dict:
-    """Prefill logits of a 2-layer full-width model: engine path (bf16, fast kernels, paged cache) vs the float32
-    reference path (sdpa attention, naive MoE, no cache)."""
+    """Logits of a 2-layer full-width model, engine path (bf16, fast kernels, paged cache) vs the float32 reference
+    path (sdpa attention, naive MoE, no cache): a 256-token prefill, then one decode token over the cache (a
+    one-row step: every dense projection on the GEMV)."""
     ov = {**overrides, "layers": 2}
     ref = LLM(model_name, dtype="float32", attention="sdpa", moe_backend="naive", enforce_eager=True,
               overrides=ov, max_model_len=512, num_kv_blocks=64, device=device)
-    ids = torch.randint(3, 500, (256,), device=device)
-    pos = torch.arange(256, device=device)
-    with torch.inference_mode(), forward_context(ForwardContext.for_prompts([256], device)):
-        want = ref.engine.model.compute_logits(ref.engine.model(ids, pos)).float()
+    ids = torch.randint(3, 500, (257,), device=device)
+    pos = torch.arange(257, device=device)
+    with torch.inference_mode(), forward_context(ForwardContext.for_prompts([257], device)):
+        want_all = ref.engine.model.compute_logits(ref.engine.model(ids, pos)).float()
+    want, want_next = want_all[:256], want_all[256:]
     del ref
     gc.collect()
     fast = LLM(model_name, overrides=ov, max_model_len=512, enforce_eager=True, device=device,
                num_kv_blocks=64)
     bs = fast.config.block_size
-    n_blocks = 256 // bs
+    n_blocks = 512 // bs
     table = torch.arange(1, n_blocks + 1, dtype=torch.int32, device=device)[None]
     ctx = ForwardContext(cu_seqlens_q=torch.tensor([0, 256], dtype=torch.int32, device=device), query_lens=[256],
-                         seq_lens=[256], slot_mapping=(pos + bs), block_tables=table, block_size=bs,
+                         seq_lens=[256], slot_mapping=(pos[:256] + bs), block_tables=table, block_size=bs,
                          seq_lens_t=torch.tensor([256], dtype=torch.int32, device=device), max_query_len=256,
                          max_seq_len=512)
     with torch.inference_mode(), forward_context(ctx):
-        got = fast.engine.model.compute_logits(fast.engine.model(ids, pos)).float()
+        got = fast.engine.model.compute_logits(fast.engine.model(ids[:256], pos[:256])).float()
+    ctx1 = ForwardContext(cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32, device=device), query_lens=[1],
+                          seq_lens=[257], slot_mapping=(pos[256:] + bs), block_tables=table, block_size=bs,
+                          seq_lens_t=torch.tensor([257], dtype=torch.int32, device=device), max_query_len=1,
+                          max_seq_len=512)
+    with torch.inference_mode(), forward_context(ctx1):
+        got_next = fast.engine.model.compute_logits(fast.engine.model(ids[256:], pos[256:])).float()
     r = fast.engine.resolved
     err = ((got - want).norm() / want.norm()).item()
+    err_next = ((got_next - want_next).norm() / want_next.norm()).item()
     del fast
     gc.collect()
     return {"kind": "bf16_check", "model": model_name, "dtype": r.dtype, "moe_backend": r.moe_backend,
-            "attention": r.attention, "rel_err": err, "finite": bool(torch.isfinite(got).all())}
+            "attention": r.attention, "rel_err": err, "decode_rel_err": err_next,
+            "finite": bool(torch.isfinite(got).all() and torch.isfinite(got_next).all())}
 
 
 def bench_decode(llm: LLM, B: int, ctx: int, steps: int, c: Ceilings, device: str) -> dict:
@@ -258,6 +268,7 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--offline-trials", type=int, default=1, help="repeat each offline run (run-to-run spread)")
     ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (A/B)")
+    ap.add_argument("--no-gemv", action="store_true", help="one-row projections on cuBLAS, not moelab's GEMV (A/B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64, 256], help="decode profiles")
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="profile these offline prefills")
@@ -266,6 +277,10 @@ def main() -> None:
         from moelab.kernels.pdl import set_enabled
 
         set_enabled(False)
+    if args.no_gemv:
+        from moelab.kernels import gemv
+
+        gemv.set_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,14 +291,16 @@ def main() -> None:
     from moelab.kernels.pdl import use_pdl
 
     rows: list[dict] = [{"kind": "ceilings", "bandwidth": c.bandwidth, "matmul": c.matmul, "device": c.name,
-                         "torch": torch.__version__, "pdl": use_pdl(torch.device(device))}]
+                         "torch": torch.__version__, "pdl": use_pdl(torch.device(device)),
+                         "gemv": not args.no_gemv}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:
         if not args.skip_check:
             r = check_bf16(name, device, overrides)
             rows.append(r)
-            print(f"{name}: bf16 vs fp32 reference rel err {r['rel_err']:.2e} (finite {r['finite']})")
+            print(f"{name}: bf16 vs fp32 reference rel err {r['rel_err']:.2e}, one-token decode "
+                  f"{r['decode_rel_err']:.2e} (finite {r['finite']})")
         t = time.perf_counter()
         llm = LLM(name, overrides=overrides, max_model_len=512, max_num_seqs=256, gpu_memory_utilization=0.85,
                   max_num_batched_tokens=args.max_num_batched_tokens)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.context import ForwardContext, get_forward_context
+from moelab.layers.linear import Linear, linear
 from moelab.layers.norm import RMSNorm
 from moelab.layers.rotary import RotaryEmbedding
 from moelab.spec import ModelSpec
@@ -107,10 +108,10 @@ class GQAttention(nn.Module):
         super().__init__()
         D, H, KV, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
-        self.q_proj = nn.Linear(D, H * hd, bias=spec.attention_bias)
-        self.k_proj = nn.Linear(D, KV * hd, bias=spec.attention_bias)
-        self.v_proj = nn.Linear(D, KV * hd, bias=spec.attention_bias)
-        self.o_proj = nn.Linear(H * hd, D, bias=False)
+        self.q_proj = Linear(D, H * hd, bias=spec.attention_bias)
+        self.k_proj = Linear(D, KV * hd, bias=spec.attention_bias)
+        self.v_proj = Linear(D, KV * hd, bias=spec.attention_bias)
+        self.o_proj = Linear(H * hd, D, bias=False)
         self.qk_norm, self.clip_qkv = spec.qk_norm, spec.clip_qkv
         if spec.qk_norm == "full":  # OLMoE: one norm over all heads
             self.q_norm, self.k_norm = RMSNorm(H * hd, spec.rms_norm_eps), RMSNorm(KV * hd, spec.rms_norm_eps)
@@ -152,7 +153,7 @@ class GQAttention(nn.Module):
         if self._fused_ok(ctx, x):
             from moelab.kernels.qk_rope_store import qk_rope_store
 
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)
             norm = None if self.qk_norm == "none" else self.qk_norm
             k_rows, v_rows = self.attn.cache_rows()
             q = qk_rope_store(qkv, self.num_heads, self.num_kv_heads, positions, self.rotary.cos, self.rotary.sin,
@@ -161,7 +162,7 @@ class GQAttention(nn.Module):
                               self.q_norm.eps if norm else 1e-6, self.rotary.interleaved)
             return self.o_proj(self.attn.attend_cached(q, ctx).reshape(T, -1))
         if self.qkv_weight is not None:
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+            q, k, v = linear(x, self.qkv_weight, self.qkv_bias).split(
                 [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

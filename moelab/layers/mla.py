@@ -17,6 +17,7 @@ from torch import nn
 
 from moelab.context import get_forward_context
 from moelab.layers.attention import causal_sdpa, gather_slots
+from moelab.layers.linear import Linear
 from moelab.layers.norm import RMSNorm
 from moelab.layers.rotary import RotaryEmbedding, yarn_softmax_scale_factor
 from moelab.spec import ModelSpec
@@ -32,15 +33,15 @@ class MLAttention(nn.Module):
         bias = spec.attention_bias
         self.q_lora_rank = spec.q_lora_rank
         if spec.q_lora_rank:
-            self.q_a_proj = nn.Linear(D, spec.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(D, spec.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(spec.q_lora_rank, spec.rms_norm_eps)
-            self.q_b_proj = nn.Linear(spec.q_lora_rank, H * qk, bias=False)
+            self.q_b_proj = Linear(spec.q_lora_rank, H * qk, bias=False)
         else:
-            self.q_proj = nn.Linear(D, H * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, spec.kv_lora_rank + self.rope, bias=bias)
+            self.q_proj = Linear(D, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, spec.kv_lora_rank + self.rope, bias=bias)
         self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, spec.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(spec.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        self.kv_b_proj = Linear(spec.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(H * self.v_dim, D, bias=bias)
         self.rotary = RotaryEmbedding(self.rope, spec.rope_theta, spec.rope_scaling, interleaved=True)
         self.scale = qk ** -0.5 * yarn_softmax_scale_factor(spec.rope_scaling)
         self.kv_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_lora_rank + rope]

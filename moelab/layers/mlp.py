@@ -6,13 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelab.layers.linear import Linear, linear
+
 
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
         self.gate_up_weight: torch.Tensor | None = None
         self.fused_act = False  # silu(gate) * up as one kernel (moelab.kernels.activation); set by fuse_gate_up
 
@@ -30,7 +32,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            gu = F.linear(x, self.gate_up_weight)
+            gu = linear(x, self.gate_up_weight)
             if self.fused_act and gu.dim() == 2 and (gu.is_cuda or gu.dtype != torch.bfloat16):
                 from moelab.kernels.activation import silu_mul
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moelab.layers.linear import Linear
 from moelab.layers.norm import RMSNorm
 from moelab.spec import ModelSpec
 
@@ -61,7 +62,7 @@ class MoECausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec, layers)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

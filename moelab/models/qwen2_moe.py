@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moelab.layers.attention import GQAttention
+from moelab.layers.linear import Linear
 from moelab.layers.mlp import GatedMLP
 from moelab.layers.moe.layer import SparseMoE
 from moelab.layers.moe.router import RouterConfig
@@ -20,7 +21,7 @@ class Qwen2MoeBlock(SparseMoE):
     def __init__(self, spec: ModelSpec, router: RouterConfig, backend: str) -> None:
         super().__init__(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size, router, backend)
         self.shared_expert = GatedMLP(spec.hidden_size, spec.shared_intermediate_size)
-        self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(spec.hidden_size, 1, bias=False)
         self.fused_mix = False  # set with the fused routing by prepare_fast_path
 
     def use_fused_routing(self) -> None:

@@ -1,0 +1,87 @@
+"""The one-row GEMV (moelab.kernels.gemv) against its float32 twin, and the Linear layer that dispatches to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+from conftest import DEV, needs_gpu
+
+from moelab.kernels.gemv import GemvConfig, default_config, gemv, gemv_ref, set_enabled
+from moelab.layers.linear import Linear, use_gemv
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("N,K,bias,cfg", [
+    (37, 64, False, None),                           # N not a multiple of the rows per program
+    (64, 300, True, None),                           # K not a power of two, bias
+    (48, 5000, False, GemvConfig(4, 1024, 4)),       # five K chunks, the last one partial
+    (5, 96, True, GemvConfig(8, 32, 2)),             # fewer rows than one program's block
+    (1, 128, False, None),                           # a one-column output (Qwen2-MoE's shared-expert gate)
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_matches_float32_twin(N, K, bias, cfg, dtype):
+    g = torch.Generator().manual_seed(N * 7 + K)
+    w = torch.randn(N, K, generator=g).to(DEV, dtype)
+    x = torch.randn(1, K, generator=g).to(DEV, dtype)
+    b = torch.randn(N, generator=g).to(DEV, dtype) if bias else None
+    y = gemv(x, w, b, cfg)
+    assert y.shape == (1, N) and y.dtype == dtype
+    assert rel(y, gemv_ref(x, w, b)) < TOL[dtype]
+
+
+def test_gemv_takes_a_flat_row_and_strided_weight_rows():
+    w_big = torch.randn(40, 160, device=DEV)
+    w = w_big[:, :128]  # row stride 160, unit last stride
+    x = torch.randn(128, device=DEV)
+    y = gemv(x, w)
+    assert y.shape == (40,)
+    assert rel(y, gemv_ref(x, w)) < 1e-5
+
+
+def test_gemv_rejects_what_it_cannot_compute():
+    w = torch.randn(16, 32, device=DEV)
+    with pytest.raises(ValueError, match="one row of 32"):
+        gemv(torch.randn(2, 32, device=DEV), w)
+    with pytest.raises(ValueError, match="last dimension contiguous"):
+        gemv(torch.randn(1, 16, device=DEV), w.T)
+    with pytest.raises(ValueError, match=r"bias must be \[16\]"):
+        gemv(torch.randn(1, 32, device=DEV), w, torch.randn(8, device=DEV))
+
+
+def test_default_config_by_output_width():
+    for N, K in ((2048, 2048), (6144, 2048), (576, 2048), (50304, 2048), (2048, 10944), (1, 2048), (3, 40)):
+        c = default_config(N, K, 132)
+        wide = N >= 8 * 2.5 * 132
+        assert c.block_n == (8 if wide else 1 if N == 1 else 2)
+        assert c.block_k == min(1024 if wide else 2048, triton.next_power_of_2(max(K, 16)))
+        assert c.num_warps == (4 if wide else 8)
+    assert default_config(2048, 2048, num_sms=16).block_n == 8  # the width is counted in SMs, not fixed
+
+
+def test_linear_dispatch_and_equality_on_the_reference_path():
+    lin = Linear(64, 24, bias=True)
+    x = torch.randn(1, 64)
+    assert not use_gemv(x, lin.weight)  # CPU tensors: F.linear, exactly
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert set(lin.state_dict()) == {"weight", "bias"}  # checkpoint names as nn.Linear's
+
+
+@needs_gpu
+def test_linear_uses_the_gemv_for_one_cuda_row_only():
+    lin = Linear(256, 96, bias=True).to("cuda", torch.bfloat16)
+    x1, x4 = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), torch.randn(4, 256, device="cuda",
+                                                                                     dtype=torch.bfloat16)
+    assert use_gemv(x1, lin.weight) and not use_gemv(x4, lin.weight)
+    assert rel(lin(x1), F.linear(x1, lin.weight, lin.bias)) < 1e-2
+    set_enabled(False)
+    try:
+        assert not use_gemv(x1, lin.weight)
+    finally:
+        set_enabled(True)
