@@ -125,6 +125,12 @@ def test_split_decode(num_splits: int | None) -> None:
           num_splits=num_splits)
 
 
+def test_split_reduce_over_several_blocks_of_splits() -> None:
+    """More splits than the reduce kernel loads at once (8192 // 256 = 32 for Dv=256): three blocks, the last
+    one partial."""
+    check(make_batch([1] * 2, [300, 1000], KV=1, group=2, Dk=32, Dv=256, bs=16), max_seq_len=4096, num_splits=70)
+
+
 def test_padding_and_empty_rows() -> None:
     """A CUDA-graph padding row, a sequence with no query this step, and a query with no key give no NaN."""
     check(make_batch([1, 0, 1], [20, 9, 5], KV=2, group=2, Dk=16, Dv=16, pad_row=True))

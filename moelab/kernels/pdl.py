@@ -1,12 +1,13 @@
-"""Programmatic dependent launch (Hopper and newer): a kernel launched with it may be scheduled while the kernel
-before it in the stream is still running, and waits (`griddepcontrol.wait`) before touching memory. At decode a
-step is ~170 kernels of a few microseconds each, and the launch gap between two of them is a visible share of each.
+"""Programmatic dependent launch (Hopper and newer): a kernel launched with it may be scheduled while the kernel before
+it in the stream is still running, and waits (`griddepcontrol.wait`) before touching memory. At decode a step is
+~170 kernels of a few microseconds each, and the launch gap between two of them is a visible share of each.
 
 Every moelab kernel that takes part calls `gdc_prologue(USE_PDL)` first: wait for the previous kernel's memory, then
 let the next kernel be scheduled. Nothing that a kernel of the forward pass writes is read before the wait, and
 nothing is written before it, so the order of memory effects is the same as without it (the one exception to
-"first": moelab.kernels.gemv reads its weights, which no kernel writes, before waiting). `launch_options(device)` gives the launch keyword (empty on the CPU / interpreter and on
-GPUs before Hopper). `set_enabled(False)` turns it off (for A/B timings; CUDA graphs must be recaptured).
+"first": moelab.kernels.gemv reads its weights, which no kernel writes, before waiting). `launch_options(device)`
+gives the launch keyword (empty on the CPU / interpreter and on GPUs before Hopper). `set_enabled(False)` turns it
+off (for A/B timings; CUDA graphs must be recaptured).
 """
 
 from __future__ import annotations

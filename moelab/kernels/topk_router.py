@@ -59,7 +59,7 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
                              scale, num_splits, chunks_per_split, K: tl.constexpr, KP: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                              SIGMOID: tl.constexpr, RENORM: tl.constexpr, PRECISION: tl.constexpr,
-                             SPLIT: tl.constexpr, USE_PDL: tl.constexpr = False):
+                             SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
     """Program (row block, split): logits of rows t0..t0+BLOCK_T over the split's D chunks, x W^T accumulated in
     float32 (products of bf16/fp16 inputs are exact in float32, so this is the reference's x.float() @
     W.float()^T up to summation order). SPLIT: each split stores its partial logits, and the row block's last
@@ -92,10 +92,11 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
         tl.debug_barrier()  # every thread's partial stores before the release below
         arrived = tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel")
         last = arrived == num_splits - 1
-        if last:
+        if last:  # all MAX_SPLITS partial loads issued at once (a loop of num_splits trips waited for each)
             acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-            for i in range(0, num_splits):
-                acc += tl.load(part_ptr + i * t_pad * BLOCK_E + cell, cache_modifier=".cg")
+            for i in tl.static_range(MAX_SPLITS):
+                acc += tl.load(part_ptr + i * t_pad * BLOCK_E + cell, mask=i < num_splits, other=0.0,
+                               cache_modifier=".cg")
             tl.store(count_ptr + pid_t, 0)
     if last:
         acc = tl.where(mask[None, :], acc, -float("inf"))
@@ -158,7 +159,8 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str 
             weight.stride(0), scale, splits, per, K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_T=16,
             BLOCK_E=block_e, BLOCK_D=block_d,
             SIGMOID=scoring == "sigmoid", RENORM=renormalize,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, num_warps=4, num_stages=3,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, MAX_SPLITS=MAX_SPLITS,
+            num_warps=4, num_stages=3,
             **launch_options(x.device))
     return w, ids
 
