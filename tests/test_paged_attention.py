@@ -125,9 +125,11 @@ def test_split_decode(num_splits: int | None) -> None:
           num_splits=num_splits)
 
 
-def test_split_reduce_over_several_blocks_of_splits() -> None:
-    """More splits than the reduce kernel loads at once (8192 // 256 = 32 for Dv=256): three blocks, the last
-    one partial."""
+@pytest.mark.parametrize("num_splits", [11, 40])
+def test_split_reduce_unrolled_and_looped(num_splits: int) -> None:
+    """The reduce kernel unrolls up to 16 splits (masked beyond num_splits) and loops over more."""
+    check(make_batch([1] * 2, [300, 1000], KV=1, group=2, Dk=32, Dv=64, bs=16), max_seq_len=4096,
+          num_splits=num_splits)
     check(make_batch([1] * 2, [300, 1000], KV=1, group=2, Dk=32, Dv=256, bs=16), max_seq_len=4096, num_splits=70)
 
 

@@ -193,7 +193,7 @@ def _paged_attention_kernel(
 @triton.jit
 def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_splits, stride_ot, stride_oh,
                          DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                         SPLIT_BLOCK: tl.constexpr = 8, USE_PDL: tl.constexpr = False):
+                         UNROLL: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """Program (token, head): combine the key splits' partial outputs weighted by their softmax mass."""
     gdc_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -206,12 +206,15 @@ def _split_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_spl
     total = tl.sum(tl.math.exp2(lse - m), 0)
     dv = tl.arange(0, DV_PAD)
     acc = tl.zeros([DV_PAD], tl.float32)
-    sb = tl.arange(0, SPLIT_BLOCK)
-    for s0 in range(0, num_splits, SPLIT_BLOCK):  # SPLIT_BLOCK splits' partials loaded at once, not one by one
-        ok = s0 + sb < num_splits
-        wt = tl.math.exp2(tl.load(part_lse_ptr + base + s0 + sb, mask=ok, other=float("-inf")) - m)
-        part = tl.load(part_out_ptr + (base + s0 + sb)[:, None] * DV_PAD + dv[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.sum(wt[:, None] * part, axis=0)
+    if UNROLL:  # few splits: every split's loads issued at once, each summed in registers in split order
+        for i in tl.static_range(SPLITS_PAD):
+            ok = i < num_splits
+            lse_i = tl.load(part_lse_ptr + base + i, mask=ok, other=float("-inf"))
+            acc += tl.math.exp2(lse_i - m) * tl.load(part_out_ptr + (base + i) * DV_PAD + dv, mask=ok, other=0.0)
+    else:
+        for i in range(num_splits):
+            lse_i = tl.load(part_lse_ptr + base + i)
+            acc += tl.math.exp2(lse_i - m) * tl.load(part_out_ptr + (base + i) * DV_PAD + dv)
     out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
@@ -352,7 +355,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if split:
         _split_reduce_kernel[(T, H)](part_out, part_lse, out, H, num_splits, out.stride(0), out.stride(1),
                                      DV=Dv, DV_PAD=dv_pad, SPLITS_PAD=_pow2(num_splits),
-                                     SPLIT_BLOCK=min(_pow2(num_splits), max(1, 8192 // dv_pad)), num_warps=4,
+                                     UNROLL=_pow2(num_splits) <= 16, num_warps=4,
                                      **launch_options(q.device))
     return out
 
