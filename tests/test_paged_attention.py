@@ -125,10 +125,10 @@ def test_split_decode(num_splits: int | None) -> None:
           num_splits=num_splits)
 
 
-@pytest.mark.parametrize("num_splits", [11, 40])
-def test_split_reduce_unrolled_and_looped(num_splits: int) -> None:
-    """The reduce kernel unrolls up to 16 splits (masked beyond num_splits) and loops over more."""
-    check(make_batch([1] * 2, [300, 1000], KV=1, group=2, Dk=32, Dv=64, bs=16), max_seq_len=4096,
+@pytest.mark.parametrize("num_splits,Dv", [(11, 64), (40, 64), (5, 256)])
+def test_split_reduce_unrolled_and_looped(num_splits: int, Dv: int) -> None:
+    """The reduce kernel unrolls up to 16 splits of a Dv <= 128 (masked beyond num_splits), loops over more."""
+    check(make_batch([1] * 2, [300, 1000], KV=1, group=2, Dk=32, Dv=Dv, bs=16), max_seq_len=4096,
           num_splits=num_splits)
     check(make_batch([1] * 2, [300, 1000], KV=1, group=2, Dk=32, Dv=256, bs=16), max_seq_len=4096, num_splits=70)
 
