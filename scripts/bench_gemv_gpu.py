@@ -5,11 +5,10 @@ stdout.
 - check: bf16 GEMV vs F.linear and vs the float32 product;
 - alone: REPEAT back-to-back calls in one CUDA graph, each on its own weight copy (copies > L2), for cuBLAS, the
   default config with and without PDL, and a sweep of configs (the best is reported);
-- rows: 2 / 4 / 8 rows (small decode batches), cuBLAS vs the several-rows kernel;
 - chain: 16 x (RMSNorm -> qkv -> RMSNorm -> o) in one graph, the norms being moelab's PDL kernels, as in a decode
   layer: cuBLAS vs GEMV (whether the GEMV's early weight reads overlap the kernel in front of it).
 
-    PYTHONPATH=. python scripts/bench_gemv_gpu.py [--budget-s 240] [--sections chain,alone,rows]
+    PYTHONPATH=. python scripts/bench_gemv_gpu.py [--budget-s 240]
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from bench_attention_gpu import emit_to, graph_ms, machine_rates  # noqa: E402
 from bench_decode_kernels_gpu import copies_for, rel  # noqa: E402
 
 from moelab.kernels import pdl  # noqa: E402
-from moelab.kernels.gemv import GemvConfig, default_config, gemv, rows_config  # noqa: E402
+from moelab.kernels.gemv import GemvConfig, default_config, gemv  # noqa: E402
 from moelab.kernels.rms_norm import rms_norm  # noqa: E402
 
 DEV = "cuda"
@@ -125,62 +124,16 @@ def chain(budget: float) -> None:
                   saved_us_per_layer=(cub - gv) / L, ok=True))
 
 
-ROW_SHAPES = [s for s in SHAPES if (s[0], s[1]) in {("olmoe", "qkv"), ("olmoe", "o"), ("olmoe", "lm_head"),
-                                                    ("qwen1.5", "shared_gate_up"), ("qwen1.5", "shared_down"),
-                                                    ("dsv2-lite", "dense_down")}]
-
-
-def rows(copy_bw: float, budget: float) -> None:
-    """2, 4 and 8 rows (small decode batches): cuBLAS vs the several-rows GEMV (rows_config and a chunk sweep)."""
-    for model, proj, N, K, has_bias in ROW_SHAPES:
-        nbytes = N * K * 2
-        ws = [torch.randn(N, K, dtype=BF, device=DEV) * 0.02 for _ in range(copies_for(nbytes))]
-        b = torch.randn(N, dtype=BF, device=DEV) if has_bias else None
-        for M in (2, 4, 8):
-            if not left(budget):
-                return
-            x = torch.randn(M, K, dtype=BF, device=DEV)
-            ref32 = x.float() @ ws[0].float().T + (b.float() if b is not None else 0)
-            err = rel(gemv(x, ws[0], b), ref32)
-
-            def calls(fn, cfg=None, x=x, ws=ws, b=b):
-                extra = (cfg,) if cfg is not None else ()
-                return [partial(fn, x, ws[i % len(ws)], b, *extra) for i in range(REPEAT)]
-            cub = graph_ms(calls(F.linear)) * 1e3
-            dflt_cfg = rows_config(M, N, K)
-            dflt = graph_ms(calls(gemv, dflt_cfg)) * 1e3
-            sweep = {}
-            for bk in (128, 256, 512, 1024):
-                for w in (4, 8):
-                    cfg = GemvConfig(dflt_cfg.block_n, bk, w)
-                    if triton_pow2(M) * cfg.block_n * bk > 32768:
-                        continue
-                    sweep[f"{cfg.block_n}x{bk}w{w}"] = round(graph_ms(calls(gemv, cfg)) * 1e3, 2)
-            emit(dict(kind="rows", model=model, proj=proj, M=M, N=N, K=K, floor_us=nbytes / copy_bw * 1e6,
-                      cublas_us=cub, gemv_us=dflt, default_cfg=str(dflt_cfg), speedup=cub / dflt,
-                      best_us=min([dflt, *sweep.values()]), sweep=sweep, vs_fp32=err, ok=err < 1e-2))
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=240.0, help="start no new timing after this many seconds")
-    ap.add_argument("--sections", default="chain,alone,rows")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     rates = machine_rates()
     emit(dict(kind="machine", copy_gbps=rates[0] * 1e-9, read_gbps=rates[1] * 1e-9))
-    sections = args.sections.split(",")
-    if "chain" in sections:
-        chain(args.budget_s * 0.2)
-    if "alone" in sections:
-        alone(rates[1], args.budget_s * (0.6 if "rows" in sections else 1.0))
-    if "rows" in sections:
-        rows(rates[1], args.budget_s)
+    chain(args.budget_s * 0.2)
+    alone(rates[1], args.budget_s)
     print(json.dumps({"rows": len(ROWS), "failed_checks": sum(1 for r in ROWS if r.get("ok") is False),
                       "seconds": round(time.time() - T0, 1)}))
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import triton
 from conftest import DEV, needs_gpu
 
-from moelab.kernels.gemv import GemvConfig, default_config, gemv, gemv_ref, rows_config, set_enabled, set_max_rows
+from moelab.kernels.gemv import GemvConfig, default_config, gemv, gemv_ref, set_enabled
 from moelab.layers.linear import Linear, use_gemv
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -36,29 +36,6 @@ def test_gemv_matches_float32_twin(N, K, bias, cfg, dtype):
     assert rel(y, gemv_ref(x, w, b)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("M,N,K,bias", [(2, 37, 64, False), (3, 64, 300, True), (8, 20, 2500, False),
-                                        (5, 1, 128, True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gemv_several_rows_match_float32_twin(M, N, K, bias, dtype):
-    g = torch.Generator().manual_seed(M * 100 + N)
-    w = torch.randn(N, K, generator=g).to(DEV, dtype)
-    x = torch.randn(M, K, generator=g).to(DEV, dtype)
-    b = torch.randn(N, generator=g).to(DEV, dtype) if bias else None
-    y = gemv(x, w, b)
-    assert y.shape == (M, N)
-    assert rel(y, gemv_ref(x, w, b)) < TOL[dtype]
-    for m in range(M):  # each row as the one-row kernel computes it, to its rounding
-        assert rel(y[m], gemv(x[m:m + 1], w, b)[0]) < TOL[dtype]
-
-
-def test_rows_config_bounds_the_products():
-    for M in (2, 3, 8):
-        for N, K in ((6144, 2048), (2048, 2048), (2048, 10944)):
-            c, one = rows_config(M, N, K), default_config(N, K)
-            assert c.block_n == one.block_n and c.block_k <= one.block_k
-            assert triton.next_power_of_2(M) * c.block_n * c.block_k <= 16384
-
-
 def test_gemv_takes_a_flat_row_and_strided_weight_rows():
     w_big = torch.randn(40, 160, device=DEV)
     w = w_big[:, :128]  # row stride 160, unit last stride
@@ -70,10 +47,8 @@ def test_gemv_takes_a_flat_row_and_strided_weight_rows():
 
 def test_gemv_rejects_what_it_cannot_compute():
     w = torch.randn(16, 32, device=DEV)
-    with pytest.raises(ValueError, match="1 to 8 rows of 32"):
-        gemv(torch.randn(9, 32, device=DEV), w)
-    with pytest.raises(ValueError, match="1 to 8 rows of 32"):
-        gemv(torch.randn(2, 31, device=DEV), w)
+    with pytest.raises(ValueError, match="one row of 32"):
+        gemv(torch.randn(2, 32, device=DEV), w)
     with pytest.raises(ValueError, match="last dimension contiguous"):
         gemv(torch.randn(1, 16, device=DEV), w.T)
     with pytest.raises(ValueError, match=r"bias must be \[16\]"):
@@ -88,11 +63,6 @@ def test_default_config_by_output_width():
         assert c.block_k == min(1024 if wide else 2048, triton.next_power_of_2(max(K, 16)))
         assert c.num_warps == (4 if wide else 8)
     assert default_config(2048, 2048, num_sms=16).block_n == 8  # the width is counted in SMs, not fixed
-
-
-def test_max_rows_is_checked():
-    with pytest.raises(ValueError, match=r"max rows must be in \[1, 8\]"):
-        set_max_rows(9)
 
 
 def test_linear_dispatch_and_equality_on_the_reference_path():
@@ -110,12 +80,8 @@ def test_linear_uses_the_gemv_for_one_cuda_row_only():
                                                                                      dtype=torch.bfloat16)
     assert use_gemv(x1, lin.weight) and not use_gemv(x4, lin.weight)
     assert rel(lin(x1), F.linear(x1, lin.weight, lin.bias)) < 1e-2
-    set_max_rows(4)
     set_enabled(False)
     try:
         assert not use_gemv(x1, lin.weight)
-        set_enabled(True)
-        assert use_gemv(x4, lin.weight) and rel(lin(x4), F.linear(x4, lin.weight, lin.bias)) < 1e-2
     finally:
         set_enabled(True)
-        set_max_rows(1)

@@ -25,20 +25,6 @@ import triton.language as tl
 from moelab.kernels.pdl import launch_options
 
 _ENABLED = True
-_MAX_ROWS = 1  # products of up to this many rows go to the GEMV (moelab.layers.linear); MAX_ROWS_LIMIT at most
-MAX_ROWS_LIMIT = 8
-
-
-def set_max_rows(n: int) -> None:
-    """Route products of up to n rows (1..MAX_ROWS_LIMIT) to the GEMV."""
-    global _MAX_ROWS
-    if not 1 <= n <= MAX_ROWS_LIMIT:
-        raise ValueError(f"max rows must be in [1, {MAX_ROWS_LIMIT}], got {n}")
-    _MAX_ROWS = int(n)
-
-
-def max_rows() -> int:
-    return _MAX_ROWS
 
 
 def set_enabled(on: bool) -> None:
@@ -82,34 +68,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.conste
     tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
-@triton.jit
-def _gemv_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_w, stride_ym, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      USE_PDL: tl.constexpr = False):
-    """The same for 2 <= M <= BLOCK_M rows: each weight chunk is read once and multiplied with every row."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    ms = tl.arange(0, BLOCK_M)
-    rmask = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm
-    w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0)  # weights: no wait
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    x = tl.load(x_rows + cols[None, :], mask=(ms[:, None] < M) & (cols[None, :] < K), other=0.0)
-    acc = tl.sum(w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :], axis=2)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        c = k0 + cols
-        w = tl.load(w_rows + c[None, :], mask=rmask[:, None] & (c[None, :] < K), other=0.0)
-        x = tl.load(x_rows + c[None, :], mask=(ms[:, None] < M) & (c[None, :] < K), other=0.0)
-        acc += tl.sum(w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :], axis=2)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + ms.to(tl.int64)[:, None] * stride_ym + rows[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(ms[:, None] < M) & rmask[None, :])
-
-
 def default_config(N: int, K: int, num_sms: int = 132) -> GemvConfig:
     """From a sweep of 54 configs over 16 decode projections on an H200 (docs/perf/engine.md, v6; within 9 % of
     each shape's best): wide outputs (8-row programs still cover the SMs 2.5 times) take 8 rows x 1,024-value
@@ -126,46 +84,24 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rows_config(M: int, N: int, K: int, num_sms: int = 132) -> GemvConfig:
-    """Several rows: the one-row config with its chunk shortened so a program's products stay <= 16K values."""
-    c = default_config(N, K, num_sms)
-    bm = triton.next_power_of_2(M)
-    return GemvConfig(c.block_n, max(16, min(c.block_k, 16384 // (bm * c.block_n))), c.num_warps)
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS_LIMIT) or [K], weight [N, K] with a unit last stride, bias [N] or None -> [M, N]
-    (or [N]) in x's dtype."""
-    K_w = weight.shape[1]
-    flat = x.dim() == 1
-    x2 = x.reshape(1, -1) if flat else x
-    if x2.dim() != 2 or x2.shape[1] != K_w or not 1 <= x2.shape[0] <= MAX_ROWS_LIMIT:
-        raise ValueError(f"gemv takes 1 to {MAX_ROWS_LIMIT} rows of {K_w} values for a [{weight.shape[0]}, {K_w}] "
-                         f"weight, got x of shape {tuple(x.shape)}")
+    """x [1, K] (or [K]), weight [N, K] with a unit last stride, bias [N] or None -> [1, N] (or [N]) in x's dtype."""
+    if x.shape[-1] != weight.shape[1] or x.numel() != weight.shape[1]:
+        raise ValueError(f"gemv takes one row of {weight.shape[1]} values for a [{weight.shape[0]}, "
+                         f"{weight.shape[1]}] weight, got x of shape {tuple(x.shape)}")
     if weight.stride(1) != 1:
         raise ValueError("gemv needs the weight's last dimension contiguous")
     N, K = weight.shape
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
-    M = x2.shape[0]
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    b = bias if bias is not None else weight
-    if M == 1:
-        x2 = x2.contiguous()
-        cfg = config or default_config(N, K, _num_sms(x.device))
-        _gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
-            x2, weight, b, y, N, K, weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **launch_options(x.device))
-    else:
-        cfg = config or rows_config(M, N, K, _num_sms(x.device))
-        _gemv_rows_kernel[(triton.cdiv(N, cfg.block_n),)](
-            x2, weight, b, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-            BLOCK_M=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-            **launch_options(x.device))
-    return y.view(N) if flat else y
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    cfg = config or default_config(N, K, _num_sms(x.device))
+    _gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
+        x, weight, bias if bias is not None else weight, y, N, K, weight.stride(0), HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **launch_options(x.device))
+    return y
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""The dense linear layer of every model: `nn.Linear` with the same parameters and checkpoint names, whose products of
-one row (up to gemv.max_rows() rows) on a CUDA device run as moelab's GEMV (moelab.kernels.gemv: takes part in
-programmatic dependent launch and reads its weights before waiting for the kernel in front of it); everything else
-is F.linear. Tensor-parallel shards of it will be subclasses here."""
+"""The dense linear layer of every model: `nn.Linear` with the same parameters and checkpoint names, whose one-row
+products on a CUDA device run as moelab's GEMV (moelab.kernels.gemv: takes part in programmatic dependent launch
+and reads its weights before waiting for the kernel in front of it); everything else is F.linear. Tensor-parallel
+shards of it will be subclasses here."""
 
 from __future__ import annotations
 
@@ -11,18 +11,17 @@ from torch import nn
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """At most gemv.max_rows() rows on a CUDA device, weight in x's dtype with a unit last stride, and the GEMV not
-    switched off."""
-    if not (x.is_cuda and x.dim() <= 2 and weight.dtype == x.dtype and weight.dim() == 2
-            and weight.stride(1) == 1 and x.shape[-1] == weight.shape[1]):
+    """One row on a CUDA device, weight in x's dtype with a unit last stride, and the GEMV not switched off."""
+    if not (x.is_cuda and x.numel() == x.shape[-1] and x.dim() <= 2 and weight.dtype == x.dtype
+            and weight.dim() == 2 and weight.stride(1) == 1):
         return False
     from moelab.kernels import gemv
 
-    return gemv.enabled() and (x.dim() == 1 or 1 <= x.shape[0] <= gemv.max_rows())
+    return gemv.enabled()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); a few rows on the GPU go through the GEMV kernel (use_gemv)."""
+    """F.linear(x, weight, bias); a single row on the GPU goes through the GEMV kernel."""
     if use_gemv(x, weight):
         from moelab.kernels.gemv import gemv
 
