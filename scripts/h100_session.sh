@@ -21,8 +21,8 @@ for section in "$@"; do
     gpu-tests)  # the CUDA-only tests (bf16 kernels, CUDA graphs, no host sync when launching a step), compiled
       MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests -k "cuda or never_waits" -rs --ignore tests/test_server.py \
         --ignore tests/test_serving_bench.py 2>&1 | tail -40 ;;  # the image has no fastapi/uvicorn
-    gpu-kernel-tests)  # the fused-MoE and quantized-expert tests compiled on the GPU (tensors on DEV; ~100 s of compiles)
-      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_moe_quant.py tests/test_fused_moe.py \
+    gpu-kernel-tests)  # the fused-MoE, quantized-expert and GEMV tests compiled on the GPU (tensors on DEV; ~140 s)
+      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_moe_quant.py tests/test_fused_moe.py tests/test_gemv.py \
         --tb=line 2>&1 | tail -40 ;;
     tune-fp8)  # fp8 tiles of the four benchmark shapes at the seven token counts (precompiled on 12 processes)
       for fmt in fp8_channel fp8_block; do

@@ -13,7 +13,7 @@ import torch
 # device is then the CPU: moelab/device.py). A GPU run compiles them instead: MOELAB_TEST_GPU=1 on a machine with
 # CUDA, for the tests marked with `needs_gpu` and the kernel tests that place their tensors on `DEV`:
 #   MOELAB_TEST_GPU=1 python -m pytest -q tests -k "cuda or never_waits"
-#   MOELAB_TEST_GPU=1 python -m pytest -q tests/test_moe_quant.py tests/test_fused_moe.py
+#   MOELAB_TEST_GPU=1 python -m pytest -q tests/test_moe_quant.py tests/test_fused_moe.py tests/test_gemv.py
 # The variable is read when a kernel module is imported, so it is set here, before any test module imports one.
 if not (torch.cuda.is_available() and os.environ.get("MOELAB_TEST_GPU") == "1"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
