@@ -36,13 +36,15 @@ def test_gemv_matches_float32_twin(N, K, bias, cfg, dtype):
     assert rel(y, gemv_ref(x, w, b)) < TOL[dtype]
 
 
-def test_gemv_takes_a_flat_row_and_strided_weight_rows():
+def test_gemv_takes_a_flat_row_strided_weight_rows_and_a_strided_bias():
     w_big = torch.randn(40, 160, device=DEV)
     w = w_big[:, :128]  # row stride 160, unit last stride
     x = torch.randn(128, device=DEV)
     y = gemv(x, w)
     assert y.shape == (40,)
     assert rel(y, gemv_ref(x, w)) < 1e-5
+    b = torch.randn(80, device=DEV)[::2]
+    assert rel(gemv(x, w, b), gemv_ref(x, w, b)) < 1e-5
 
 
 def test_gemv_rejects_what_it_cannot_compute():

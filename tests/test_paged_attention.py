@@ -130,7 +130,34 @@ def test_split_reduce_unrolled_and_looped(num_splits: int, Dv: int) -> None:
     """The reduce kernel unrolls up to 16 splits of a Dv <= 128 (masked beyond num_splits), loops over more."""
     check(make_batch([1] * 2, [300, 1000], KV=1, group=2, Dk=32, Dv=Dv, bs=16), max_seq_len=4096,
           num_splits=num_splits)
-    check(make_batch([1] * 2, [300, 1000], KV=1, group=2, Dk=32, Dv=256, bs=16), max_seq_len=4096, num_splits=70)
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+@pytest.mark.parametrize("num_splits", [1, 5, 16])
+def test_split_reduce_kernel_reads_only_its_splits(unroll: bool, num_splits: int) -> None:
+    """Both reduce paths weight each split's partial output by its softmax mass; slots past num_splits (NaN here)
+    are never read, and an empty split (lse -inf) contributes nothing."""
+    import triton
+
+    from moelab.kernels.paged_attention import _split_reduce_kernel
+
+    T, H, Dv, pad = 2, 3, 24, 32
+    g = torch.Generator().manual_seed(num_splits)
+    lse = torch.randn(T * H * num_splits + 64, generator=g)
+    part = torch.randn((T * H * num_splits + 64) * pad, generator=g)
+    lse[T * H * num_splits:] = float("nan")
+    part[T * H * num_splits * pad:] = float("nan")
+    if num_splits > 1:
+        lse[1] = float("-inf")  # token 0, head 0, split 1: no key
+    out = torch.empty(T, H, Dv)
+    _split_reduce_kernel[(T, H)](part, lse, out, H, num_splits, out.stride(0), out.stride(1), DV=Dv, DV_PAD=pad,
+                                 SPLITS_PAD=max(16, triton.next_power_of_2(num_splits)), UNROLL=unroll)
+    L = lse[:T * H * num_splits].view(T, H, num_splits)
+    P = part[:T * H * num_splits * pad].view(T, H, num_splits, pad)[..., :Dv]
+    w = torch.softmax(L * torch.log(torch.tensor(2.0)), dim=-1)  # the kernel's lse is in log2 units
+    want = (w[..., None] * P).sum(2)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_and_empty_rows() -> None:

@@ -16,6 +16,7 @@ rounding of the sum, not bit for bit).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,7 @@ def default_config(N: int, K: int, num_sms: int = 132) -> GemvConfig:
     return GemvConfig(1 if N < 2 else 2, min(2048, triton.next_power_of_2(max(K, 16))), 8)
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
@@ -95,6 +97,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     N, K = weight.shape
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     cfg = config or default_config(N, K, _num_sms(x.device))

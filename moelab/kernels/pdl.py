@@ -1,6 +1,7 @@
 """Programmatic dependent launch (Hopper and newer): a kernel launched with it may be scheduled while the kernel before
-it in the stream is still running, and waits (`griddepcontrol.wait`) before touching memory. At decode a step is
-~170 kernels of a few microseconds each, and the launch gap between two of them is a visible share of each.
+it in the stream is still running, and waits (`griddepcontrol.wait`) before touching memory that kernel writes. At
+decode a step is ~170 kernels of a few microseconds each, and the launch gap between two of them is a visible share
+of each.
 
 Every moelab kernel that takes part calls `gdc_prologue(USE_PDL)` first: wait for the previous kernel's memory, then
 let the next kernel be scheduled. Nothing that a kernel of the forward pass writes is read before the wait, and

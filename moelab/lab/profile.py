@@ -14,8 +14,8 @@ How time is attributed:
    multinomial, exponential_, softmax, topk, sort, cumsum, ...), else other.
 3. CUDA: each kernel goes to the category of the operator that launched it (its correlation id), as in 2.
    Kernels with no launching operator inside a range (CUDA-graph replays of decode steps) are classified by
-   kernel name; dense GEMMs found that way (attention projections, LM head, shared experts: indistinguishable
-   by name) are "dense_gemm".
+   kernel name; moelab's fused-MoE kernels (_gate_up_kernel, _down_kernel) are expert_gemm; dense GEMMs and GEMVs
+   found that way (attention projections, LM head, shared experts: indistinguishable by name) are "dense_gemm".
 4. Communication (nccl, all_reduce, all_gather, all_to_all, reduce_scatter) is recognized by name first,
    anywhere.
 5. On the engine's fast path the MoE top-k sum runs inside the next layer's norm kernel (a backend that
@@ -43,10 +43,10 @@ _COMM = re.compile(r"nccl|all_?reduce|all_?gather|all_?to_?all|alltoall|reduce_?
 _SAMPLING_OPS = re.compile(r"argmax|multinomial|exponential|softmax|topk|sort|cumsum|gumbel|sampl")
 _KERNEL_RULES = [
     ("attention", re.compile(r"attn|attention|flash|fmha|paged|sdpa|mla")),
-    ("expert_gemm", re.compile(r"fused_moe|moe_gemm|grouped|group_gemm|silu_and_mul|moe")),
+    ("expert_gemm", re.compile(r"fused_moe|moe_gemm|grouped|group_gemm|silu_and_mul|moe|_gate_up_kernel|_down_kernel")),
     ("routing", re.compile(r"topk|top_k|align|sort|routing|router|softmax|sigmoid|histogram|bincount")),
     ("sampling", re.compile(r"argmax|multinomial|exponential|sampl|gumbel")),
-    ("dense_gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm\d+_|matmul|ampere|hopper")),
+    ("dense_gemm", re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|sm\d+_|matmul|ampere|hopper")),
 ]
 
 

@@ -11,9 +11,12 @@ from torch import nn
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One row on a CUDA device, weight in x's dtype with a unit last stride, and the GEMV not switched off."""
-    if not (x.is_cuda and x.numel() == x.shape[-1] and x.dim() <= 2 and weight.dtype == x.dtype
-            and weight.dim() == 2 and weight.stride(1) == 1):
+    """One row on a CUDA device, weight on the same device in x's dtype with a unit last stride, no autograd
+    recording (the kernel has no backward), and the GEMV not switched off."""
+    if not (x.is_cuda and x.numel() == x.shape[-1] and x.dim() <= 2 and weight.device == x.device
+            and weight.dtype == x.dtype and weight.dim() == 2 and weight.stride(1) == 1):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     from moelab.kernels import gemv
 
@@ -21,7 +24,9 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); a single row on the GPU goes through the GEMV kernel."""
+    """F.linear(x, weight, bias); a single row on the GPU goes through the GEMV kernel. The GEMV reads `weight`
+    before waiting for the kernel in front of it: pass only tensors that no kernel of the forward pass writes
+    (parameters, or buffers built once at load)."""
     if use_gemv(x, weight):
         from moelab.kernels.gemv import gemv
 
