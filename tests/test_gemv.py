@@ -87,3 +87,38 @@ def test_linear_uses_the_gemv_for_one_cuda_row_only():
         assert not use_gemv(x1, lin.weight)
     finally:
         set_enabled(True)
+
+
+@pytest.mark.parametrize("name", ["mixtral-gqa", "qwen2-moe-dense-first", "deepseek-v2-lite"])
+def test_models_give_the_same_logits_through_the_gemv(name, tiny_checkpoints, monkeypatch):
+    """The wiring: a one-token forward (every projection a one-row product) with the GEMV forced on (the CUDA
+    condition lifted, so it runs under the interpreter here) gives F.linear's logits, and it ran for the attention
+    / MLA projections, the dense and shared MLPs, Qwen2-MoE's biased QKV and shared-expert gate, and the LM head."""
+    from moelab.context import ForwardContext, forward_context
+    from moelab.layers import linear as linear_mod
+    from moelab.llm import LLM
+
+    llm = LLM(str(tiny_checkpoints[name]), max_model_len=64, block_size=4)
+    model, spec = llm.engine.model, llm.engine.spec
+    ids, pos = torch.tensor([17]), torch.tensor([0])
+
+    def logits():
+        with torch.inference_mode(), forward_context(ForwardContext.for_prompts([1])):
+            return model.compute_logits(model(ids, pos))
+
+    want = logits()
+    shapes = set()
+
+    def forced(x, weight):
+        ok = x.numel() == x.shape[-1] and x.dim() <= 2 and weight.dtype == x.dtype and weight.stride(1) == 1
+        if ok:
+            shapes.add(tuple(weight.shape))
+        return ok
+
+    monkeypatch.setattr(linear_mod, "use_gemv", forced)
+    got = logits()
+    assert rel(got, want) < 1e-5
+    assert (spec.vocab_size, spec.hidden_size) in shapes  # the LM head
+    assert (spec.hidden_size, spec.num_heads * (spec.v_head_dim if spec.kv_lora_rank else spec.head_dim)) in shapes
+    if name == "qwen2-moe-dense-first":
+        assert (1, spec.hidden_size) in shapes  # the shared-expert gate
