@@ -14,7 +14,9 @@ How time is attributed:
    multinomial, exponential_, softmax, topk, sort, cumsum, ...), else other.
 3. CUDA: each kernel goes to the category of the operator that launched it (its correlation id), as in 2.
    Kernels with no launching operator inside a range (CUDA-graph replays of decode steps) are classified by
-   kernel name; moelab's fused-MoE kernels (_gate_up_kernel, _down_kernel) are expert_gemm; dense GEMMs and GEMVs
+   kernel name: moelab's kernels by their exact names (q/k norm + RoPE + KV store and the split reduce are
+   attention; the fused-MoE GEMMs, top-k sum, activation quantization and the MLP activations are expert_gemm;
+   moe_align's count/place are routing; the norms are other), others by name fragments; dense GEMMs and GEMVs
    found that way (attention projections, LM head, shared experts: indistinguishable by name) are "dense_gemm".
 4. Communication (nccl, all_reduce, all_gather, all_to_all, reduce_scatter) is recognized by name first,
    anywhere.
@@ -41,10 +43,14 @@ RANGE_CATEGORY = {"moelab.attention": "attention", "moelab.routing": "routing", 
                   "moelab.moe": "routing", "moelab.model": "other", "moelab.lm_head": "other"}
 _COMM = re.compile(r"nccl|all_?reduce|all_?gather|all_?to_?all|alltoall|reduce_?scatter|c10d")
 _SAMPLING_OPS = re.compile(r"argmax|multinomial|exponential|softmax|topk|sort|cumsum|gumbel|sampl")
-_KERNEL_RULES = [
-    ("attention", re.compile(r"attn|attention|flash|fmha|paged|sdpa|mla")),
-    ("expert_gemm", re.compile(r"fused_moe|moe_gemm|grouped|group_gemm|silu_and_mul|moe|_gate_up_kernel|_down_kernel")),
-    ("routing", re.compile(r"topk|top_k|align|sort|routing|router|softmax|sigmoid|histogram|bincount")),
+_KERNEL_RULES = [  # moelab's own kernels by exact name first (tests/test_lab_profile.py lists every one of them)
+    ("attention", re.compile(r"attn|attention|flash|fmha|paged|sdpa|mla|^_split_reduce_kernel$|^_qk_rope_store_kernel$"
+                             r"|^_store_kv_kernel$|^_rotary_kernel$")),
+    ("expert_gemm", re.compile(r"fused_moe|moe_gemm|grouped|group_gemm|silu_and_mul|moe|^_gate_up_kernel$"
+                               r"|^_down_kernel$|^_sum_kernel$|^_per_token_quant_kernel$|^_silu_mul_kernel$"
+                               r"|^_add_gated_kernel$")),
+    ("routing", re.compile(r"topk|top_k|align|sort|routing|router|softmax|sigmoid|histogram|bincount"
+                           r"|^_count_kernel$|^_place_kernel$")),
     ("sampling", re.compile(r"argmax|multinomial|exponential|sampl|gumbel")),
     ("dense_gemm", re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|sm\d+_|matmul|ampere|hopper")),
 ]
@@ -85,7 +91,8 @@ class _Ranges:
             cls = type(mod).__name__
             if "Attention" in cls or "MLA" in cls:
                 self._hook(mod, "moelab.attention")
-            elif cls == "SparseMoE":
+            elif any(c.__name__ == "SparseMoE" for c in type(mod).__mro__):  # and its subclasses (Qwen2-MoE,
+                # DeepSeek), by name: the lab does not import the layers
                 self._hook(mod, "moelab.moe")
                 if callable(getattr(mod, "backend", None)):
                     self._wrap(mod, "backend", rf, "moelab.expert_gemm")
@@ -163,7 +170,9 @@ def breakdown(events: Any) -> dict[str, dict[str, float]]:
         elif dev == "CUDA":
             dur = (ev.time_range.end - ev.time_range.start) / 1e6
             parent = by_id.get(getattr(ev, "linked_correlation_id", 0) or -1)
-            ranges = _ranges_of(parent) if parent is not None else []
+            # a Triton launch has no operator around it: its launching event can be the moelab range itself
+            ranges = (_ranges_of(parent) + ([parent.name] if parent.name in RANGE_CATEGORY else [])
+                      if parent is not None else [])
             if any(r in RANGE_CATEGORY for r in ranges) and not _COMM.search(ev.name.lower()):
                 cuda[classify_op(parent.name, ranges)] += dur
             else:
