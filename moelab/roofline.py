@@ -58,7 +58,8 @@ def moe_layer_floor(E: int, K: int, D: int, I: int, M: int, c: Ceilings, weight_
 
 
 def _dense_weight_params(spec: ModelSpec) -> int:
-    """Weights every token of a step reads once: everything but routed experts and the embedding table."""
+    """Weights a step reads once whatever its tokens: everything but routed experts and the embedding table; the
+    LM head included (tied: the table itself, read whole as the LM head)."""
     pc = spec.param_counts()
     b = pc.breakdown
     return pc.total - b["routed_experts"] - b["embedding"] + (b["embedding"] if spec.tie_word_embeddings else 0)
@@ -81,7 +82,7 @@ def step_floor(spec: ModelSpec, new_tokens: Sequence[int], context_lens: Sequenc
         raise ValueError(f"touched has {len(touched)} entries; the model has {L_moe} MoE layers")
     rows = len(new_tokens) if logits_rows is None else logits_rows
     lm_head = spec.vocab_size * D
-    dense = _dense_weight_params(spec) - (0 if spec.tie_word_embeddings else lm_head)
+    dense = _dense_weight_params(spec) - lm_head  # the LM head once, tied to the embedding table or not
     nbytes = (dense + lm_head + sum(touched) * spec.expert_params()) * weight_bytes
     nbytes += T * D * weight_bytes  # embedding rows
     # KV: every sequence reads its whole context once and writes its new tokens
@@ -90,6 +91,9 @@ def step_floor(spec: ModelSpec, new_tokens: Sequence[int], context_lens: Sequenc
     # FLOPs: matmuls of the active path per token, the LM head per sampled row, attention over the context
     active_per_tok = dense + K * L_moe * spec.expert_params()
     flops = 2.0 * T * active_per_tok + 2.0 * rows * lm_head
+    # MLA counted in its unabsorbed form, (qk_head_dim + v_head_dim) per head and key; the engine's absorbed decode
+    # does (2 kv_lora_rank + rope dim) per head and key, 3.4x more for DeepSeek-V2-Lite. A lower bound either way:
+    # decode stays memory-bound until contexts of many thousand tokens.
     v_dim = spec.v_head_dim if spec.attention == "mla" else spec.head_dim
     for n, ctx in zip(new_tokens, context_lens):
         # query j of this chunk sees ctx - n + j + 1 keys

@@ -37,6 +37,17 @@ def test_decode_step_floor_by_hand() -> None:
     assert 0.7e-3 < f.seconds < 0.9e-3  # "about 0.8 ms" in MEASURING.md
 
 
+def test_tied_embeddings_are_read_once() -> None:
+    """Tying the LM head to the embedding table changes the parameter count, not what a step reads or computes."""
+    cfg = preset_config("olmoe-1b-7b")
+    untied = spec_from_hf_config({**cfg, "tie_word_embeddings": False})
+    tied = spec_from_hf_config({**cfg, "tie_word_embeddings": True})
+    assert tied.param_counts().total < untied.param_counts().total
+    for new, ctx in (([1], [128]), ([128] * 4, [128] * 4)):
+        a, b = step_floor(untied, new, ctx, H100), step_floor(tied, new, ctx, H100)
+        assert b.bytes == pytest.approx(a.bytes) and b.flops == pytest.approx(a.flops)
+
+
 def test_prefill_is_compute_bound_and_run_floor_adds_steps() -> None:
     spec = spec_from_hf_config(preset_config("olmoe-1b-7b"))
     assert step_floor(spec, [4096], [4096], H100).bound == "compute"
