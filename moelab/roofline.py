@@ -92,8 +92,9 @@ def step_floor(spec: ModelSpec, new_tokens: Sequence[int], context_lens: Sequenc
     active_per_tok = dense + K * L_moe * spec.expert_params()
     flops = 2.0 * T * active_per_tok + 2.0 * rows * lm_head
     # MLA counted in its unabsorbed form, (qk_head_dim + v_head_dim) per head and key; the engine's absorbed decode
-    # does (2 kv_lora_rank + rope dim) per head and key, 3.4x more for DeepSeek-V2-Lite. A lower bound either way:
-    # decode stays memory-bound until contexts of many thousand tokens.
+    # does (2 kv_lora_rank + rope dim) per head and key, 3.4x more for DeepSeek-V2-Lite. Decode attention stays
+    # memory-bound at any context either way (absorbed: ~30 FLOP per byte of latent cache, the H100/H200 ridge is
+    # ~190-270); the choice moves compute-bound (prefill) floors only.
     v_dim = spec.v_head_dim if spec.attention == "mla" else spec.head_dim
     for n, ctx in zip(new_tokens, context_lens):
         # query j of this chunk sees ctx - n + j + 1 keys
