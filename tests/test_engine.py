@@ -342,3 +342,13 @@ def test_auto_device_is_the_cpu_under_the_triton_interpreter(monkeypatch) -> Non
     assert default_device() == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_device() == "cpu"
+
+
+def test_what_the_lab_reads(tiny_checkpoints: dict[str, Path]) -> None:
+    """The engine's public surface for the lab: MoE layer ids (dense-first layers left out), the top-k in effect,
+    the routing recorder only when asked for."""
+    path = str(tiny_checkpoints["qwen2-moe-dense-first"])
+    plain = LLM(path, max_model_len=32, block_size=4).engine
+    assert plain.moe_layer_ids() == [1, 2] and plain.top_k == plain.spec.top_k and plain.routing_recorder is None
+    rec = LLM(path, max_model_len=32, block_size=4, record_routing=True, top_k=1).engine
+    assert rec.top_k == 1 and rec.routing_recorder is not None

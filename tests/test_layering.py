@@ -47,3 +47,19 @@ def test_no_upward_imports() -> None:
 def test_spec_layer_needs_no_torch() -> None:
     for m in LEVEL0 - {"context"}:
         assert not any(i.split(".")[0] == "torch" for i in imports(ROOT / f"{m}.py")), m
+
+
+def test_lab_reads_the_engine_through_its_public_api() -> None:
+    """docs/lab.md: the lab imports no layers, models or kernels (the kernel benchmark excepted) and touches no
+    engine internals (runner, scheduler, block manager, the model's layer list)."""
+    import re
+
+    bad = []
+    for path in (ROOT / "lab").rglob("*.py"):
+        if path.name == "kernel_bench.py":
+            continue
+        bad += [f"{path.name} imports {i}" for i in imports(path)
+                if i.startswith(("moelab.kernels", "moelab.layers", "moelab.models"))]
+        bad += [f"{path.name}: {m}" for m in re.findall(r"\.(?:runner|scheduler|block_manager|model\.model)\b",
+                                                         path.read_text())]
+    assert not bad, bad

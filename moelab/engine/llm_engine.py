@@ -230,6 +230,23 @@ class LLMEngine:
             return seq.text
         return self.tokenizer.decode(seq.output_token_ids)
 
+    # ----- what the lab reads (its public surface besides spec, resolved, max_model_len and stats) -----
+    @property
+    def routing_recorder(self):
+        """The routing recorder (moelab.engine.routing_recorder) when built with record_routing=True, else None."""
+        return self.runner.recorder
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token in effect (the config's top-k override, else the model's)."""
+        return self.spec.top_k if self.config.top_k is None else self.config.top_k
+
+    def moe_layer_ids(self) -> list[int]:
+        """Decoder layer indices whose FFN is a routed-expert block, in order (the recorder's layer axis)."""
+        from moelab.layers.moe.layer import SparseMoE
+
+        return [i for i, layer in enumerate(self.model.model.layers) if isinstance(layer.ffn, SparseMoE)]
+
     def stats(self) -> dict[str, float]:
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "kv_cache_usage": self.block_manager.usage, "num_preemptions": self.scheduler.num_preemptions,

@@ -149,7 +149,7 @@ def _times(outs, prompts) -> list[RequestTimes]:
 
 def _recorder(llm):
     """The engine's routing recorder when the engine was built with record_routing, else None."""
-    return getattr(getattr(llm.engine, "runner", None), "recorder", None)
+    return llm.engine.routing_recorder
 
 
 def observed_touched(recorder) -> dict[int, list[float]]:

@@ -33,7 +33,6 @@ def cmd_trace(args: argparse.Namespace) -> None:
     from moelab.engine.sampling_params import SamplingParams
     from moelab.lab.bench import free_memory
     from moelab.lab.provenance import provenance
-    from moelab.layers.moe.layer import SparseMoE
     from moelab.llm import LLM
 
     overrides = {k: v for k, v in (("layers", args.layers),) if v is not None}
@@ -45,14 +44,14 @@ def cmd_trace(args: argparse.Namespace) -> None:
     llm = LLM(args.model, record_routing=True, **kw)
     eng = llm.engine
     prompts = _workload(args.batch, args.input_len, eng.spec.vocab_size, args.seed)
-    rec = eng.runner.recorder
+    rec = eng.routing_recorder
     with_rec = _timed_runs(llm, prompts, params, args.trials) if args.measure_overhead else []
     rec.reset()
     llm.generate(prompts, params)
-    layer_ids = [i for i, layer in enumerate(eng.model.model.layers) if isinstance(layer.ffn, SparseMoE)]
+    layer_ids = eng.moe_layer_ids()
     spec = eng.spec
     trace = RoutingTrace.from_counts(
-        rec.as_array(), spec.top_k if eng.config.top_k is None else eng.config.top_k, source="engine",
+        rec.as_array(), eng.top_k, source="engine",
         tokens=rec.tokens, layer_ids=layer_ids, model=args.model,
         spec_fields=dict(hidden_size=spec.hidden_size, moe_intermediate_size=spec.moe_intermediate_size,
                          num_experts=spec.num_experts, num_layers=spec.num_layers),
