@@ -37,6 +37,30 @@ def test_decode_step_floor_by_hand() -> None:
     assert 0.7e-3 < f.seconds < 0.9e-3  # "about 0.8 ms" in MEASURING.md
 
 
+def test_decode_step_floor_by_hand_shared_experts_and_mla() -> None:
+    """Qwen1.5-MoE (QKV bias, a 5,632-wide shared expert and its gate) and DeepSeek-V2-Lite (MLA with its latent
+    cache, a dense first layer, two shared experts), one token at context 128, every weight counted from the
+    published shapes here rather than from param_counts."""
+    D = 2048
+    # Qwen1.5-MoE-A2.7B: 24 layers, 16 heads x 128, 60 experts (top-4) of 1,408, vocab 151,936
+    attn = 4 * D * D + 3 * D                                 # q, k, v (with bias), o
+    shared = 3 * D * 5632 + D                                # gate, up, down + the shared-expert gate
+    layer = attn + shared + 60 * D + 2 * D                   # + router + two norms
+    weights = 24 * layer + D + 151936 * D + 24 * 4 * 3 * D * 1408   # + final norm, LM head, touched experts
+    kv = 129 * 24 * 2 * 16 * 128 * 2
+    spec = spec_from_hf_config(preset_config("qwen1.5-moe-a2.7b"))
+    assert step_floor(spec, [1], [128], H100).bytes == pytest.approx((weights + D) * 2 + kv)
+    # DeepSeek-V2-Lite: 27 layers, MLA (q 16 x 192, latent 512 + rope 64, v 128), layer 0 dense (10,944),
+    # 26 MoE layers of 64 experts (top-6) of 1,408 and two shared ones, vocab 102,400
+    mla = D * 16 * 192 + D * 576 + 512 + 512 * 16 * 256 + 16 * 128 * D   # q, kv_a, kv_a norm, kv_b, o
+    dense = 3 * D * 10944
+    moe_fixed = 2 * 3 * D * 1408 + 64 * D                                 # shared experts + router
+    weights = 27 * (mla + 2 * D) + dense + 26 * moe_fixed + D + 102400 * D + 26 * 6 * 3 * D * 1408
+    kv = 129 * 27 * (512 + 64) * 2                                        # the latent cache, one row per token
+    spec = spec_from_hf_config(preset_config("deepseek-v2-lite"))
+    assert step_floor(spec, [1], [128], H100).bytes == pytest.approx((weights + D) * 2 + kv)
+
+
 def test_tied_embeddings_are_read_once() -> None:
     """Tying the LM head to the embedding table changes the parameter count, not what a step reads or computes."""
     cfg = preset_config("olmoe-1b-7b")
