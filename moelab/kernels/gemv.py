@@ -16,14 +16,14 @@ rounding of the sum, not bit for bit).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from moelab.kernels.pdl import launch_options
+from moelab.device import num_sms
+from moelab.kernels.pdl import gdc_prologue, launch_options
 
 _ENABLED = True
 
@@ -54,9 +54,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, HAS_BIAS: tl.conste
     rmask = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
     w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0)  # weights: no wait
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_prologue(USE_PDL)
     x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
     acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
     for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -79,13 +77,6 @@ def default_config(N: int, K: int, num_sms: int = 132) -> GemvConfig:
     return GemvConfig(1 if N < 2 else 2, min(2048, triton.next_power_of_2(max(K, 16))), 8)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None) -> torch.Tensor:
     """x [1, K] (or [K]), weight [N, K] with a unit last stride, bias [N] or None -> [1, N] (or [N]) in x's dtype."""
@@ -101,7 +92,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         bias = bias.contiguous()
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    cfg = config or default_config(N, K, _num_sms(x.device))
+    cfg = config or default_config(N, K, num_sms(x.device))
     _gemv_kernel[(triton.cdiv(N, cfg.block_n),)](
         x, weight, bias if bias is not None else weight, y, N, K, weight.stride(0), HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **launch_options(x.device))

@@ -9,7 +9,6 @@ to cache positions 0..that position; seq_len_b counts this step's tokens, whose 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -17,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.device import num_sms
 from moelab.kernels.pdl import gdc_prologue, launch_options
 
 LOG2E = 1.4426950408889634
@@ -224,11 +224,6 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def default_config(max_query_len: int, group: int, dk: int, dv: int, num_seqs_x_kv: int = 0,
                    num_sms: int = 132) -> PagedAttentionConfig:
     """Launch shape from host ints only, picked from H100 sweeps (scripts/bench_attention_gpu.py --sweep).
@@ -260,9 +255,9 @@ def num_kv_splits(num_programs: int, max_seq_len: int, device: torch.device) -> 
     keys of max_seq_len -- or, for short max_seq_len, up to SHORT_SPLITS splits of >= 32 keys (H200 sweep at B=1
     with 150-token contexts: OLMoE 7.5 -> 5.2 us, MLA 9.8 -> 7.2 us; docs/perf/engine.md v5). Under CUDA graphs
     max_seq_len is max_model_len, so the count cannot follow the actual contexts."""
-    if num_programs >= _num_sms(device):
+    if num_programs >= num_sms(device):
         return 1
-    want = TARGET_WAVES * _num_sms(device) // num_programs  # rounded down: a last, mostly empty wave costs a wave
+    want = TARGET_WAVES * num_sms(device) // num_programs  # rounded down: a last, mostly empty wave costs a wave
     by_len = max(triton.cdiv(max_seq_len, MIN_KEYS_PER_SPLIT), min(SHORT_SPLITS, triton.cdiv(max_seq_len, 32)))
     return max(1, min(want, by_len, MAX_SPLITS))
 
@@ -326,7 +321,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          f"{tuple(out.shape)}")
     if T == 0 or B == 0:
         return out
-    cfg = config or default_config(max_query_len, group, Dk, Dv, B * KV, _num_sms(q.device))
+    cfg = config or default_config(max_query_len, group, Dk, Dv, B * KV, num_sms(q.device))
     d_main = max(16, 1 << (Dk.bit_length() - 1))
     d_tail = _pow2(Dk - d_main) if Dk > d_main else 0
     dv_pad = _pow2(Dv)
