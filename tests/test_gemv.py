@@ -80,13 +80,15 @@ def test_linear_uses_the_gemv_for_one_cuda_row_only():
     lin = Linear(256, 96, bias=True).to("cuda", torch.bfloat16)
     x1, x4 = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16), torch.randn(4, 256, device="cuda",
                                                                                      dtype=torch.bfloat16)
-    assert use_gemv(x1, lin.weight) and not use_gemv(x4, lin.weight)
-    assert rel(lin(x1), F.linear(x1, lin.weight, lin.bias)) < 1e-2
-    set_enabled(False)
-    try:
-        assert not use_gemv(x1, lin.weight)
-    finally:
-        set_enabled(True)
+    with torch.inference_mode():
+        assert use_gemv(x1, lin.weight) and not use_gemv(x4, lin.weight)
+        assert rel(lin(x1), F.linear(x1, lin.weight, lin.bias)) < 1e-2
+        set_enabled(False)
+        try:
+            assert not use_gemv(x1, lin.weight)
+        finally:
+            set_enabled(True)
+    assert not use_gemv(x1, lin.weight)  # autograd records: the kernel has no backward
 
 
 @pytest.mark.parametrize("name", ["mixtral-gqa", "qwen2-moe-dense-first", "deepseek-v2-lite"])
@@ -98,12 +100,13 @@ def test_models_give_the_same_logits_through_the_gemv(name, tiny_checkpoints, mo
     from moelab.layers import linear as linear_mod
     from moelab.llm import LLM
 
-    llm = LLM(str(tiny_checkpoints[name]), max_model_len=64, block_size=4)
+    llm = LLM(str(tiny_checkpoints[name]), dtype="float32", max_model_len=64, block_size=4)
     model, spec = llm.engine.model, llm.engine.spec
-    ids, pos = torch.tensor([17]), torch.tensor([0])
+    dev = next(model.parameters()).device  # the CPU, or the GPU under MOELAB_TEST_GPU=1
+    ids, pos = torch.tensor([17], device=dev), torch.tensor([0], device=dev)
 
     def logits():
-        with torch.inference_mode(), forward_context(ForwardContext.for_prompts([1])):
+        with torch.inference_mode(), forward_context(ForwardContext.for_prompts([1], dev)):
             return model.compute_logits(model(ids, pos))
 
     want = logits()
