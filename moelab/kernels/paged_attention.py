@@ -102,8 +102,9 @@ def _paged_attention_kernel(
         NUM_HCHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Program (query tile x KV head x head chunk, key split): rows = BLOCK_Q tokens x HPP heads of one KV head.
-    The heads of one tile are neighbours in the grid, so programs running together read the same cache pages."""
-    gdc_prologue(USE_PDL)
+    The heads of one tile are neighbours in the grid, so programs running together read the same cache pages.
+    The step's metadata (cu_seqlens, seq_lens: copied in before any kernel of the step) is read before waiting for
+    the kernel in front; q and the caches after."""
     pid = tl.program_id(0) // (KV_HEADS * NUM_HCHUNK)
     kv_head = tl.program_id(0) % (KV_HEADS * NUM_HCHUNK) // NUM_HCHUNK
     h0 = tl.program_id(0) % NUM_HCHUNK * HPP
@@ -133,6 +134,7 @@ def _paged_attention_kernel(
         tile = n_q_tiles - 1 - idx
     seq_len = tl.load(seq_lens_ptr + b)
     ctx_len = seq_len - q_len  # position of the sequence's first query
+    gdc_prologue(USE_PDL)
 
     rows = tl.arange(0, BLOCK_M)
     tok = tile * BLOCK_Q + rows // HPP

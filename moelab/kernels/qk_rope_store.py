@@ -64,13 +64,15 @@ def _qk_rope_store_kernel(qkv_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, co
                           H: tl.constexpr, KV: tl.constexpr, HP: tl.constexpr, KVP: tl.constexpr,
                           HALF: tl.constexpr, NORM: tl.constexpr, INTERLEAVED: tl.constexpr,
                           USE_PDL: tl.constexpr = False):
-    gdc_prologue(USE_PDL)
+    # positions, slots (the step's inputs, copied in before any kernel of the step) and the RoPE tables (built once)
+    # are read before waiting for the projection in front: no kernel of the step writes them
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     i = tl.arange(0, HALF)
     c = tl.load(cos_ptr + pos * HALF + i)
     s = tl.load(sin_ptr + pos * HALF + i)
+    gdc_prologue(USE_PDL)
     row = qkv_ptr + t * stride_t
     o1, o2, hm, y1, y2 = _norm_rope(row, qw_ptr, c, s, eps, H, HP, HALF, NORM, INTERLEAVED)
     q_out = qo_ptr + t * stride_qo

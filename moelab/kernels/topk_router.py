@@ -65,7 +65,6 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
     W.float()^T up to summation order). SPLIT: each split stores its partial logits, and the row block's last
     split to arrive (an acq_rel counter, reset afterwards) sums them in split order and does the top-k, so at
     decode the weight read spreads over num_splits SMs and the result does not depend on timing."""
-    gdc_prologue(USE_PDL)
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -76,8 +75,15 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
     c0 = split * chunks_per_split
     x_ptrs = x_ptr + t.to(tl.int64)[:, None] * stride_x + c0 * BLOCK_D + d[None, :]
     w_ptrs = rw_ptr + offs[None, :] * stride_rw + c0 * BLOCK_D + d[:, None]
-    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for c in range(c0, tl.minimum(c0 + chunks_per_split, tl.cdiv(D, BLOCK_D))):
+    # the first weight chunk (a split never starts past D) is read before waiting for the norm in front: no kernel
+    # writes the router weight
+    w0 = tl.load(w_ptrs, mask=mask[None, :] & (d < D - c0 * BLOCK_D)[:, None], other=0.0)
+    gdc_prologue(USE_PDL)
+    x0 = tl.load(x_ptrs, mask=t_ok[:, None] & (d < D - c0 * BLOCK_D)[None, :], other=0.0)
+    acc = tl.dot(x0, w0, tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32), input_precision=PRECISION)
+    x_ptrs += BLOCK_D
+    w_ptrs += BLOCK_D
+    for c in range(c0 + 1, tl.minimum(c0 + chunks_per_split, tl.cdiv(D, BLOCK_D))):
         d_ok = d < D - c * BLOCK_D
         xv = tl.load(x_ptrs, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         wv = tl.load(w_ptrs, mask=mask[None, :] & d_ok[:, None], other=0.0)
