@@ -10,7 +10,7 @@ from moelab.kernels.argmax import argmax_rows, argmax_rows_ref
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 3, 7])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # no tl.dot: bf16 is fine here
 def test_argmax_rows_matches_torch_and_flags_unusable_rows(num_splits, dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5000, generator=g)
