@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_attention_gpu import Batch, emit_to, graph_ms, machine_rates  # noqa: E402
 
-from moelab.kernels.argmax import argmax_rows, argmax_rows_ref  # noqa: E402
+from moelab.kernels.argmax import argmax_rows, argmax_rows_ref, default_splits  # noqa: E402
 from moelab.kernels.paged_attention import PagedAttentionConfig as ACfg  # noqa: E402
 from moelab.kernels.paged_attention import default_config  # noqa: E402
 from moelab.kernels.qk_rope_store import qk_rope_store, qk_rope_store_ref  # noqa: E402
@@ -150,16 +150,22 @@ def attn_section(rates, budget: float, batches: tuple[int, ...] = (64, 256)) -> 
                               ok=err < 2e-2))
 
 def argmax_section(budget: float) -> None:
+    """Default launch vs torch's argmax, and a sweep of parts x values per load x warps."""
     for V in (50304, 102400, 151936):  # OLMoE, DeepSeek-V2-Lite, Qwen1.5-MoE
-        for N in (1, 8, 64, 256):
+        for N in (1, 8, 64, 256, 512):
             if not left(budget):
                 return
             x = torch.randn(N, V, dtype=BF, device=DEV)
             if N > 1:
                 x[N // 2, V // 3] = float("nan")
             same = torch.equal(argmax_rows(x), argmax_rows_ref(x))
+            sweep = {f"s{s}b{b}w{w}": round(graph_ms([partial(argmax_rows, x, s, b, w)] * REPEAT) * 1e3, 2)
+                     for s in (1, 2, 4, 8, 16, 32) for b in (1024, 2048, 4096) for w in (4, 8)
+                     if s <= max(1, V // 2048) and left(budget)}
             emit(dict(kind="argmax", V=V, N=N, moelab_ms=graph_ms([partial(argmax_rows, x)] * REPEAT),
-                      torch_ms=graph_ms([partial(torch.argmax, x, -1)] * REPEAT), ok=same))
+                      torch_ms=graph_ms([partial(torch.argmax, x, -1)] * REPEAT),
+                      default_splits=default_splits(N, V, torch.cuda.get_device_properties(0).multi_processor_count),
+                      best=min(sweep.items(), key=lambda kv: kv[1]) if sweep else None, sweep_us=sweep, ok=same))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.device import num_sms
 from moelab.kernels.pdl import gdc_prologue, launch_options
 
 MAX_SPLITS = 32
@@ -79,22 +80,24 @@ def _counters(device: torch.device) -> torch.Tensor:
     return c
 
 
-def argmax_rows(x: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
+def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 1024, num_warps: int = 4) -> torch.Tensor:
     """x [N, V] (unit last stride) -> int64 [2, N]: [0] the first index of each row's maximum, -1 for a row with a
-    NaN or a non-finite maximum; [1] the same with 0 for those rows."""
+    NaN or a non-finite maximum; [1] the same with 0 for those rows. num_splits None: the default rule;
+    block (values per load) and num_warps are launch parameters (the bench sweeps them)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"argmax_rows takes [rows, vocab] with a unit last stride, got {tuple(x.shape)} "
                          f"strides {x.stride()}")
+    if block < 128 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 128, got {block}")
     N, V = x.shape
     out = torch.empty(2, N, dtype=torch.int64, device=x.device)
     if N == 0:
         return out
-    BLOCK = 1024
     if num_splits is None:
-        num_splits = 1 if N > MAX_ROWS else max(1, min(MAX_SPLITS, V // 2048, 256 // N))
+        num_splits = default_splits(N, V, num_sms(x.device))
     if not 1 <= num_splits <= MAX_SPLITS or (num_splits > 1 and N > MAX_ROWS):
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}] (1 above {MAX_ROWS} rows), got {num_splits}")
-    chunk = triton.cdiv(triton.cdiv(V, num_splits), BLOCK) * BLOCK
+    chunk = triton.cdiv(triton.cdiv(V, num_splits), block) * block
     num_splits = triton.cdiv(V, chunk)  # no empty part
     pad = max(2, triton.next_power_of_2(num_splits))
     if num_splits > 1:
@@ -104,9 +107,16 @@ def argmax_rows(x: torch.Tensor, num_splits: int | None = None) -> torch.Tensor:
         count = _counters(x.device)
     else:
         pv = pi = pn = count = out
-    _argmax_kernel[(N, num_splits)](x, out, pv, pi, pn, count, N, V, x.stride(0), chunk, num_splits, BLOCK=BLOCK,
-                                    SPLITS_PAD=pad, num_warps=4, **launch_options(x.device))
+    _argmax_kernel[(N, num_splits)](x, out, pv, pi, pn, count, N, V, x.stride(0), chunk, num_splits, BLOCK=block,
+                                    SPLITS_PAD=pad, num_warps=num_warps, **launch_options(x.device))
     return out
+
+
+def default_splits(N: int, V: int, sms: int) -> int:
+    """Enough programs to fill the GPU (about four per SM), parts of at least 2048 values, none above MAX_ROWS."""
+    if N > MAX_ROWS:
+        return 1
+    return max(1, min(MAX_SPLITS, V // 2048, triton.cdiv(4 * sms, N)))
 
 
 def argmax_rows_ref(x: torch.Tensor) -> torch.Tensor:
