@@ -3,8 +3,8 @@ first index of each row's maximum, or -1 for a row whose logits are not all usab
 +inf / -inf); row 1 the same with 0 in place of -1 (safe to feed back as the next input id, as overlapped steps
 do before the host has seen the -1); `argmax_rows_ref` beside it.
 
-torch's argmax over one 50k-wide row runs as one reduction block (16 us per batch-1 decode step on an H200, 1.5 %
-of the step) and returns an arbitrary id for a NaN row. Here each row is split over up to MAX_SPLITS programs;
+torch's argmax over one 50k-wide row runs as one reduction block (12-16 us per batch-1 decode step on an H200,
+1.5 % of the step) and returns an arbitrary id for a NaN row. Here each row is split over up to MAX_SPLITS programs;
 each scans its part (NaNs counted, then taken as -inf), stores its (max, first index, NaN count), and the row's
 last program to arrive (an acq_rel counter that resets itself) combines the parts in split order, so the first
 maximal index wins as in torch. The result does not depend on timing.
@@ -20,7 +20,7 @@ from moelab.device import num_sms
 from moelab.kernels.pdl import gdc_prologue, launch_options
 
 MAX_SPLITS = 32
-MAX_ROWS = 512  # rows of one launch with a split (the counters); more rows run unsplit
+MAX_ROWS = 4096  # rows of one launch with a split (the counters); more rows run unsplit
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -80,7 +80,7 @@ def _counters(device: torch.device) -> torch.Tensor:
     return c
 
 
-def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 1024, num_warps: int = 4) -> torch.Tensor:
+def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 2048, num_warps: int = 4) -> torch.Tensor:
     """x [N, V] (unit last stride) -> int64 [2, N]: [0] the first index of each row's maximum, -1 for a row with a
     NaN or a non-finite maximum; [1] the same with 0 for those rows. num_splits None: the default rule;
     block (values per load) and num_warps are launch parameters (the bench sweeps them)."""
@@ -113,10 +113,12 @@ def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 102
 
 
 def default_splits(N: int, V: int, sms: int) -> int:
-    """Enough programs to fill the GPU (about four per SM), parts of at least 2048 values, none above MAX_ROWS."""
+    """About 16 programs per SM, parts of at least 2048 values, none above MAX_ROWS rows: read off the H200 sweep
+    of 3 vocabularies x 1-512 rows x 36 launches (docs/perf/runs/decode-kernels-h200-argmax-v1.json), where 8-16
+    parts of 2048-value loads with 4 warps won from 256 rows on and the most parts won below."""
     if N > MAX_ROWS:
         return 1
-    return max(1, min(MAX_SPLITS, V // 2048, triton.cdiv(4 * sms, N)))
+    return max(1, min(MAX_SPLITS, V // 2048, triton.cdiv(16 * sms, N)))
 
 
 def argmax_rows_ref(x: torch.Tensor) -> torch.Tensor:
