@@ -4,10 +4,11 @@ back-to-back calls in one CUDA graph (one call per graph would time the graph la
 
 - router GEMM + top-k in one kernel (D split over programs at decode) vs the float32 GEMM + the top-k kernel;
 - q/k norm + RoPE + KV store in one kernel vs the four kernels before it;
+- greedy argmax with the finiteness check (one split kernel) vs torch's argmax, at the studied vocabularies;
 - decode attention at B = 64 / 256 (--attn-batches), 150-token contexts: launch configs and key splits (at B = 1
   key splits 1-8 for each config).
 
-    PYTHONPATH=. python scripts/bench_decode_kernels_gpu.py [--budget-s 400] [--sections router,qk,attn]
+    PYTHONPATH=. python scripts/bench_decode_kernels_gpu.py [--budget-s 400] [--sections router,qk,argmax,attn]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_attention_gpu import Batch, emit_to, graph_ms, machine_rates  # noqa: E402
 
+from moelab.kernels.argmax import argmax_rows, argmax_rows_ref, default_splits  # noqa: E402
 from moelab.kernels.paged_attention import PagedAttentionConfig as ACfg  # noqa: E402
 from moelab.kernels.paged_attention import default_config  # noqa: E402
 from moelab.kernels.qk_rope_store import qk_rope_store, qk_rope_store_ref  # noqa: E402
@@ -147,11 +149,29 @@ def attn_section(rates, budget: float, batches: tuple[int, ...] = (64, 256)) -> 
                               pct_floor=100 * floor_ms / ms, default=cfg == base and splits == 1, rel_err=err,
                               ok=err < 2e-2))
 
+def argmax_section(budget: float) -> None:
+    """Default launch vs torch's argmax, and a sweep of parts x values per load x warps."""
+    for V in (50304, 102400, 151936):  # OLMoE, DeepSeek-V2-Lite, Qwen1.5-MoE
+        for N in (1, 8, 64, 256, 512):
+            if not left(budget):
+                return
+            x = torch.randn(N, V, dtype=BF, device=DEV)
+            if N > 1:
+                x[N // 2, V // 3] = float("nan")
+            same = torch.equal(argmax_rows(x), argmax_rows_ref(x))
+            sweep = {f"s{s}b{b}w{w}": round(graph_ms([partial(argmax_rows, x, s, b, w)] * REPEAT) * 1e3, 2)
+                     for s in (1, 2, 4, 8, 16, 32) for b in (1024, 2048, 4096) for w in (4, 8)
+                     if s <= max(1, V // 2048) and left(budget)}
+            emit(dict(kind="argmax", V=V, N=N, moelab_ms=graph_ms([partial(argmax_rows, x)] * REPEAT),
+                      torch_ms=graph_ms([partial(torch.argmax, x, -1)] * REPEAT),
+                      default_splits=default_splits(N, V, torch.cuda.get_device_properties(0).multi_processor_count),
+                      best=min(sweep.items(), key=lambda kv: kv[1]) if sweep else None, sweep_us=sweep, ok=same))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=400.0, help="start no new timing after this many seconds")
-    ap.add_argument("--sections", default="qk,router,attn")
+    ap.add_argument("--sections", default="qk,router,argmax,attn")
     ap.add_argument("--attn-batches", default="64,256", help="decode batch sizes of the attention sweep")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -163,8 +183,8 @@ def main() -> None:
     for i, s in enumerate(sections):
         budget = share * (i + 1)
         try:
-            {"router": router_section, "qk": qk_section, "attn": partial(attn_section, rates, batches=tuple(
-                int(b) for b in args.attn_batches.split(",")))}[s](budget)
+            attn = partial(attn_section, rates, batches=tuple(int(b) for b in args.attn_batches.split(",")))
+            {"router": router_section, "qk": qk_section, "argmax": argmax_section, "attn": attn}[s](budget)
         except Exception as e:  # noqa: BLE001 (one section failing must not lose the others)
             import traceback
 

@@ -180,7 +180,7 @@ CATEGORIES = [("attention", ("paged_attention", "split_reduce", "store_kv", "ind
               ("dense_gemv", ("_gemv_kernel",)),  # moelab's one-row projections (moelab.kernels.gemv)
               ("routing", ("topk", "sort", "softmax", "sigmoid", "router", "dot_kernel", "gemv")),
               ("norm/rope", ("rms_norm", "rotary", "qk_rope_store")),
-              ("sampling", ("argmax", "exponential")),
+              ("sampling", ("argmax", "exponential")),  # torch's reduce and moelab's _argmax_kernel
               ("gemm", ("gemm", "nvjet", "cutlass", "sm90", "xmma", "cublas")),
               ("other", ("",))]
 

@@ -22,7 +22,7 @@ for section in "$@"; do
       MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests -k "cuda or never_waits" -rs --ignore tests/test_server.py \
         --ignore tests/test_serving_bench.py 2>&1 | tail -40 ;;  # the image has no fastapi/uvicorn
     gpu-kernel-tests)  # the fused-MoE, quantized-expert and GEMV tests compiled on the GPU (tensors on DEV; ~140 s)
-      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_moe_quant.py tests/test_fused_moe.py tests/test_gemv.py \
+      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_moe_quant.py tests/test_fused_moe.py tests/test_gemv.py tests/test_argmax.py \
         --tb=line 2>&1 | tail -40 ;;
     tune-fp8)  # fp8 tiles of the four benchmark shapes at the seven token counts (precompiled on 12 processes)
       for fmt in fp8_channel fp8_block; do

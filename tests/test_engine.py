@@ -352,3 +352,51 @@ def test_what_the_lab_reads(tiny_checkpoints: dict[str, Path]) -> None:
     assert plain.moe_layer_ids() == [1, 2] and plain.top_k == plain.spec.top_k and plain.routing_recorder is None
     rec = LLM(path, max_model_len=32, block_size=4, record_routing=True, top_k=1).engine
     assert rec.top_k == 1 and rec.routing_recorder is not None
+
+
+@pytest.mark.parametrize("overlapped", [False, True])
+def test_non_finite_logits_end_only_their_request(tiny_checkpoints: dict[str, Path], overlapped: bool) -> None:
+    """reliability.md F3: a row of NaN (or infinite) logits ends its request with finish_reason "error" instead of a
+    garbage token; the other requests finish as usual, nothing is leaked, the engine keeps serving the same tokens.
+    With overlapped steps the next step is already launched with the bad row's token fed back on the device: it
+    gets a valid id (0) there, and its result is dropped."""
+    llm = LLM(str(tiny_checkpoints["olmoe"]), max_model_len=64, block_size=4, async_scheduling=overlapped)
+    eng = llm.engine
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13]]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    before = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    real, calls = eng.model.compute_logits, []
+
+    def poisoned(hidden):  # call 1: the prefill of all three, then one decode step per call
+        out = real(hidden)
+        calls.append(out.shape[0])
+        if len(calls) in (3, 4):  # spoil the first row: sequence 0 (NaN), then sequence 1 (+inf)
+            out = out.clone()
+            out[0, 3] = float("nan") if len(calls) == 3 else float("inf")
+        return out
+
+    eng.model.compute_logits = poisoned
+    try:
+        got = [o.outputs[0] for o in llm.generate(prompts, params)]
+    finally:
+        del eng.model.compute_logits
+    assert got[0].finish_reason == "error" and got[0].stop_reason == "non-finite logits"
+    assert got[0].token_ids == before[0][:2] and got[2].token_ids == before[2] and got[2].finish_reason == "length"
+    if not overlapped:  # call 4's first row is sequence 1 (with overlap it is still sequence 0's dropped step)
+        assert got[1].finish_reason == "error" and got[1].token_ids == before[1][:3]
+        assert eng.stats()["num_nonfinite"] == 2
+    assert eng.block_manager.num_free_blocks == eng.num_blocks - 1 and not eng.requests
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == before
+
+
+def test_sampled_rows_are_checked_too(tiny_checkpoints: dict[str, Path]) -> None:
+    from moelab.engine.sampler import SamplingBatch, sample
+
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("nan")
+    b = SamplingBatch(temperature=torch.tensor([0.0, 0.9, 0.9]), top_k=torch.zeros(3, dtype=torch.long),
+                      top_p=torch.ones(3), generators=[None] * 3, banned=[[], [], []], all_greedy=False,
+                      any_top_k=False, any_top_p=False)
+    ids, fed = sample(logits, b)
+    assert ids[1] == -1 and fed[1] == 0 and ids[0] == logits[0].argmax() and 0 <= ids[2] < 50
+    assert torch.equal(ids[[0, 2]], fed[[0, 2]])

@@ -21,6 +21,7 @@ MOELAB_KERNELS = {
     "_place_kernel": "routing",
     "_gemv_kernel": "dense_gemm",
     "_rms_norm_kernel": "other", "_add_rms_norm_kernel": "other",  # the residual adds (and deferred top-k sums)
+    "_argmax_kernel": "sampling",
 }
 
 

@@ -28,7 +28,7 @@ def test_probs_match_reference() -> None:
 def test_samples_follow_the_distribution() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -5.0]]).repeat(20000, 1)
     b = batch([1.0] * 20000, [0] * 20000, [1.0] * 20000)
-    ids = sample(logits, b, torch.Generator().manual_seed(0))
+    ids = sample(logits, b, torch.Generator().manual_seed(0))[0]
     freq = torch.bincount(ids, minlength=5).float() / 20000
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.015)
 
@@ -36,7 +36,7 @@ def test_samples_follow_the_distribution() -> None:
 def test_greedy_rows_take_argmax_and_banned_tokens_never_come() -> None:
     logits = torch.randn(4, 30)
     b = batch([0.0, 1.0, 0.0, 1.0], [0, 0, 0, 1], [1.0] * 4, banned=[[int(logits[0].argmax())], [], [], []])
-    ids = sample(logits, b, torch.Generator().manual_seed(0))
+    ids = sample(logits, b, torch.Generator().manual_seed(0))[0]
     assert ids[2] == logits[2].argmax() and ids[3] == logits[3].argmax()  # greedy; top-k 1
     assert ids[0] == logits[0].topk(2).indices[1]
 
@@ -48,7 +48,7 @@ def test_banned_tokens_in_any_row_of_a_strided_batch() -> None:
     top = logits.argmax(-1)
     banned = [[int(top[i])] if i % 2 else [] for i in range(8)]
     b = batch([0.0] * 8, [0] * 8, [1.0] * 8, banned=banned)
-    ids = sample(logits, b)
+    ids = sample(logits, b)[0]
     for i in range(8):
         assert int(ids[i]) == (int(logits[i].topk(2).indices[1]) if i % 2 else int(top[i]))
 
@@ -61,7 +61,7 @@ def test_seeded_rows_ignore_the_rest_of_the_batch(seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
         gens = [g if r == 0 else None for r in rows]
         b = batch([1.0] * len(rows), [0] * len(rows), [1.0] * len(rows), gens=gens)
-        ids = sample(logits[rows], b, torch.Generator().manual_seed(123 + len(rows)))
+        ids = sample(logits[rows], b, torch.Generator().manual_seed(123 + len(rows)))[0]
         return int(ids[rows.index(0)])
 
     assert draw([0]) == draw([2, 0, 1]) == draw([1, 0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from itertools import count
 import httpx
 import load_client
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from server_helpers import MAX_MODEL_LEN, LiveServer, make_engine, parse_sse, stream_text, wait_idle
 
@@ -475,6 +477,38 @@ def test_engine_death_fails_in_flight_requests_and_health() -> None:
     with TestClient(app) as c:
         assert c.get("/health").status_code == 503
         assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="engine is dead")
+
+
+# ----- non-finite logits (F3) -----
+def test_non_finite_logits_fail_their_request_only() -> None:
+    """A request whose logits turn NaN gets a 500 (an error event then [DONE] when streaming), counted in
+    request_errors_total; the engine stays healthy and serves the next request; nothing is left behind."""
+    engine = make_engine()
+    real, spoil = engine.model.compute_logits, threading.Event()
+
+    def poisoned(hidden):
+        out = real(hidden)
+        return out.masked_fill(torch.ones_like(out, dtype=torch.bool), float("nan")) if spoil.is_set() else out
+
+    engine.model.compute_logits = poisoned
+    app = create_app(engine)
+    with TestClient(app) as c:
+        ok_before = c.post("/v1/completions", json={"prompt": "fine", "max_tokens": 4, **GREEDY}).json()
+        spoil.set()
+        streamed = c.post("/v1/completions", json={"prompt": "bad", "max_tokens": 4, "stream": True, **GREEDY})
+        events = parse_sse(streamed.text)
+        assert "non-finite logits" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+        assert_error(c.post("/v1/completions", json={"prompt": "bad", "max_tokens": 4, "n": 2,
+                                                    "temperature": 0.8, "ignore_eos": True}),
+                     500, contains="non-finite logits")
+        spoil.clear()
+        assert c.get("/health").status_code == 200
+        again = c.post("/v1/completions", json={"prompt": "fine", "max_tokens": 4, **GREEDY}).json()
+        assert again["choices"][0]["text"] == ok_before["choices"][0]["text"]
+        errors = re.search(r"^moelab:request_errors_total\{[^}]*\} (\d+)$", c.get("/metrics").text, re.M)
+        # the stream and the n=2 request's choices (its second may be aborted first, when its HTTP request ends)
+        assert errors and int(errors.group(1)) == engine.stats()["num_nonfinite"] in (2, 3)
+        wait_idle(app.state.server, engine)
 
 
 # ----- graceful shutdown (G1-G2) -----

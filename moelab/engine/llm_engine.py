@@ -113,6 +113,7 @@ class LLMEngine:
         self._inflight = None  # the launched step not settled yet (overlapped steps)
         self._ids = itertools.count()
         self.num_steps = 0
+        self.num_nonfinite = 0  # requests ended because their logits were not finite
 
     # ----- requests -----
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -197,6 +198,14 @@ class LLMEngine:
             seq.pending -= 1
             if seq.finished:  # stopped (or aborted) while this token was in flight: drop it
                 continue
+            if tok < 0:  # the sampler found NaN or infinite logits: this request ends with an error, the rest go on
+                self.num_nonfinite += 1
+                seq.finish("error", "non-finite logits")
+                out.append((seq, []))
+                self.scheduler.finish(seq)
+                self.runner.forget(seq)
+                self.requests.pop(seq.request_id, None)
+                continue
             seq.token_ids.append(tok)
             seq.token_times.append(t)
             self._check_stop(seq, tok)
@@ -250,7 +259,7 @@ class LLMEngine:
     def stats(self) -> dict[str, float]:
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "kv_cache_usage": self.block_manager.usage, "num_preemptions": self.scheduler.num_preemptions,
-                "num_blocks": self.num_blocks, "num_steps": self.num_steps}
+                "num_blocks": self.num_blocks, "num_steps": self.num_steps, "num_nonfinite": self.num_nonfinite}
 
 
 def _eager(config: EngineConfig) -> EngineConfig:

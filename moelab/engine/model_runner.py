@@ -16,7 +16,7 @@ import torch
 from moelab.context import ForwardContext, forward_context
 from moelab.engine.config import EngineConfig
 from moelab.engine.cuda_graph import DecodeGraphs
-from moelab.engine.sampler import SamplingBatch, sample
+from moelab.engine.sampler import SamplingBatch, greedy, sample
 from moelab.engine.sampling_params import SamplingParams
 from moelab.engine.scheduler import ScheduledBatch
 from moelab.engine.sequence import Sequence
@@ -333,10 +333,10 @@ class ModelRunner:
             flight.routing = rec.snapshot(input_ids.shape[0])
         seqs = [batch.seqs[i] for i in sampling]
         if all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs):
-            tokens = logits.argmax(dim=-1)  # the common benchmark case: no sampling tensors at all
+            tokens = greedy(logits)  # the common benchmark case: no sampling tensors at all (-1: unusable row)
         else:
             tokens = sample(logits, self._sampling_batch(seqs), self.generator)
-        flight.tokens_dev = tokens
+        tokens, flight.tokens_dev = tokens[0], tokens[1]  # -1 for an unusable row / 0 there, fed back as input
         if self.device.type == "cuda":
             flight.tokens_host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             flight.tokens_host.copy_(tokens, non_blocking=True)

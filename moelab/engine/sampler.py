@@ -80,10 +80,23 @@ def sampling_probs_ref(logits: torch.Tensor, temperature: list[float], top_k: li
     return out
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """[2, N]: argmax per row, -1 where a row has a NaN or a non-finite maximum; and the same with 0 there (the id
+    fed back to the device). moelab.kernels.argmax on CUDA, its torch twin elsewhere."""
+    if logits.is_cuda:
+        from moelab.kernels.argmax import argmax_rows
+
+        return argmax_rows(logits if logits.stride(-1) == 1 else logits.contiguous())
+    from moelab.kernels.argmax import argmax_rows_ref
+
+    return argmax_rows_ref(logits)
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [N, V] -> token ids [N] int64 on the device."""
+    """logits [N, V] -> [2, N] int64 on the device: the token ids, -1 for a row whose logits are not usable (a NaN,
+    or a non-finite maximum) whatever its sampling parameters; and the same with 0 there (fed back to the device)."""
     logits = _apply_banned(logits, b.banned)
-    greedy_ids = logits.argmax(dim=-1)
+    greedy_ids = greedy(logits)
     if b.all_greedy:
         return greedy_ids
     probs = sampling_probs(logits, b)
@@ -94,4 +107,5 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
         if g is not None:
             noise[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
     sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(b.temperature == 0, greedy_ids, sampled)
+    ids = torch.where(b.temperature == 0, greedy_ids[1], sampled)
+    return torch.stack([torch.where(greedy_ids[0] < 0, -1, ids), torch.where(greedy_ids[0] < 0, 0, ids)])

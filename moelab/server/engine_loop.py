@@ -6,7 +6,8 @@ each step the thread snapshots what every request got (new token ids; on finish 
 request's asyncio queue. Requests of one HTTP call share that queue; an update names its choice index.
 
 Terminal states: every accepted request gets exactly one final update (finished=True): stop/length from the
-engine, "abort" after abort()/abort_all(), or an error when the engine dies. An exception in step() kills the
+engine, "abort" after abort()/abort_all(), a RequestError when its logits were not finite (that request alone), or
+an error when the engine dies. An exception in step() kills the
 engine: in-flight requests get the error, `dead` is set, later adds raise EngineDeadError, on_dead is called.
 """
 
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class RequestError(RuntimeError):
+    """One request failed (its logits were not finite); the engine and the other requests go on."""
 
 
 @dataclass
@@ -197,6 +202,8 @@ class EngineLoop:
             if seq.finished:
                 u.finished, u.finish_reason, u.stop_reason = True, seq.finish_reason, seq.stop_reason
                 u.text = self.engine.output_text(seq)
+                if seq.finish_reason == "error":
+                    u.error = RequestError(f"the request failed: {seq.stop_reason}")
                 del self._streams[seq.request_id]
                 if self.metrics is not None:
                     self.metrics.on_finished(seq)

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from moelab.server.detokenizer import IncrementalDetokenizer
-from moelab.server.engine_loop import EngineDeadError, EngineRequest, Update
+from moelab.server.engine_loop import EngineDeadError, EngineRequest, RequestError, Update
 from moelab.server.errors import APIError, error_body
 from moelab.server.preprocess import Prepared
 from moelab.server.protocol import (
@@ -222,8 +222,7 @@ async def stream_events(gen: Generation, prepared: Prepared, fmt: CompletionForm
         pending: dict[int, list] = {}  # choice -> [text, finish_reason, stop_reason]
         for u in updates:
             if u.error is not None:
-                gen.finished.update(range(len(choices)))
-                body = error_body(500, f"Internal server error: the engine failed: {u.error!r}")
+                body = error_body(500, _error_message(gen, u, len(choices)))
                 yield f"data: {json.dumps(body)}\n\n{DONE}"
                 return
             p = pending.setdefault(u.index, ["", None, None])
@@ -240,6 +239,16 @@ async def stream_events(gen: Generation, prepared: Prepared, fmt: CompletionForm
     yield "".join([*tail, DONE])
 
 
+def _error_message(gen: Generation, u: Update, n: int) -> str:
+    """The 500's message. A failed request (RequestError) ends its own choice; the other choices of the HTTP
+    request are aborted by gen.close(). A dead engine has ended every choice."""
+    if isinstance(u.error, RequestError):
+        gen.finished.add(u.index)
+        return f"Internal server error: {u.error}"
+    gen.finished.update(range(n))
+    return f"Internal server error: the engine failed: {u.error!r}"
+
+
 async def collect(gen: Generation, n: int, include_stop_str: bool) -> tuple[list[Update], int]:
     """Wait for every choice's final update; (finals in choice order, with their final text; completion tokens)."""
     finals: list[Update | None] = [None] * n
@@ -247,8 +256,7 @@ async def collect(gen: Generation, n: int, include_stop_str: bool) -> tuple[list
     while len(gen.finished) < n:
         u: Update = await gen.queue.get()
         if u.error is not None:
-            gen.finished.update(range(n))
-            raise APIError(500, f"Internal server error: the engine failed: {u.error!r}")
+            raise APIError(500, _error_message(gen, u, n))
         tokens += len(u.token_ids)
         if u.finished:
             u.text = final_text(u, include_stop_str)

@@ -79,11 +79,14 @@ class ServerMetrics:
         self.generation_tokens = 0
         self.success = dict.fromkeys(FINISH_REASONS, 0)
         self.disconnected = 0
+        self.errors = 0
 
     # ----- updates (engine thread) -----
     def on_tokens(self, seq: Any, num_new: int) -> None:
         """seq: an engine Sequence right after it received num_new tokens."""
         times = seq.token_times
+        if num_new == 0:  # a final update without a token (a failed request)
+            return
         with self.lock:
             self.generation_tokens += num_new
             if len(times) == num_new:  # its first tokens: the prompt is done
@@ -97,6 +100,9 @@ class ServerMetrics:
     def on_finished(self, seq: Any) -> None:
         times = seq.token_times
         with self.lock:
+            if seq.finish_reason == "error":  # the request failed (non-finite logits); the engine goes on
+                self.errors += 1
+                return
             self.success[seq.finish_reason] = self.success.get(seq.finish_reason, 0) + 1
             if seq.finished_time is not None:
                 self.e2e.observe(seq.finished_time - seq.arrival_time)
@@ -138,6 +144,8 @@ class ServerMetrics:
                    [sample("generation_tokens_total", self.generation_tokens)])
             family("request_success_total", "counter", "Finished requests by finish reason.",
                    [sample("request_success_total", v, {**L, "finished_reason": k}) for k, v in self.success.items()])
+            family("request_errors_total", "counter", "Requests that failed in the engine (non-finite logits).",
+                   [sample("request_errors_total", self.errors)])
             family("http_requests_client_disconnected_total", "counter", "Clients that hung up before the end.",
                    [sample("http_requests_client_disconnected_total", self.disconnected)])
             for name, hist, help_ in (
