@@ -172,6 +172,11 @@ def test_heuristic_configs_cover_any_shape() -> None:
         for E, K, N, D in ((8, 2, 14336, 4096), (128, 8, 768, 2048), (60, 6, 24, 40)):
             cfg = heuristic_config(M, E, K, N, D, "bfloat16")
             assert cfg.block_m in (16, 32, 64, 128) and min(cfg.gate_up.block_n, cfg.down.block_k) >= 16
+            # float32: half the K step, the same bytes per stage as bf16's tiles (full width ran out of shared
+            # memory on the H200: 262 KB asked, 227 KB there)
+            f32 = heuristic_config(M, E, K, N, D, "float32")
+            assert f32.block_m == cfg.block_m and f32.gate_up.block_n == cfg.gate_up.block_n
+            assert (f32.gate_up.block_k, f32.down.block_k) == (cfg.gate_up.block_k // 2, cfg.down.block_k // 2)
 
 
 def test_tuned_config_file_round_trip_and_nearest_m(tmp_path) -> None:

@@ -9,7 +9,7 @@ them. No torch import: callers pass the dtype and device names.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -62,7 +62,19 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
 
 
 def heuristic_config(M: int, E: int, K: int, N: int, D: int, dtype: str, device_type: str = "cuda") -> MoEConfig:
-    """Config for M tokens, E experts, top-K, intermediate N (=I), hidden D; dtype like "bfloat16".
+    """Config for M tokens, E experts, top-K, intermediate N (=I), hidden D; dtype like "bfloat16". float32
+    operands take half the K step of the 2-byte tiles, so that a tile's shared memory is the same: the bf16 tiles
+    fill most of an H100's 227 KB and at full width float32 ran out of it (262 KB asked, 227 KB there).
+    """
+    cfg = _heuristic_2byte(M, E, K, N, D, dtype, device_type)
+    if dtype == "float32" and device_type == "cuda":
+        cfg = replace(cfg, gate_up=replace(cfg.gate_up, block_k=max(16, cfg.gate_up.block_k // 2)),
+                      down=replace(cfg.down, block_k=max(16, cfg.down.block_k // 2)))
+    return cfg
+
+
+def _heuristic_2byte(M: int, E: int, K: int, N: int, D: int, dtype: str, device_type: str) -> MoEConfig:
+    """The tiles for 2-byte operands (1-byte fp8 where noted).
 
     Small M is weight-streaming: BLOCK_M 16 and narrow N tiles so that every SM has loads in flight. Large M is
     compute-bound: 128-row tiles, 8 warps. Under the interpreter (device "cpu") the fewest, largest programs."""
