@@ -149,7 +149,7 @@ def attn_section(rates, budget: float, batches: tuple[int, ...] = (64, 256)) -> 
                               pct_floor=100 * floor_ms / ms, default=cfg == base and splits == 1, rel_err=err,
                               ok=err < 2e-2))
 
-def argmax_section(budget: float) -> None:
+def argmax_section(budget: float, sweep: bool = True) -> None:
     """Default launch vs torch's argmax, and a sweep of parts x values per load x warps."""
     for V in (50304, 102400, 151936):  # OLMoE, DeepSeek-V2-Lite, Qwen1.5-MoE
         for N in (1, 8, 64, 256, 512):
@@ -161,7 +161,7 @@ def argmax_section(budget: float) -> None:
             same = torch.equal(argmax_rows(x), argmax_rows_ref(x))
             sweep = {f"s{s}b{b}w{w}": round(graph_ms([partial(argmax_rows, x, s, b, w)] * REPEAT) * 1e3, 2)
                      for s in (1, 2, 4, 8, 16, 32) for b in (1024, 2048, 4096) for w in (4, 8)
-                     if s <= max(1, V // 2048) and left(budget)}
+                     if sweep and s <= max(1, V // 2048) and left(budget)}
             emit(dict(kind="argmax", V=V, N=N, moelab_ms=graph_ms([partial(argmax_rows, x)] * REPEAT),
                       torch_ms=graph_ms([partial(torch.argmax, x, -1)] * REPEAT),
                       default_splits=default_splits(N, V, torch.cuda.get_device_properties(0).multi_processor_count),
@@ -172,6 +172,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=400.0, help="start no new timing after this many seconds")
     ap.add_argument("--sections", default="qk,router,argmax,attn")
+    ap.add_argument("--no-argmax-sweep", action="store_true", help="argmax: the default launch and torch only")
     ap.add_argument("--attn-batches", default="64,256", help="decode batch sizes of the attention sweep")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -184,7 +185,8 @@ def main() -> None:
         budget = share * (i + 1)
         try:
             attn = partial(attn_section, rates, batches=tuple(int(b) for b in args.attn_batches.split(",")))
-            {"router": router_section, "qk": qk_section, "argmax": argmax_section, "attn": attn}[s](budget)
+            argmax = partial(argmax_section, sweep=not args.no_argmax_sweep)
+            {"router": router_section, "qk": qk_section, "argmax": argmax, "attn": attn}[s](budget)
         except Exception as e:  # noqa: BLE001 (one section failing must not lose the others)
             import traceback
 
