@@ -270,6 +270,8 @@ def main() -> None:
     ap.add_argument("--offline-trials", type=int, default=1, help="repeat each offline run (run-to-run spread)")
     ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (A/B)")
     ap.add_argument("--no-gemv", action="store_true", help="one-row projections on cuBLAS, not moelab's GEMV (A/B)")
+    ap.add_argument("--no-fused-reduce", action="store_true",
+                    help="decode attention's key splits reduced in their own kernel, not in the attention (A/B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64, 256], help="decode profiles")
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="profile these offline prefills")
@@ -282,6 +284,10 @@ def main() -> None:
         from moelab.kernels import gemv
 
         gemv.set_enabled(False)
+    if args.no_fused_reduce:
+        from moelab.kernels.paged_attention import set_fused_reduce
+
+        set_fused_reduce(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +299,7 @@ def main() -> None:
 
     rows: list[dict] = [{"kind": "ceilings", "bandwidth": c.bandwidth, "matmul": c.matmul, "device": c.name,
                          "torch": torch.__version__, "pdl": use_pdl(torch.device(device)),
-                         "gemv": not args.no_gemv}]
+                         "gemv": not args.no_gemv, "fused_reduce": not args.no_fused_reduce}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:

@@ -14,6 +14,7 @@ from moelab.kernels.paged_attention import (
     PagedAttentionConfig,
     paged_attention,
     paged_attention_ref,
+    set_fused_reduce,
     value_is_key_prefix,
 )
 
@@ -123,6 +124,21 @@ def test_split_decode(num_splits: int | None) -> None:
     """max_seq_len far above the real lengths forces splits (most of them empty for the short sequences)."""
     check(make_batch([1] * 4, [3, 70, 300, 129], KV=2, group=4, Dk=32, Dv=32, bs=16), max_seq_len=2048,
           num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5, 16])
+def test_split_reduce_inside_the_kernel(num_splits: int) -> None:
+    """Decode splits combined by their last program (no reduce launch): right against the reference, the same as
+    the separate reduce kernel to float32 rounding, and the arrival counters left at zero (a second call agrees)."""
+    batch = make_batch([1] * 5, [1, 20, 70, 129, 300], KV=2, group=2, Dk=32, Dv=32, bs=16)
+    fused = check(batch, max_seq_len=2048, num_splits=num_splits)
+    assert torch.equal(check(batch, max_seq_len=2048, num_splits=num_splits), fused)
+    set_fused_reduce(False)
+    try:
+        separate = check(batch, max_seq_len=2048, num_splits=num_splits)
+    finally:
+        set_fused_reduce(True)
+    torch.testing.assert_close(fused, separate, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("num_splits,Dv", [(11, 64), (40, 64), (5, 256)])
@@ -236,3 +252,23 @@ def test_bf16_cuda_graph() -> None:
     graph.replay()
     ref = paged_attention_ref(*as_float(dev), batch.scale)
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@needs_gpu
+def test_split_reduce_inside_the_kernel_cuda() -> None:
+    """The in-kernel split reduce compiled, bf16 at OLMoE's head shape, with its arrival counters reused across
+    calls: close to the separate reduce (one bf16 rounding apart at most) and to the float32 reference."""
+    lens = [1, 16, 33, 150, 511, 1000]
+    batch = make_batch([1] * len(lens), lens, KV=16, group=1, Dk=128, Dv=128, bs=16, dtype=torch.bfloat16)
+    args = [t.cuda() if isinstance(t, torch.Tensor) else t for t in batch.args()]
+    ref = paged_attention_ref(*as_float(args))
+    for num_splits in (None, 4, 16):
+        fused = [paged_attention(*args, 1, max_seq_len=1024, num_splits=num_splits) for _ in range(2)]
+        assert torch.equal(fused[0], fused[1])
+        set_fused_reduce(False)
+        try:
+            separate = paged_attention(*args, 1, max_seq_len=1024, num_splits=num_splits)
+        finally:
+            set_fused_reduce(True)
+        torch.testing.assert_close(fused[0].float(), separate.float(), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(fused[0].float(), ref, atol=2e-2, rtol=2e-2)

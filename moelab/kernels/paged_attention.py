@@ -24,6 +24,25 @@ TARGET_WAVES = 2  # decode: split the keys until the grid holds about this many 
 MIN_KEYS_PER_SPLIT = 256
 SHORT_SPLITS = 16  # below MIN_KEYS_PER_SPLIT * SHORT_SPLITS keys: up to this many splits of >= one 32-key step
 MAX_SPLITS = 64
+MAX_FUSED_ROWS = 16384  # grid rows (tiles x KV heads x head chunks) whose splits can reduce in the kernel
+_fuse_reduce = True  # decode splits reduced by their last program (no reduce launch); set_fused_reduce: A/B
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def set_fused_reduce(on: bool) -> None:
+    """Reduce key splits inside the attention kernel (True) or in _split_reduce_kernel (A/B timings; CUDA graphs
+    must be recaptured)."""
+    global _fuse_reduce
+    _fuse_reduce = bool(on)
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """Zeroed arrival counters, one per grid row, allocated once per device (CUDA graphs keep them); each launch
+    leaves them at zero. Launches must not run concurrently on two streams (the engine uses one)."""
+    c = _COUNTERS.get(device)
+    if c is None:
+        c = _COUNTERS[device] = torch.zeros(MAX_FUSED_ROWS, dtype=torch.int32, device=device)
+    return c
 
 
 class PagedAttentionConfig(NamedTuple):
@@ -93,18 +112,21 @@ def _attend_tile(acc, l_i, m_i, q_main, q_tail, q_pos, j, kv_end, bt_row, k_base
 # step whose batch shape is new (a serving step mixing decodes with a prefill chunk) would pay a compile
 @triton.jit(do_not_specialize=["num_seqs", "bsearch_steps", "num_splits"])
 def _paged_attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cu_ptr, seq_lens_ptr, bt_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, count_ptr, cu_ptr, seq_lens_ptr, bt_ptr,
         qk_scale, num_seqs, bsearch_steps, num_heads, num_splits,
         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_bt,
         DK: tl.constexpr, DV: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, DV_PAD: tl.constexpr,
         V_IS_K: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr,
         NUM_HCHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr = False):
+        BLOCK_SIZE: tl.constexpr, ONE_TILE_PER_SEQ: tl.constexpr, SPLIT: tl.constexpr,
+        FUSE_REDUCE: tl.constexpr = False, SPLITS_PAD: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
     """Program (query tile x KV head x head chunk, key split): rows = BLOCK_Q tokens x HPP heads of one KV head.
     The heads of one tile are neighbours in the grid, so programs running together read the same cache pages.
     The step's metadata (cu_seqlens, seq_lens: copied in before any kernel of the step) is read before waiting for
-    the kernel in front; q and the caches after."""
+    the kernel in front; q and the caches after. FUSE_REDUCE: the program's last key split to arrive (an acq_rel
+    counter per grid row, reset afterwards) combines the splits' partials as _split_reduce_kernel does, so no
+    reduce launch follows."""
     pid = tl.program_id(0) // (KV_HEADS * NUM_HCHUNK)
     kv_head = tl.program_id(0) % (KV_HEADS * NUM_HCHUNK) // NUM_HCHUNK
     h0 = tl.program_id(0) % NUM_HCHUNK * HPP
@@ -187,6 +209,29 @@ def _paged_attention_kernel(
         part = (t * num_heads + head) * num_splits + split
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
         tl.store(part_out_ptr + part[:, None] * DV_PAD + dv[None, :], out, mask=row_ok[:, None])
+        if FUSE_REDUCE:
+            tl.debug_barrier()  # every thread's partial stores before the release below
+            arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                base = (t * num_heads + head) * num_splits  # [BLOCK_M]
+                sp = tl.arange(0, SPLITS_PAD)
+                lse_all = tl.load(part_lse_ptr + base[:, None] + sp[None, :],
+                                  mask=row_ok[:, None] & (sp[None, :] < num_splits), other=float("-inf"),
+                                  cache_modifier=".cg")
+                m = tl.max(lse_all, 1)
+                m = tl.where(m == float("-inf"), 0.0, m)
+                total = tl.sum(tl.math.exp2(lse_all - m[:, None]), 1)
+                acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+                for i in tl.static_range(SPLITS_PAD):  # all loads at once, summed in split order
+                    ok = row_ok & (i < num_splits)
+                    lse_i = tl.load(part_lse_ptr + base + i, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    acc += tl.math.exp2(lse_i - m)[:, None] * tl.load(
+                        part_out_ptr + (base + i)[:, None] * DV_PAD + dv[None, :], mask=ok[:, None], other=0.0,
+                        cache_modifier=".cg")
+                out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+                o_ptr = out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :]
+                tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+                tl.store(count_ptr + tl.program_id(0), 0)
     else:
         o_ptr = out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :]
         tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
@@ -337,20 +382,24 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if one_tile:
             num_splits = num_kv_splits(B * KV * n_hchunk, max_seq_len or block_tables.shape[1] * bs, q.device)
     split = num_splits > 1
-    part_out = part_lse = out  # unused without splits
+    grid_rows = n_tiles * KV * n_hchunk
+    fuse = split and _fuse_reduce and _pow2(num_splits) <= 16 and dv_pad <= 128 and grid_rows <= MAX_FUSED_ROWS
+    part_out = part_lse = count = out  # unused without splits
     if split:
         part_out = torch.empty(T, H, num_splits, dv_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(T, H, num_splits, dtype=torch.float32, device=q.device)
-    _paged_attention_kernel[(n_tiles * KV * n_hchunk, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, cu_seqlens_q, seq_lens, block_tables,
+    if fuse:
+        count = _counters(q.device)
+    _paged_attention_kernel[(grid_rows, num_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, count, cu_seqlens_q, seq_lens, block_tables,
         scale * LOG2E, B, max(0, math.ceil(math.log2(B))), H, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         DK=Dk, DV=Dv, D_MAIN=d_main, D_TAIL=d_tail, DV_PAD=dv_pad, V_IS_K=v_is_k, KV_HEADS=KV, GROUP=group,
         HPP=cfg.heads_per_prog, NUM_HCHUNK=n_hchunk, BLOCK_Q=cfg.block_q, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_SIZE=bs, ONE_TILE_PER_SEQ=one_tile, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **launch_options(q.device))
-    if split:
+        BLOCK_SIZE=bs, ONE_TILE_PER_SEQ=one_tile, SPLIT=split, FUSE_REDUCE=fuse, SPLITS_PAD=_pow2(num_splits),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(q.device))
+    if split and not fuse:
         _split_reduce_kernel[(T, H)](part_out, part_lse, out, H, num_splits, out.stride(0), out.stride(1),
                                      DV=Dv, DV_PAD=dv_pad, SPLITS_PAD=_pow2(num_splits),
                                      UNROLL=_pow2(num_splits) <= 16 and dv_pad <= 128, num_warps=4,
