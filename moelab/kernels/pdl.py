@@ -3,10 +3,12 @@ it in the stream is still running, and waits (`griddepcontrol.wait`) before touc
 decode a step is ~170 kernels of a few microseconds each, and the launch gap between two of them is a visible share
 of each.
 
-Every moelab kernel that takes part calls `gdc_prologue(USE_PDL)` first: wait for the previous kernel's memory, then
-let the next kernel be scheduled. Nothing that a kernel of the forward pass writes is read before the wait, and
-nothing is written before it, so the order of memory effects is the same as without it (the one exception to
-"first": moelab.kernels.gemv reads its weights, which no kernel writes, before waiting). `launch_options(device)`
+Every moelab kernel that takes part calls `gdc_prologue(USE_PDL)`: wait for the previous kernel's memory, then let
+the next kernel be scheduled. Nothing that a kernel of the forward pass writes is read before the wait, and nothing
+is written before it, so the order of memory effects is the same as without it. Most kernels call it first; a few
+read, before it, what no kernel of the step writes: the GEMV its first weight chunk, `router_topk` its first weight
+chunk, `qk_rope_store` the positions, slots and RoPE rows, paged attention the step's metadata (all copied in or
+loaded before the step's first kernel). `launch_options(device)`
 gives the launch keyword (empty on the CPU / interpreter and on GPUs before Hopper). `set_enabled(False)` turns it
 off (for A/B timings; CUDA graphs must be recaptured).
 """
