@@ -33,6 +33,8 @@ def test_argmax_rows_checks_its_input():
         argmax_rows(torch.randn(8, 4, device=DEV).T)
     with pytest.raises(ValueError, match="num_splits must be in"):
         argmax_rows(torch.randn(2, 64, device=DEV), num_splits=33)
+    with pytest.raises(ValueError, match="vocabulary of 0"):
+        argmax_rows(torch.randn(2, 0, device=DEV))
     with pytest.raises(ValueError, match="block must be"):
         argmax_rows(torch.randn(2, 64, device=DEV), block=1000)
     assert argmax_rows(torch.randn(0, 64, device=DEV)).shape == (2, 0)

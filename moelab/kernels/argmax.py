@@ -90,6 +90,8 @@ def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 204
     if block < 128 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 128, got {block}")
     N, V = x.shape
+    if V == 0:
+        raise ValueError("argmax_rows needs at least one value per row, got a vocabulary of 0")
     out = torch.empty(2, N, dtype=torch.int64, device=x.device)
     if N == 0:
         return out

@@ -146,12 +146,14 @@ def _paged_attention_kernel(
     q_start = tl.load(cu_ptr + b)
     q_len = tl.load(cu_ptr + b + 1) - q_start
     if ONE_TILE_PER_SEQ:
-        if q_len <= 0:
+        if q_len <= 0:  # waits all the same: a launch whose programs all exit must still complete after the one
+            gdc_prologue(USE_PDL)  # in front, or the kernel behind it would not wait for that one
             return
     else:  # the last (longest causal) tiles of a sequence run first: less of a tail at the end of the grid
         n_q_tiles = (q_len + BLOCK_Q - 1) // BLOCK_Q
         idx = pid - (q_start // BLOCK_Q + b)
         if idx >= n_q_tiles:
+            gdc_prologue(USE_PDL)
             return
         tile = n_q_tiles - 1 - idx
     seq_len = tl.load(seq_lens_ptr + b)
