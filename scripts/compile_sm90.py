@@ -35,7 +35,11 @@ H100_SHARED = 227 * 1024
 
 
 def compile_sm90(fn, ptrs: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3):
-    params = list(inspect.signature(fn.fn).parameters)
+    spec = inspect.signature(fn.fn).parameters
+    params = list(spec)
+    # constexprs the case leaves out take their defaults (as a launch that does not pass them)
+    constexprs = {**{p: v.default for p, v in spec.items() if "constexpr" in str(v.annotation)
+                     and v.default is not inspect.Parameter.empty}, **constexprs}
     sig = {}
     for p in params:
         if p in constexprs:
