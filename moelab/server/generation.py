@@ -156,6 +156,7 @@ class Generation:
     on_done: Callable[[bool], None]  # called once with "the client left early"
     finished: set[int]
     closed: bool = False
+    failed: bool = False  # the server ended it (an engine error): the choices left are aborted, no client left
 
     def close(self, disconnected: bool = False) -> None:
         if self.closed:
@@ -163,7 +164,7 @@ class Generation:
         self.closed = True
         left = [rid for i, rid in enumerate(self.request_ids) if i not in self.finished]
         self.engine_loop.abort(left)
-        self.on_done(disconnected and bool(left))
+        self.on_done(disconnected and bool(left) and not self.failed)
 
 
 class SSEResponse(StreamingResponse):
@@ -241,7 +242,9 @@ async def stream_events(gen: Generation, prepared: Prepared, fmt: CompletionForm
 
 def _error_message(gen: Generation, u: Update, n: int) -> str:
     """The 500's message. A failed request (RequestError) ends its own choice; the other choices of the HTTP
-    request are aborted by gen.close(). A dead engine has ended every choice."""
+    request are aborted by gen.close(), which counts no client disconnect for them. A dead engine has ended every
+    choice."""
+    gen.failed = True
     if isinstance(u.error, RequestError):
         gen.finished.add(u.index)
         return f"Internal server error: {u.error}"
