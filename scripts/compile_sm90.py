@@ -39,7 +39,7 @@ def compile_sm90(fn, ptrs: dict[str, str], constexprs: dict, num_warps: int = 4,
     params = list(spec)
     # constexprs the case leaves out take their defaults (as a launch that does not pass them)
     constexprs = {**{p: v.default for p, v in spec.items() if "constexpr" in str(v.annotation)
-                     and v.default is not inspect.Parameter.empty}, **constexprs}
+                     and v.default is not inspect.Parameter.empty}, "USE_PDL": True, **constexprs}
     sig = {}
     for p in params:
         if p in constexprs:
@@ -133,6 +133,30 @@ def _cases():
     yield "qk-rope-store", qk_rope_store._qk_rope_store_kernel, {
         "pos_ptr": "*i64", "slot_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, dict(
         H=16, KV=16, HP=16, KVP=16, HALF=64, NORM=1, INTERLEAVED=False, USE_PDL=True), {}
+    from moelab.kernels import activation, moe_align, moe_sum, per_token_quant, rotary, store_kv
+
+    yield "rms-norm", rms_norm._rms_norm_kernel, {}, dict(BLOCK=2048), {}
+    yield "rotary", rotary._rotary_kernel, {"pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, dict(
+        HALF=64, BLOCK_H=16, INTERLEAVED=False), {}
+    yield "store-kv", store_kv._store_kv_kernel, {"slot_ptr": "*i64"}, dict(BLOCK=2048, BLOCK_V=2048, HAS_V=True), {}
+    yield "topk-router", topk_router._topk_router_kernel, {"logits_ptr": "*fp32", "w_ptr": "*fp32",
+                                                           "ids_ptr": "*i64"}, dict(
+        K=8, KP=8, BLOCK_E=64, SIGMOID=False, RENORM=False), dict(num_warps=1)
+    yield "silu-mul", activation._silu_mul_kernel, {}, dict(BLOCK=activation.BLOCK), {}
+    yield "add-gated", activation._add_gated_kernel, {}, dict(BLOCK=activation.BLOCK), {}
+    yield "moe-sum", moe_sum._sum_kernel, {}, dict(TOP_K=8, BLOCK_T=1, BLOCK_D=1024), {}
+    align_ptrs = {"ids_ptr": "*i64", "counts_ptr": "*i32", "cursor_ptr": "*i32", "sorted_ptr": "*i32",
+                  "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32", "xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32"}
+    for quant in (False, True):  # the fp8 activations quantized by the align launches' extra programs
+        q = dict(QUANT=quant, QBLOCK=2048 if quant else 16)
+        yield f"moe-align-count{'-quant' if quant else ''}", moe_align._count_kernel, align_ptrs, dict(
+            E_PAD=128, CHUNK=moe_align.CHUNK_SLOTS, **q), dict(num_warps=moe_align.NUM_WARPS)
+        yield f"moe-align-place{'-quant' if quant else ''}", moe_align._place_kernel, align_ptrs, dict(
+            BLOCK_M=16, E_PAD=128, CHUNK=moe_align.CHUNK_SLOTS, CHUNK_ROWS=32, PAD_COLS=16, SUB=64, SINGLE=False,
+            **q), dict(num_warps=moe_align.NUM_WARPS)
+    yield "per-token-quant", per_token_quant._per_token_quant_kernel, {
+        "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "num_rows_ptr": "*i32"}, dict(
+        FP8_MAX_=per_token_quant.FP8_MAX, MIN_SCALE_=per_token_quant.MIN_SCALE, BLOCK_K=2048, HAS_NUM_ROWS=True), {}
     for kernel in ("gate_up", "down"):
         for dtype, M in (("bfloat16", 1), ("bfloat16", 64), ("bfloat16", 4096), ("float32", 4096),
                          ("fp8_channel", 1), ("fp8_block", 4096)):
@@ -148,10 +172,10 @@ def main() -> None:
     for name, fn, ptrs, constexprs, launch in _cases():
         try:
             k = compile_sm90(fn, ptrs, constexprs, **launch)
-            report[name] = dict(ok=True, pdl_waits=k.asm["ptx"].count("griddepcontrol.wait"),
+            report[name] = dict(ok=True, kernel=fn.fn.__name__, pdl_waits=k.asm["ptx"].count("griddepcontrol.wait"),
                                 shared_bytes=k.metadata.shared, local_bytes=local_bytes(k.asm["cubin"]))
         except Exception as e:  # noqa: BLE001 (one case failing must not hide the others)
-            report[name] = dict(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
+            report[name] = dict(ok=False, kernel=fn.fn.__name__, error=f"{type(e).__name__}: {str(e)[:2000]}")
     print(json.dumps(report))
 
 

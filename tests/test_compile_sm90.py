@@ -1,14 +1,15 @@
-"""The engine's Triton kernels (decode path and fused MoE) compiled for an H100/H200 (sm_90) in CI, where no GPU is:
-scripts/compile_sm90.py runs in a subprocess without the interpreter (this suite runs under it) and lowers each
-kernel to a cubin with Triton's bundled ptxas. The interpreter tests check what the kernels compute; this catches
-what only the GPU compiler sees: a construct its lowering rejects, the PDL wait missing, shared memory over an
-H100's 227 KB (as the float32 MoE tiles did on the H200: 262 KB, found there first), registers spilled to local
-memory."""
+"""The engine's Triton kernels compiled for an H100/H200 (sm_90) in CI, where no GPU is: scripts/compile_sm90.py
+runs in a subprocess without the interpreter (this suite runs under it) and lowers each kernel to a cubin with
+Triton's bundled ptxas. The interpreter tests check what the kernels compute; this catches what only the GPU
+compiler sees: a construct its lowering rejects, the PDL wait missing, shared memory over an H100's 227 KB (as the
+float32 MoE tiles did on the H200: 262 KB, found there first), registers spilled to local memory. Every kernel
+moelab launches must have a case."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,21 +40,22 @@ def report() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-CASES = ["attention-decode-fused-reduce", "attention-decode-gqa", "attention-decode-mla", "attention-prefill",
-         "split-reduce", "router-topk", "argmax", "gemv", "qk-rope-store", "add-rms-norm-topk-sum"] + [
-    f"moe-{k}-{d}-M{m}" for k in ("gate_up", "down") for d, m in (
-        ("bfloat16", 1), ("bfloat16", 64), ("bfloat16", 4096), ("float32", 4096), ("fp8_channel", 1),
-        ("fp8_block", 4096))]
+def test_every_case_compiles_for_sm90(report: dict) -> None:
+    bad = {}
+    for name, r in report.items():
+        if not r["ok"]:
+            bad[name] = r["error"][:500]
+        elif r["pdl_waits"] < 1:
+            bad[name] = "no PDL wait in the PTX"
+        elif r["shared_bytes"] > H100_SHARED:
+            bad[name] = f"{r['shared_bytes']} B of shared memory"
+        elif r["local_bytes"]:
+            bad[name] = f"registers spill to local memory ({r['local_bytes']} B per thread)"
+    assert not bad, bad
+    assert len(report) >= 30
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_kernel_compiles_for_sm90(name: str, report: dict) -> None:
-    r = report[name]
-    assert r["ok"], r.get("error")
-    assert r["pdl_waits"] >= 1, f"{name}: no PDL wait in the PTX"
-    assert r["shared_bytes"] <= H100_SHARED, f"{name}: {r['shared_bytes']} B of shared memory"
-    assert r["local_bytes"] == 0, f"{name}: registers spill to local memory ({r['local_bytes']} B per thread)"
-
-
-def test_every_case_is_checked(report: dict) -> None:
-    assert sorted(report) == sorted(CASES)
+def test_every_launched_kernel_has_a_case(report: dict) -> None:
+    launched = {m for f in (ROOT / "moelab").rglob("*.py") for m in re.findall(r"(_\w+_kernel)\[", f.read_text())}
+    assert launched, "no launches found"
+    assert launched <= {r["kernel"] for r in report.values()}, launched - {r["kernel"] for r in report.values()}
