@@ -84,28 +84,31 @@ def _attention(max_query_len: int, group: int, dk: int, dv: int, kv_heads: int, 
     return pa._paged_attention_kernel, ptrs, c, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _moe(kernel: str, M: int, dtype: str):
-    """A fused-MoE GEMM (OLMoE's shape, E=64 top-8 I=1024 D=2048) with moelab's heuristic tiles for M tokens, as
+def _moe(kernel: str, M: int, dtype: str, shape: tuple[int, int, int, int] = (64, 8, 1024, 2048)):
+    """A fused-MoE GEMM (shape E, top-k, I, D; OLMoE's by default) with moelab's heuristic tiles for M tokens, as
     fused_moe launches it: TMA descriptors where the tiles ask for them (the float32 prefill tiles that ran out
     of shared memory on the H200, 262 KB, compile to that same figure here)."""
     from moelab.kernels import fused_moe as fm
     from moelab.kernels.fused_moe_config import heuristic_config, use_naive_blocks
 
-    cfg = heuristic_config(M, 64, 8, 1024, 2048, dtype)
+    E, top_k, I, D = shape
+    cfg = heuristic_config(M, E, top_k, I, D, dtype)
     g = cfg.gate_up if kernel == "gate_up" else cfg.down
-    fp8 = dtype.startswith("fp8")
-    el = {"bfloat16": "*bf16", "float32": "*fp32"}.get(dtype, "*fp8e4nv")
+    fp8, int8 = dtype.startswith("fp8"), dtype.startswith("int8")
+    el = {"bfloat16": "*bf16", "float32": "*fp32", "int8_channel": "*bf16"}.get(dtype, "*fp8e4nv")  # activations
+    wel = "*i8" if int8 else el
     out = "*fp32" if dtype == "float32" else "*bf16"
-    ptrs = {"x_ptr": el, "h_ptr": el if kernel == "down" else out, "w_ptr": el, "y_ptr": out,
+    ptrs = {"x_ptr": el, "h_ptr": el if kernel == "down" else out, "w_ptr": wel, "y_ptr": out,
             "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32",
             "topk_ids_ptr": "*i64", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32"}
-    K = 2048 if kernel == "gate_up" else 1024
-    c = dict(BLOCK_M=cfg.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, NAIVE=use_naive_blocks(M, 8, 64),
+    K = D if kernel == "gate_up" else I
+    c = dict(BLOCK_M=cfg.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, NAIVE=use_naive_blocks(M, top_k, E),
              EVEN_K=K % g.block_k == 0, PRECISION="ieee" if dtype == "float32" else None if fp8 else "tf32",
-             USE_TMA=g.tma, W_INT8=False, A_SCALE=fp8, W_SCALE={"fp8_channel": 2, "fp8_block": 3}.get(dtype, 0),
+             USE_TMA=g.tma, W_INT8=int8, A_SCALE=fp8,
+             W_SCALE={"fp8_channel": 2, "fp8_block": 3, "int8_channel": 2}.get(dtype, 0),
              SWAP_AB=fp8 and fm.SWAP_AB_FP8 and cfg.block_m < 64 and g.block_n >= 64, USE_PDL=True)
     if g.tma:  # descriptors over w [E * rows, K] (and, for down, h [P, K]) with the kernel's boxes
-        ptrs["w_ptr"] = f"tensordesc<{el[1:]}[{g.block_n}, {g.block_k}]>"
+        ptrs["w_ptr"] = f"tensordesc<{wel[1:]}[{g.block_n}, {g.block_k}]>"
         if kernel == "down":
             ptrs["h_ptr"] = f"tensordesc<{el[1:]}[{cfg.block_m}, {g.block_k}]>"
     fn = fm._gate_up_kernel if kernel == "gate_up" else fm._down_kernel
@@ -161,6 +164,11 @@ def _cases():
         for dtype, M in (("bfloat16", 1), ("bfloat16", 64), ("bfloat16", 4096), ("float32", 4096),
                          ("fp8_channel", 1), ("fp8_block", 4096)):
             yield f"moe-{kernel}-{dtype}-M{M}", *_moe(kernel, M, dtype)
+        for dtype, M in (("int8_channel", 1), ("int8_channel", 4096)):  # W8A16: int8 tiles widened in registers
+            yield f"moe-{kernel}-{dtype}-M{M}", *_moe(kernel, M, dtype)
+        for name, shape in (("qwen1.5", (60, 4, 1408, 2048)), ("mixtral", (8, 2, 14336, 4096))):  # no tuned file
+            for dtype, M in (("bfloat16", 1), ("bfloat16", 4096), ("fp8_block", 4096)):
+                yield f"moe-{kernel}-{name}-{dtype}-M{M}", *_moe(kernel, M, dtype, shape)
     yield "add-rms-norm-topk-sum", rms_norm._add_rms_norm_kernel, {}, dict(
         BLOCK=2048, TOP_K=8, HAS_EXTRA=True, USE_PDL=True), {}
 
