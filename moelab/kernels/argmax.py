@@ -17,11 +17,11 @@ import triton
 import triton.language as tl
 
 from moelab.device import num_sms
+from moelab.kernels.counters import arrival_counters
 from moelab.kernels.pdl import gdc_prologue, launch_options
 
 MAX_SPLITS = 32
 MAX_ROWS = 4096  # rows of one launch with a split (the counters); more rows run unsplit
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
@@ -71,15 +71,6 @@ def _argmax_kernel(x_ptr, out_ptr, part_v_ptr, part_i_ptr, part_n_ptr, count_ptr
             tl.store(count_ptr + row, 0)
 
 
-def _counters(device: torch.device) -> torch.Tensor:
-    """Zeroed arrival counters, one per row, allocated once per device (CUDA graphs keep them); every launch leaves
-    them at zero. Split launches must not run concurrently on two streams (the engine uses one)."""
-    c = _COUNTERS.get(device)
-    if c is None:
-        c = _COUNTERS[device] = torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
-    return c
-
-
 def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 2048, num_warps: int = 4) -> torch.Tensor:
     """x [N, V] (unit last stride) -> int64 [2, N]: [0] the first index of each row's maximum, -1 for a row with a
     NaN or a non-finite maximum; [1] the same with 0 for those rows. num_splits None: the default rule;
@@ -106,7 +97,7 @@ def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 204
         pv = torch.empty(N * pad, dtype=torch.float32, device=x.device)
         pi = torch.empty(N * pad, dtype=torch.int32, device=x.device)
         pn = torch.empty(N * pad, dtype=torch.int32, device=x.device)
-        count = _counters(x.device)
+        count = arrival_counters("argmax", MAX_ROWS, x.device)
     else:
         pv = pi = pn = count = out
     _argmax_kernel[(N, num_splits)](x, out, pv, pi, pn, count, N, V, x.stride(0), chunk, num_splits, BLOCK=block,

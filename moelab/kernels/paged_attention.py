@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from moelab.device import num_sms
+from moelab.kernels.counters import arrival_counters
 from moelab.kernels.pdl import gdc_prologue, launch_options
 
 LOG2E = 1.4426950408889634
@@ -26,7 +27,6 @@ SHORT_SPLITS = 16  # below MIN_KEYS_PER_SPLIT * SHORT_SPLITS keys: up to this ma
 MAX_SPLITS = 64
 MAX_FUSED_ROWS = 16384  # grid rows (tiles x KV heads x head chunks) whose splits can reduce in the kernel
 _fuse_reduce = True  # decode splits reduced by their last program (no reduce launch); set_fused_reduce: A/B
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def set_fused_reduce(on: bool) -> None:
@@ -34,15 +34,6 @@ def set_fused_reduce(on: bool) -> None:
     must be recaptured)."""
     global _fuse_reduce
     _fuse_reduce = bool(on)
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    """Zeroed arrival counters, one per grid row, allocated once per device (CUDA graphs keep them); each launch
-    leaves them at zero. Launches must not run concurrently on two streams (the engine uses one)."""
-    c = _COUNTERS.get(device)
-    if c is None:
-        c = _COUNTERS[device] = torch.zeros(MAX_FUSED_ROWS, dtype=torch.int32, device=device)
-    return c
 
 
 class PagedAttentionConfig(NamedTuple):
@@ -391,7 +382,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_out = torch.empty(T, H, num_splits, dv_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(T, H, num_splits, dtype=torch.float32, device=q.device)
     if fuse:
-        count = _counters(q.device)
+        count = arrival_counters("paged_attention", MAX_FUSED_ROWS, q.device)
     _paged_attention_kernel[(grid_rows, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, count, cu_seqlens_q, seq_lens, block_tables,
         scale * LOG2E, B, max(0, math.ceil(math.log2(B))), H, num_splits,

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moelab.kernels.counters import arrival_counters
 from moelab.kernels.pdl import gdc_prologue, launch_options
 
 
@@ -114,19 +115,8 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
         tl.store(ids_ptr + out, iv, mask=ok)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 MAX_SPLITS = 16
 SPLIT_MAX_ROW_BLOCKS = 32  # split D only while the row blocks alone leave most SMs idle (T <= 512)
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    """Zeroed arrival counters (one per row block of a split launch), allocated once per device and never
-    replaced, so CUDA graphs captured with them stay valid; each launch leaves them at zero again. One buffer per
-    device: split launches must not run concurrently on two streams (the engine uses one)."""
-    c = _COUNTERS.get(device)
-    if c is None:
-        c = _COUNTERS[device] = torch.zeros(SPLIT_MAX_ROW_BLOCKS, dtype=torch.int32, device=device)
-    return c
 
 
 def _check_route(scoring: str, top_k: int, E: int) -> None:
@@ -160,8 +150,9 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str 
         splits = triton.cdiv(chunks, per)  # no empty split
         part = torch.empty(splits * row_blocks * 16 * block_e if splits > 1 else 1, dtype=torch.float32,
                            device=x.device)
+        count = arrival_counters("router_topk", SPLIT_MAX_ROW_BLOCKS, x.device) if splits > 1 else part
         _router_gemm_topk_kernel[(row_blocks, splits)](
-            x, weight, part, _counters(x.device) if splits > 1 else part, w, ids, T, E, D, x.stride(0),
+            x, weight, part, count, w, ids, T, E, D, x.stride(0),
             weight.stride(0), scale, splits, per, K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_T=16,
             BLOCK_E=block_e, BLOCK_D=block_d,
             SIGMOID=scoring == "sigmoid", RENORM=renormalize,
