@@ -272,6 +272,8 @@ def main() -> None:
     ap.add_argument("--no-gemv", action="store_true", help="one-row projections on cuBLAS, not moelab's GEMV (A/B)")
     ap.add_argument("--no-fused-reduce", action="store_true",
                     help="decode attention's key splits reduced in their own kernel, not in the attention (A/B)")
+    ap.add_argument("--no-norm-fold", action="store_true",
+                    help="one-row post-attention norm and router as two kernels, not one (A/B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64, 256], help="decode profiles")
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="profile these offline prefills")

@@ -110,9 +110,20 @@ class SparseMoE(nn.Module):
     def defers_topk_sum(self) -> bool:
         return getattr(self.backend, "defers_topk_sum", False)
 
-    def forward(self, x: torch.Tensor, sum_topk: bool = True) -> torch.Tensor | TopKRows:
-        """x [T, D] -> [T, D]; sum_topk=False with a backend that defers_topk_sum: TopKRows instead."""
-        topk_weights, topk_ids = self.route(x)
+    def fold_norm_into_router(self, x: torch.Tensor) -> bool:
+        """Whether the caller may compute this block's routing of the one row x together with the norm in front
+        (moelab.kernels.topk_router.add_norm_router_topk) and pass it to forward as `routing`."""
+        from moelab.kernels.topk_router import norm_fold_enabled
+
+        return (self.fused_routing and self.takes_sum_topk and x.dim() == 2 and x.shape[0] == 1
+                and x.dtype == self.gate.weight.dtype and (x.is_cuda or x.dtype != torch.bfloat16)
+                and norm_fold_enabled())
+
+    def forward(self, x: torch.Tensor, sum_topk: bool = True,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
+        """x [T, D] -> [T, D]; sum_topk=False with a backend that defers_topk_sum: TopKRows instead. routing:
+        (topk_weights, topk_ids) already computed for x (see fold_norm_into_router), else route(x)."""
+        topk_weights, topk_ids = routing if routing is not None else self.route(x)
         if self.routing_counts is not None:
             T, K = topk_ids.shape
             valid = self.routing_valid[:T, None].expand(T, K).reshape(-1)
