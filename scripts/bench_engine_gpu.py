@@ -290,6 +290,10 @@ def main() -> None:
         from moelab.kernels.paged_attention import set_fused_reduce
 
         set_fused_reduce(False)
+    if args.no_norm_fold:
+        from moelab.kernels.topk_router import set_norm_fold
+
+        set_norm_fold(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +305,8 @@ def main() -> None:
 
     rows: list[dict] = [{"kind": "ceilings", "bandwidth": c.bandwidth, "matmul": c.matmul, "device": c.name,
                          "torch": torch.__version__, "pdl": use_pdl(torch.device(device)),
-                         "gemv": not args.no_gemv, "fused_reduce": not args.no_fused_reduce}]
+                         "gemv": not args.no_gemv, "fused_reduce": not args.no_fused_reduce,
+                         "norm_fold": not args.no_norm_fold}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:

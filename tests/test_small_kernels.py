@@ -213,10 +213,10 @@ def test_pdl_launch_options_off_the_gpu() -> None:
 
 
 @needs_gpu
-@pytest.mark.parametrize("E,K,D", [(64, 8, 2048), (8, 2, 4096), (128, 8, 2048), (60, 4, 2048)])
+@pytest.mark.parametrize("E,K,D", [(64, 8, 2048), (128, 8, 2048), (60, 4, 2048), (64, 6, 2048)])
 def test_add_norm_router_topk_cuda(E, K, D) -> None:
-    """Compiled, bf16, at the studied models' shapes: the folded norm + router against the two kernels (the row's
-    RMS may be summed in another order: y within one bf16 step, the same experts)."""
+    """Compiled, bf16, at the shapes the decoder folds (D <= 2048: OLMoE, Qwen3, Qwen1.5's router, DeepSeek-V2-
+    Lite): the folded norm + router gives the two kernels' bits."""
     from moelab.kernels.rms_norm import add_rms_norm
     from moelab.kernels.topk_router import add_norm_router_topk, router_topk
 
@@ -227,7 +227,5 @@ def test_add_norm_router_topk_cuda(E, K, D) -> None:
     y, summed, gw, gids = add_norm_router_topk(x, r, nw, 1e-6, w, K, "softmax", True)
     y2, summed2 = add_rms_norm(x, r, nw, 1e-6)
     gw2, gids2 = router_topk(y2, w, K, "softmax", True)
-    assert torch.equal(summed, summed2)
-    torch.testing.assert_close(y.float(), y2.float(), atol=0, rtol=2 ** -7)
-    assert torch.equal(gids, gids2)
-    torch.testing.assert_close(gw, gw2, atol=1e-3, rtol=1e-3)
+    assert torch.equal(summed, summed2) and torch.equal(y, y2)
+    assert torch.equal(gids, gids2) and torch.equal(gw, gw2)

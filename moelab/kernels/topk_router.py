@@ -183,8 +183,9 @@ def add_norm_router_topk(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
     if x.shape[0] != 1 or x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"add_norm_router_topk takes one row: x and residual [1, D] of one dtype, got "
                          f"{tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} {residual.dtype}")
-    if norm_weight.shape != (x.shape[1],):
-        raise ValueError(f"norm weight must be [{x.shape[1]}], got {tuple(norm_weight.shape)}")
+    if norm_weight.shape != (x.shape[1],) or norm_weight.device != x.device:
+        raise ValueError(f"norm weight must be [{x.shape[1]}] on {x.device}, got {tuple(norm_weight.shape)} on "
+                         f"{norm_weight.device}")
     y, summed = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         x, memory_format=torch.contiguous_format)
     w, ids = _launch(x, weight, top_k, scoring, renormalize, scale,

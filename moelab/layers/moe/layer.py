@@ -115,14 +115,16 @@ class SparseMoE(nn.Module):
         (moelab.kernels.topk_router.add_norm_router_topk) and pass it to forward as `routing`."""
         from moelab.kernels.topk_router import norm_fold_enabled
 
+        # D <= 2048: the add_rms_norm kernel sums wider rows with 8 warps, the router kernel with 4 (another order)
         return (self.fused_routing and self.takes_sum_topk and x.dim() == 2 and x.shape[0] == 1
-                and x.dtype == self.gate.weight.dtype and (x.is_cuda or x.dtype != torch.bfloat16)
-                and norm_fold_enabled())
+                and x.shape[1] <= 2048 and x.dtype == self.gate.weight.dtype
+                and (x.is_cuda or x.dtype != torch.bfloat16) and norm_fold_enabled())
 
     def forward(self, x: torch.Tensor, sum_topk: bool = True,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
         """x [T, D] -> [T, D]; sum_topk=False with a backend that defers_topk_sum: TopKRows instead. routing:
-        (topk_weights, topk_ids) already computed for x (see fold_norm_into_router), else route(x)."""
+        (topk_weights, topk_ids) already computed for x (see fold_norm_into_router), else route(x); a subclass
+        that overrides forward and keeps takes_sum_topk must take and pass on `routing` too."""
         topk_weights, topk_ids = routing if routing is not None else self.route(x)
         if self.routing_counts is not None:
             T, K = topk_ids.shape
