@@ -215,8 +215,8 @@ def test_pdl_launch_options_off_the_gpu() -> None:
 @needs_gpu
 @pytest.mark.parametrize("E,K,D", [(64, 8, 2048), (128, 8, 2048), (60, 4, 2048), (64, 6, 2048)])
 def test_add_norm_router_topk_cuda(E, K, D) -> None:
-    """Compiled, bf16, at the shapes the decoder folds (D <= 2048: OLMoE, Qwen3, Qwen1.5's router, DeepSeek-V2-
-    Lite): the folded norm + router gives the two kernels' bits."""
+    """Compiled, bf16, at the router shapes the decoder folds (D <= 2048: OLMoE, Qwen3, DeepSeek-V2-Lite; E=60
+    top-4 stands for any other): the folded norm + router gives the two kernels' bits."""
     from moelab.kernels.rms_norm import add_rms_norm
     from moelab.kernels.topk_router import add_norm_router_topk, router_topk
 

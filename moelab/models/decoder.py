@@ -81,7 +81,6 @@ class MoECausalLM(nn.Module):
         see TopKRows here). The layers' attention and FFN modules are called as usual, DecoderLayer.forward itself is
         not (hooks on it do not fire)."""
         from moelab.kernels.rms_norm import add_rms_norm
-        from moelab.kernels.topk_router import add_norm_router_topk
         from moelab.layers.moe.layer import SparseMoE, TopKRows
 
         def add_norm(out: torch.Tensor | TopKRows, residual: torch.Tensor, norm: nn.Module):
@@ -95,10 +94,7 @@ class MoECausalLM(nn.Module):
             x, residual = (norm(h), h) if out is None else add_norm(out, residual, norm)
             attn, post, ffn = layer.self_attn(positions, x), layer.post_attention_layernorm, layer.ffn
             if isinstance(ffn, SparseMoE) and ffn.fold_norm_into_router(attn):  # one row: norm + router, one kernel
-                cfg = ffn.router_config
-                x, residual, w, ids = add_norm_router_topk(
-                    attn, residual, post.weight, post.eps, ffn.gate.weight, cfg.top_k, cfg.scoring_func,
-                    cfg.norm_topk_prob, cfg.routed_scaling_factor)
+                x, residual, w, ids = ffn.add_norm_route(attn, residual, post)
                 out = ffn(x, sum_topk=False, routing=(w, ids))
                 continue
             x, residual = add_norm(attn, residual, post)
