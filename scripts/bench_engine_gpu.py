@@ -272,6 +272,8 @@ def main() -> None:
     ap.add_argument("--no-gemv", action="store_true", help="one-row projections on cuBLAS, not moelab's GEMV (A/B)")
     ap.add_argument("--no-fused-reduce", action="store_true",
                     help="decode attention's key splits reduced in their own kernel, not in the attention (A/B)")
+    ap.add_argument("--no-norm-fold", action="store_true",
+                    help="one-row post-attention norm and router as two kernels, not one (A/B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64, 256], help="decode profiles")
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="profile these offline prefills")
@@ -288,6 +290,10 @@ def main() -> None:
         from moelab.kernels.paged_attention import set_fused_reduce
 
         set_fused_reduce(False)
+    if args.no_norm_fold:
+        from moelab.kernels.topk_router import set_norm_fold
+
+        set_norm_fold(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,7 +305,8 @@ def main() -> None:
 
     rows: list[dict] = [{"kind": "ceilings", "bandwidth": c.bandwidth, "matmul": c.matmul, "device": c.name,
                          "torch": torch.__version__, "pdl": use_pdl(torch.device(device)),
-                         "gemv": not args.no_gemv, "fused_reduce": not args.no_fused_reduce}]
+                         "gemv": not args.no_gemv, "fused_reduce": not args.no_fused_reduce,
+                         "norm_fold": not args.no_norm_fold}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:

@@ -129,6 +129,10 @@ def _cases():
         "part_ptr": "*fp32", "count_ptr": "*i32", "w_ptr": "*fp32", "ids_ptr": "*i64"}, dict(
         K=8, KP=8, BLOCK_T=16, BLOCK_E=64, BLOCK_D=128, SIGMOID=False, RENORM=False, PRECISION="tf32", SPLIT=True,
         MAX_SPLITS=16, USE_PDL=True), dict(num_stages=3)
+    yield "router-topk-add-norm", topk_router._router_gemm_topk_kernel, {
+        "part_ptr": "*fp32", "count_ptr": "*i32", "w_ptr": "*fp32", "ids_ptr": "*i64"}, dict(
+        K=8, KP=8, BLOCK_T=16, BLOCK_E=64, BLOCK_D=128, SIGMOID=False, RENORM=False, PRECISION="tf32", SPLIT=True,
+        MAX_SPLITS=16, ADD_NORM=True, D_PAD=2048, USE_PDL=True), dict(num_stages=3)
     yield "argmax", argmax._argmax_kernel, {"out_ptr": "*i64", "part_v_ptr": "*fp32", "part_i_ptr": "*i32",
                                             "part_n_ptr": "*i32", "count_ptr": "*i32"}, dict(
         BLOCK=2048, SPLITS_PAD=32, USE_PDL=True), {}

@@ -222,6 +222,40 @@ def test_fast_path_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]
         {k: v.shape for k, v in ref_model.state_dict().items()}
 
 
+@pytest.mark.parametrize("name,folds", [("olmoe", True), ("mixtral-gqa", True), ("deepseek-v2-lite", True),
+                                        ("qwen2-moe-shared-e6", False), ("deepseek-v2-group", False)])
+def test_one_row_folds_the_post_attention_norm_into_the_router(name: str, folds: bool, tiny_checkpoints,
+                                                               monkeypatch) -> None:
+    """A one-token forward on the fast path computes each MoE layer's post-attention norm and routing in one kernel
+    (add_norm_router_topk) where the block routes with the plain top-k kernel, and the logits are those with the
+    fold switched off; Qwen2-MoE's gated shared expert and group-limited routing keep the two steps."""
+    from moelab.context import ForwardContext, forward_context
+    from moelab.kernels import topk_router
+    from moelab.layers.moe.layer import SparseMoE
+    from moelab.models.loader import load_model
+
+    model = load_model(tiny_checkpoints[name], moe_backend="triton")
+    model.prepare_fast_path(64)
+    calls = []
+    real = topk_router.add_norm_router_topk
+    monkeypatch.setattr(topk_router, "add_norm_router_topk", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def logits(fold: bool) -> torch.Tensor:
+        topk_router.set_norm_fold(fold)
+        try:
+            with torch.no_grad(), forward_context(ForwardContext.for_prompts([1])):
+                return model.compute_logits(model(torch.tensor([17]), torch.tensor([0])))
+        finally:
+            topk_router.set_norm_fold(True)
+
+    on = logits(True)
+    n_moe = sum(1 for m in model.modules() if isinstance(m, SparseMoE))
+    assert len(calls) == (n_moe if folds else 0)
+    calls.clear()
+    off = logits(False)
+    assert not calls and torch.equal(on, off)
+
+
 @pytest.mark.parametrize("name", ["olmoe", "qwen3-moe-gqa-norm", "qwen2-moe-shared-e6", "deepseek-v2-lite"])
 def test_fast_path_with_a_paged_cache_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]) -> None:
     """The fast path over a paged KV cache (q/k norm + RoPE + KV store as one kernel, the Triton attention kernel,

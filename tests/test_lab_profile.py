@@ -90,3 +90,24 @@ def test_ranges_wrap_every_family_moe_block(name, tiny_checkpoints):
     finally:
         ranges.remove()
     assert all(b.backend is f and "route" not in vars(b) for b, f in zip(blocks, backends))  # undone
+
+
+def test_one_row_routing_with_the_folded_norm_stays_in_the_routing_range(tiny_checkpoints):
+    """At one row the fast path computes the post-attention norm and the routing in one kernel, through the MoE
+    block's add_norm_route: the profile's routing range wraps that as it wraps route, once per MoE layer."""
+    import torch
+
+    from moelab.context import ForwardContext, forward_context
+    from moelab.models.loader import load_model
+
+    model = load_model(tiny_checkpoints["olmoe"], moe_backend="triton")
+    model.prepare_fast_path(64)
+    n_moe = sum(1 for m in model.modules() if any(c.__name__ == "SparseMoE" for c in type(m).__mro__))
+    ranges = _Ranges(model)
+    try:
+        with torch.no_grad(), forward_context(ForwardContext.for_prompts([1])), torch.profiler.profile() as prof:
+            model(torch.tensor([17]), torch.tensor([0]))
+    finally:
+        ranges.remove()
+    names = [e.name for e in prof.events()]
+    assert names.count("moelab.routing") == n_moe and names.count("moelab.moe") == n_moe

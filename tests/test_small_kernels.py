@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_gpu
 
 from moelab.kernels.rms_norm import rms_norm, rms_norm_ref
 from moelab.kernels.rotary import rotary, rotary_ref
@@ -122,6 +123,30 @@ def test_router_gemm_topk(scoring, renorm, scale, T, E, K, D) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("scoring,renorm,scale", [("softmax", False, 1.0), ("sigmoid", True, 2.5)])
+@pytest.mark.parametrize("E,K,D", [(8, 2, 48), (60, 4, 700), (64, 8, 300)])
+def test_add_norm_router_topk_is_the_two_kernels(dtype, scoring, renorm, scale, E, K, D) -> None:
+    """One row: the post-attention add_rms_norm folded into the router kernel gives add_rms_norm's two outputs
+    and router_topk's routing of its normed row, bit for bit, D over one and several splits."""
+    from moelab.kernels.rms_norm import add_rms_norm
+    from moelab.kernels.topk_router import add_norm_router_topk, router_topk
+
+    g = torch.Generator().manual_seed(D)
+    x, r = torch.randn(1, D, generator=g).to(dtype), torch.randn(1, D, generator=g).to(dtype)
+    nw = (torch.rand(D, generator=g) + 0.5).to(dtype)
+    w = (torch.randn(E, D, generator=g) * (1.5 / D ** 0.5)).to(dtype)
+    y, summed, gw, gids = add_norm_router_topk(x, r, nw, 1e-6, w, K, scoring, renorm, scale)
+    y2, summed2 = add_rms_norm(x, r, nw, 1e-6)
+    gw2, gids2 = router_topk(y2, w, K, scoring, renorm, scale)
+    assert torch.equal(summed, summed2) and torch.equal(y, y2)
+    assert torch.equal(gids, gids2) and torch.equal(gw, gw2)
+    with pytest.raises(ValueError, match="one row"):
+        add_norm_router_topk(torch.cat([x, x]), torch.cat([r, r]), nw, 1e-6, w, K)
+    with pytest.raises(ValueError, match="norm weight"):
+        add_norm_router_topk(x, r, nw[:-1], 1e-6, w, K)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("norm", [None, "full", "per_head"])
 @pytest.mark.parametrize("H,KV,hd,interleaved", [(4, 4, 16, False), (6, 2, 8, True), (3, 1, 32, False)])
 def test_qk_rope_store(norm, H, KV, hd, interleaved, dtype) -> None:
@@ -185,3 +210,22 @@ def test_pdl_launch_options_off_the_gpu() -> None:
         assert not pdl._ENABLED
     finally:
         pdl.set_enabled(True)
+
+
+@needs_gpu
+@pytest.mark.parametrize("E,K,D", [(64, 8, 2048), (128, 8, 2048), (60, 4, 2048), (64, 6, 2048)])
+def test_add_norm_router_topk_cuda(E, K, D) -> None:
+    """Compiled, bf16, at the router shapes the decoder folds (D <= 2048: OLMoE, Qwen3, DeepSeek-V2-Lite; E=60
+    top-4 stands for any other): the folded norm + router gives the two kernels' bits."""
+    from moelab.kernels.rms_norm import add_rms_norm
+    from moelab.kernels.topk_router import add_norm_router_topk, router_topk
+
+    x, r = torch.randn(1, D, device="cuda", dtype=torch.bfloat16), torch.randn(1, D, device="cuda",
+                                                                             dtype=torch.bfloat16)
+    nw = torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5
+    w = torch.randn(E, D, device="cuda", dtype=torch.bfloat16) * (1.5 / D ** 0.5)
+    y, summed, gw, gids = add_norm_router_topk(x, r, nw, 1e-6, w, K, "softmax", True)
+    y2, summed2 = add_rms_norm(x, r, nw, 1e-6)
+    gw2, gids2 = router_topk(y2, w, K, "softmax", True)
+    assert torch.equal(summed, summed2) and torch.equal(y, y2)
+    assert torch.equal(gids, gids2) and torch.equal(gw, gw2)

@@ -55,17 +55,37 @@ def _topk_router_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, scale, K: tl.co
     tl.store(ids_ptr + t * K + kk, iv, mask=kk < K)
 
 
+@triton.jit
+def _x_chunk(x_ptrs, ok, c_off, r_ptr, nw_ptr, y_ptr, s_ptr, inv, ADD_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [BLOCK_T, BLOCK_D] chunk of the router's input at columns c_off..: x itself, or (ADD_NORM, one row)
+    rms_norm(x + r) computed and rounded as _add_rms_norm_kernel does, its chunk of y and of the sum x + r stored."""
+    xv = tl.load(x_ptrs, mask=ok, other=0.0)
+    if ADD_NORM:
+        d = tl.broadcast_to(c_off + tl.arange(0, BLOCK_D)[None, :], x_ptrs.shape)  # row 0's columns (rows > 0 masked)
+        rv = tl.load(r_ptr + d, mask=ok, other=0.0)
+        summed = (xv.to(tl.float32) + rv.to(tl.float32)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + d, summed, mask=ok)
+        nw = tl.load(nw_ptr + d, mask=ok, other=0.0)
+        xv = ((summed.to(tl.float32) * inv).to(y_ptr.dtype.element_ty) * nw).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + d, xv, mask=ok)
+    return xv
+
+
 @triton.jit(do_not_specialize=["T", "num_splits", "chunks_per_split"])
-def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr, T, E, D, stride_x, stride_rw,
+def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr, r_ptr, nw_ptr, y_ptr, s_ptr, eps,
+                             T, E, D, stride_x, stride_rw,
                              scale, num_splits, chunks_per_split, K: tl.constexpr, KP: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                              SIGMOID: tl.constexpr, RENORM: tl.constexpr, PRECISION: tl.constexpr,
-                             SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
+                             SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr = 16, ADD_NORM: tl.constexpr = False,
+                             D_PAD: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
     """Program (row block, split): logits of rows t0..t0+BLOCK_T over the split's D chunks, x W^T accumulated in
     float32 (products of bf16/fp16 inputs are exact in float32, so this is the reference's x.float() @
     W.float()^T up to summation order). SPLIT: each split stores its partial logits, and the row block's last
     split to arrive (an acq_rel counter, reset afterwards) sums them in split order and does the top-k, so at
-    decode the weight read spreads over num_splits SMs and the result does not depend on timing."""
+    decode the weight read spreads over num_splits SMs and the result does not depend on timing.
+    ADD_NORM (T == 1): the input is rms_norm(x + r) * nw, the add_rms_norm in front folded in; every split
+    computes the row's RMS from the whole row (D_PAD wide) and writes its own chunks of y and of x + r."""
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -80,13 +100,22 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
     # writes the router weight
     w0 = tl.load(w_ptrs, mask=mask[None, :] & (d < D - c0 * BLOCK_D)[:, None], other=0.0)
     gdc_prologue(USE_PDL)
-    x0 = tl.load(x_ptrs, mask=t_ok[:, None] & (d < D - c0 * BLOCK_D)[None, :], other=0.0)
+    inv = 1.0
+    if ADD_NORM:  # the one row's RMS, summed over the whole row as _add_rms_norm_kernel sums it
+        cols = tl.arange(0, D_PAD)
+        xa = tl.load(x_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        ra = tl.load(r_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        v = (xa + ra).to(s_ptr.dtype.element_ty).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / D + eps)
+    x0 = _x_chunk(x_ptrs, t_ok[:, None] & (d < D - c0 * BLOCK_D)[None, :], c0 * BLOCK_D, r_ptr, nw_ptr, y_ptr, s_ptr,
+                  inv, ADD_NORM, BLOCK_D)
     acc = tl.dot(x0, w0, tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32), input_precision=PRECISION)
     x_ptrs += BLOCK_D
     w_ptrs += BLOCK_D
     for c in range(c0 + 1, tl.minimum(c0 + chunks_per_split, tl.cdiv(D, BLOCK_D))):
         d_ok = d < D - c * BLOCK_D
-        xv = tl.load(x_ptrs, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        xv = _x_chunk(x_ptrs, t_ok[:, None] & d_ok[None, :], c * BLOCK_D, r_ptr, nw_ptr, y_ptr, s_ptr, inv,
+                      ADD_NORM, BLOCK_D)
         wv = tl.load(w_ptrs, mask=mask[None, :] & d_ok[:, None], other=0.0)
         acc = tl.dot(xv, wv, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_D
@@ -115,8 +144,20 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
         tl.store(ids_ptr + out, iv, mask=ok)
 
 
+_NORM_FOLD = True  # the decoder folds a one-row post-attention norm into the router (add_norm_router_topk)
 MAX_SPLITS = 16
 SPLIT_MAX_ROW_BLOCKS = 32  # split D only while the row blocks alone leave most SMs idle (T <= 512)
+
+
+def set_norm_fold(on: bool) -> None:
+    """Let the decoder fold a one-row post-attention add_rms_norm into the router kernel (A/B timings; CUDA graphs
+    must be recaptured)."""
+    global _NORM_FOLD
+    _NORM_FOLD = bool(on)
+
+
+def norm_fold_enabled() -> bool:
+    return _NORM_FOLD
 
 
 def _check_route(scoring: str, top_k: int, E: int) -> None:
@@ -130,6 +171,30 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str 
                 renormalize: bool = False, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The router GEMM and the top-k in one kernel: x [T, D], weight [E, D] (same dtype) -> (weights [T, K]
     float32, ids [T, K] int64), as topk_router(x.float() @ weight.float().T, ...)."""
+    return _launch(x, weight, top_k, scoring, renormalize, scale)
+
+
+def add_norm_router_topk(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                         weight: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,
+                         scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row: add_rms_norm(x, residual, norm_weight, eps) and router_topk of its output in one kernel ->
+    (y = rms_norm(x + residual) [1, D], x + residual [1, D], weights [1, K], ids [1, K]), each as the two kernels
+    would give them (the decode step's post-attention norm and router at batch 1: one launch fewer per layer)."""
+    if x.shape[0] != 1 or x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"add_norm_router_topk takes one row: x and residual [1, D] of one dtype, got "
+                         f"{tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} {residual.dtype}")
+    if norm_weight.shape != (x.shape[1],) or norm_weight.device != x.device:
+        raise ValueError(f"norm weight must be [{x.shape[1]}] on {x.device}, got {tuple(norm_weight.shape)} on "
+                         f"{norm_weight.device}")
+    y, summed = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        x, memory_format=torch.contiguous_format)
+    w, ids = _launch(x, weight, top_k, scoring, renormalize, scale,
+                     (residual.contiguous(), norm_weight.contiguous(), y, summed, eps))
+    return y, summed, w, ids
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str, renormalize: bool, scale: float,
+            norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     T, D = x.shape
     E = weight.shape[0]
     _check_route(scoring, top_k, E)
@@ -150,13 +215,15 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str 
         splits = triton.cdiv(chunks, per)  # no empty split
         part = torch.empty(splits * row_blocks * 16 * block_e if splits > 1 else 1, dtype=torch.float32,
                            device=x.device)
+        r, nw, y, summed, eps = norm if norm is not None else (x, x, x, x, 0.0)
         count = arrival_counters("router_topk", SPLIT_MAX_ROW_BLOCKS, x.device) if splits > 1 else part
         _router_gemm_topk_kernel[(row_blocks, splits)](
-            x, weight, part, count, w, ids, T, E, D, x.stride(0),
-            weight.stride(0), scale, splits, per, K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_T=16,
-            BLOCK_E=block_e, BLOCK_D=block_d,
+            x, weight, part, count, w, ids, r, nw, y, summed, eps,
+            T, E, D, x.stride(0), weight.stride(0), scale, splits, per, K=top_k, KP=triton.next_power_of_2(top_k),
+            BLOCK_T=16, BLOCK_E=block_e, BLOCK_D=block_d,
             SIGMOID=scoring == "sigmoid", RENORM=renormalize,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, MAX_SPLITS=MAX_SPLITS,
+            ADD_NORM=norm is not None, D_PAD=triton.next_power_of_2(D) if norm is not None else 16,
             num_warps=4, num_stages=3,
             **launch_options(x.device))
     return w, ids

@@ -6,7 +6,8 @@ How time is attributed:
 
 1. While profiling, forward hooks open record_function ranges: "moelab.attention" around every module whose
    class name contains "Attention" or "MLA", "moelab.moe" around each SparseMoE, "moelab.expert_gemm" around
-   its expert backend call and around shared-expert MLPs, "moelab.routing" around the router logits,
+   its expert backend call and around shared-expert MLPs, "moelab.routing" around the router logits (at one row
+   on the fast path also around the post-attention norm folded into the router kernel: its time is routing there),
    "moelab.model" around the model forward and "moelab.lm_head" around compute_logits. Hooks are removed after.
 2. CPU: each operator's self CPU time goes to the innermost enclosing range: attention, expert_gemm and routing
    to themselves, moe to routing (top-k, softmax, sorting inside the MoE layer but outside the experts), model
@@ -96,8 +97,10 @@ class _Ranges:
                 self._hook(mod, "moelab.moe")
                 if callable(getattr(mod, "backend", None)):
                     self._wrap(mod, "backend", rf, "moelab.expert_gemm")
-                if callable(getattr(mod, "route", None)):  # router GEMM and top-k (one kernel on the fast path)
-                    self._wrap(mod, "route", rf, "moelab.routing")
+                for attr in ("route", "add_norm_route"):  # router GEMM and top-k (one kernel on the fast path;
+                    # at one row with the post-attention norm folded in)
+                    if callable(getattr(mod, attr, None)):
+                        self._wrap(mod, attr, rf, "moelab.routing")
         for name, mod in model.named_modules():
             if "shared" in name.rsplit(".", 1)[-1] and "MLP" in type(mod).__name__:
                 self._hook(mod, "moelab.expert_gemm")

@@ -92,8 +92,13 @@ class MoECausalLM(nn.Module):
         for layer in self.model.layers:
             norm = layer.input_layernorm
             x, residual = (norm(h), h) if out is None else add_norm(out, residual, norm)
-            x, residual = add_norm(layer.self_attn(positions, x), residual, layer.post_attention_layernorm)
-            ffn = layer.ffn  # SparseMoE and its subclasses that take sum_topk (Qwen2-MoE's mix kernel does not)
+            attn, post, ffn = layer.self_attn(positions, x), layer.post_attention_layernorm, layer.ffn
+            if isinstance(ffn, SparseMoE) and ffn.fold_norm_into_router(attn):  # one row: norm + router, one kernel
+                x, residual, w, ids = ffn.add_norm_route(attn, residual, post)
+                out = ffn(x, sum_topk=False, routing=(w, ids))
+                continue
+            x, residual = add_norm(attn, residual, post)
+            # SparseMoE and its subclasses that take sum_topk (Qwen2-MoE's mix kernel does not)
             out = ffn(x, sum_topk=False) if isinstance(ffn, SparseMoE) and ffn.takes_sum_topk else ffn(x)
         if out is None:
             return self.model.norm(h)

@@ -21,8 +21,9 @@ class DeepseekMoE(SparseMoE):
         self.shared_experts = GatedMLP(spec.hidden_size, spec.shared_intermediate_size) \
             if spec.shared_intermediate_size else None
 
-    def forward(self, x: torch.Tensor, sum_topk: bool = True) -> torch.Tensor | TopKRows:
-        out = super().forward(x, sum_topk)
+    def forward(self, x: torch.Tensor, sum_topk: bool = True,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
+        out = super().forward(x, sum_topk, routing)
         if self.shared_experts is None:
             return out
         if isinstance(out, TopKRows):  # the caller adds routed + shared inside its next kernel

@@ -110,9 +110,33 @@ class SparseMoE(nn.Module):
     def defers_topk_sum(self) -> bool:
         return getattr(self.backend, "defers_topk_sum", False)
 
-    def forward(self, x: torch.Tensor, sum_topk: bool = True) -> torch.Tensor | TopKRows:
-        """x [T, D] -> [T, D]; sum_topk=False with a backend that defers_topk_sum: TopKRows instead."""
-        topk_weights, topk_ids = self.route(x)
+    def fold_norm_into_router(self, x: torch.Tensor) -> bool:
+        """Whether the caller may compute this block's routing of the one row x together with the norm in front
+        (moelab.kernels.topk_router.add_norm_router_topk) and pass it to forward as `routing`."""
+        from moelab.kernels.topk_router import norm_fold_enabled
+
+        # D <= 2048: the add_rms_norm kernel sums wider rows with 8 warps, the router kernel with 4 (another order)
+        return (self.fused_routing and self.takes_sum_topk and x.dim() == 2 and x.shape[0] == 1
+                and x.shape[1] <= 2048 and x.dtype == self.gate.weight.dtype
+                and (x.is_cuda or x.dtype != torch.bfloat16) and norm_fold_enabled())
+
+    def add_norm_route(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One row (see fold_norm_into_router): (norm(x + residual), x + residual, topk_weights, topk_ids) in one
+        kernel, the norm in front of this block folded into its router. A method of the block, so that whatever
+        wraps route (the lab's profile ranges) can wrap this too."""
+        from moelab.kernels.topk_router import add_norm_router_topk
+
+        cfg = self.router_config
+        return add_norm_router_topk(x, residual, norm.weight, norm.eps, self.gate.weight, cfg.top_k,
+                                    cfg.scoring_func, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+
+    def forward(self, x: torch.Tensor, sum_topk: bool = True,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
+        """x [T, D] -> [T, D]; sum_topk=False with a backend that defers_topk_sum: TopKRows instead. routing:
+        (topk_weights, topk_ids) already computed for x (see fold_norm_into_router), else route(x); a subclass
+        that overrides forward and keeps takes_sum_topk must take and pass on `routing` too."""
+        topk_weights, topk_ids = routing if routing is not None else self.route(x)
         if self.routing_counts is not None:
             T, K = topk_ids.shape
             valid = self.routing_valid[:T, None].expand(T, K).reshape(-1)
