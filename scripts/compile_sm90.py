@@ -175,6 +175,11 @@ def _cases():
                 yield f"moe-{kernel}-{name}-{dtype}-M{M}", *_moe(kernel, M, dtype, shape)
     yield "add-rms-norm-topk-sum", rms_norm._add_rms_norm_kernel, {}, dict(
         BLOCK=2048, TOP_K=8, HAS_EXTRA=True, USE_PDL=True), {}
+    from moelab.kernels import decode_inputs
+
+    yield "decode-inputs", decode_inputs._feed_inputs_kernel, {
+        "staging_ptr": "*i64", "tokens_ptr": "*i64", "seq_lens_ptr": "*i32"}, dict(
+        BLOCK_=decode_inputs.BLOCK, USE_PDL=True), dict(num_warps=4)
 
 
 

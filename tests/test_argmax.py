@@ -46,3 +46,19 @@ def test_default_splits_fill_the_gpu_and_respect_the_limits():
     assert default_splits(1, 151936, 132) == 32           # at most MAX_SPLITS
     assert default_splits(MAX_ROWS + 1, 151936, 132) == 1  # the counters cover MAX_ROWS rows
     assert default_splits(4, 1000, 132) == 1
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_argmax_rows_writes_into_a_strided_out(num_splits):
+    """out= (a decode graph's static [2, max_rows] buffer, viewed [:, :N]): both rows land at the buffer's row
+    stride, nothing past N is touched; a wrong shape or dtype is refused."""
+    x = torch.randn(3, 700, device=DEV)
+    x[1, 5] = float("nan")
+    buf = torch.full((2, 8), 99, dtype=torch.int64, device=DEV)
+    got = argmax_rows(x, num_splits, 128, out=buf[:, :3])
+    assert got.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf[:, :3], argmax_rows_ref(x)) and (buf[:, 3:] == 99).all()
+    with pytest.raises(ValueError, match="out must be int64"):
+        argmax_rows(x, out=buf[:, :2])
+    with pytest.raises(ValueError, match="out must be int64"):
+        argmax_rows(x, out=torch.zeros(2, 3, dtype=torch.int32, device=DEV))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_gpu
+from conftest import DEV, needs_gpu
 
 from moelab.engine.sampling_params import SamplingParams
 from moelab.llm import LLM
@@ -185,21 +185,83 @@ def test_triton_attention_path_matches_sdpa(name: str, tiny_checkpoints: dict[st
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
 
 
-def test_prepare_pads_decode_batches_for_graphs(olmoe: LLM) -> None:
-    """Padding rows of a graph bucket: token 0, position 0, slot 0, one token of context, block 0."""
+def test_graph_staging_pads_decode_batches(olmoe: LLM) -> None:
+    """A decode step staged for a graph bucket: padding rows feed token 0 at position 0 of the reserved block 0 with
+    one token of context; rows whose token is in flight are fed from the previous step's ids inside the graph."""
+    from moelab.engine.cuda_graph import DecodeGraphs
+
     eng = olmoe.engine
-    for i in range(3):
-        eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=5), request_id=f"pad{i}")
-    eng.step()
-    batch = eng.scheduler.schedule()
-    assert batch.all_decode and len(batch) == 3
-    ids, pos, ctx, last, rows = eng.runner._prepare(batch, pad_to=4)
-    assert ids.shape == (4,) and ids[3] == 0 and pos.tolist() == [3, 3, 3, 0]
-    assert ctx.slot_mapping[3] == 0 and ctx.seq_lens_t.tolist() == [4, 4, 4, 1] and ctx.block_tables[3].sum() == 0
-    assert ctx.cu_seqlens_q.tolist() == [0, 1, 2, 3] and last == [0, 1, 2] and rows is None
-    for seq in batch.seqs:
-        eng.abort_request(seq.request_id)
-    assert eng.block_manager.num_free_blocks == eng.num_blocks - 1
+    runner = eng.runner
+    runner.graphs = DecodeGraphs(eng.model, 8, runner.max_blocks_per_seq, runner.block_size, eng.max_model_len,
+                                 runner.device, max_rows=8, eager=True)
+    try:
+        for i in range(3):
+            eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=5), request_id=f"pad{i}")
+        eng.step()  # the prompts; with overlapped steps their first tokens are still in flight
+        batch = eng.scheduler.schedule()
+        assert batch.all_decode and len(batch) == 3
+        prev = eng._inflight
+        runner._stage_decode(batch, 4, prev)
+        st = runner.graphs.staging[4]
+        assert st[1].tolist() == [3, 3, 3, 0] and st[2, 3] == 0 and st[4].tolist() == [4, 4, 4, 1]
+        assert st[3].tolist() == [prev.rows[id(s)] for s in batch.seqs] + [-1] and st[0, 3] == 0
+        assert runner.graphs.block_tables[3].sum() == 0
+        assert torch.equal(runner.graphs.tokens[1, :3], prev.tokens_dev)  # prev ran without a graph: copied in
+        for seq in batch.seqs:
+            eng.abort_request(seq.request_id)
+        assert eng.block_manager.num_free_blocks == eng.num_blocks - 1
+    finally:
+        runner.graphs = None
+        eng._inflight = None
+
+
+def test_decode_graph_plumbing_changes_no_token(tiny_checkpoints: dict[str, Path]) -> None:
+    """The decode-graph path (staged inputs, ids of in-flight tokens fed inside the step, greedy ids into the token
+    buffer, block tables copied only when they change) gives the tokens of the path without graphs: greedy and
+    seeded sampled requests, min_tokens, a request that arrives mid-decode (a prefill between graph steps), batches
+    that shrink across buckets. On the CPU the graph's function runs eagerly; on a GPU the captured graphs replay,
+    against enforce_eager (float32 both)."""
+    from moelab.engine.cuda_graph import DecodeGraphs
+
+    path = str(tiny_checkpoints["olmoe"])
+    base = dict(max_model_len=64, block_size=4, max_num_batched_tokens=16, attention="triton", device=DEV,
+                dtype="float32", num_kv_blocks=64)
+    prompts = [[5, 6, 7], [9] * 11, [11, 12], [13] * 7, [4, 8, 15, 16, 23, 42]]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=7, min_tokens=5),
+              SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)]
+    results = []
+    for graphs in (False, True):
+        llm = LLM(path, enforce_eager=not graphs, cuda_graph_max_bs=4, **base)
+        eng = llm.engine
+        runner = eng.runner
+        replays = []
+        if graphs:
+            if DEV == "cpu":
+                runner.graphs = DecodeGraphs(eng.model, 4, runner.max_blocks_per_seq, runner.block_size,
+                                             eng.max_model_len, runner.device, max_rows=llm.config.max_num_seqs,
+                                             eager=True)
+            g = runner.graphs
+            replay = g.replay
+            g.replay = lambda bs, replay=replay, replays=replays: replays.append(bs) or replay(bs)
+        got = {}
+        for i in range(4):
+            eng.add_request(prompts[i], params[i], request_id=str(i))
+        steps = 0
+        while eng.has_unfinished_requests():
+            steps += 1
+            if steps == 6:  # a late arrival: its prompt runs in a step without a graph
+                eng.add_request(prompts[4], params[4], request_id="4")
+            for seq, toks in eng.step():
+                got.setdefault(seq.request_id, []).extend(toks)
+        results.append(got)
+        if graphs:
+            assert set(replays) >= {1, 2, 4} and len(replays) >= 10
+            assert 0 < g.num_table_uploads < len(replays)  # tables change every block_size tokens, not every step
+    assert results[0] == results[1]
+    assert [len(results[1][str(i)]) for i in (0, 1, 2, 4)] == [12, 9, 10, 14]
 
 
 @pytest.mark.parametrize("name", ["qwen2-moe-shared-e6", "deepseek-v3", "olmoe"])
@@ -343,7 +405,8 @@ def test_launching_a_step_never_waits_for_the_device(tiny_checkpoints: dict[str,
     the host prepare step N+1 while step N runs (a synchronous copy of the logits rows once cost ~20 ms per
     offline run, docs/perf/engine.md v4)."""
     path = str(tiny_checkpoints["olmoe"])
-    llm = LLM(path, dtype="bfloat16", device="cuda", max_model_len=64, block_size=4, max_num_batched_tokens=16)
+    llm = LLM(path, dtype="bfloat16", device="cuda", max_model_len=64, block_size=4, max_num_batched_tokens=16,
+              num_kv_blocks=64)  # not sized from free memory: another test's engine may hold it
     eng = llm.engine
     launch = eng.runner.launch
 

@@ -22,6 +22,7 @@ MOELAB_KERNELS = {
     "_gemv_kernel": "dense_gemm",
     "_rms_norm_kernel": "other", "_add_rms_norm_kernel": "other",  # the residual adds (and deferred top-k sums)
     "_argmax_kernel": "sampling",
+    "_feed_inputs_kernel": "other",  # a decode graph's input fix-up
 }
 
 

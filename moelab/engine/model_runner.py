@@ -182,16 +182,15 @@ class ModelRunner:
         if self.device.type != "cuda" or self.config.enforce_eager:
             return
         self.graphs = DecodeGraphs(self.model, min(self.config.cuda_graph_max_bs, self.config.max_num_seqs),
-                                   self.max_blocks_per_seq, self.block_size, self.max_model_len, self.device)
+                                   self.max_blocks_per_seq, self.block_size, self.max_model_len, self.device,
+                                   max_rows=self.config.max_num_seqs)
         self.graphs.capture()
 
     # ----- one step -----
-    def _prepare(self, batch: ScheduledBatch, pad_to: int = 0, prev: InFlight | None = None,
-                 sampling: list[int] | None = None
+    def _prepare(self, batch: ScheduledBatch, prev: InFlight | None = None, sampling: list[int] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[int], torch.Tensor | None]:
-        """Device inputs of the step. pad_to (decode under a CUDA graph): rows up to the bucket size that feed
-        token 0 at position 0 of the reserved block 0 with one token of context. A sequence whose last token is
-        still in flight (prev's sampled ids, on the device) gets it copied in on the device. sampling: indices of
+        """Device inputs of a step without a CUDA graph. A sequence whose last token is still in flight (prev's
+        sampled ids, on the device) gets it copied in on the device. sampling: indices of
         the sequences that sample; their last rows come back as a device tensor too (else None), from the same
         pinned buffer and asynchronous copy as the rest (a torch.tensor(..., device=cuda) of its own would be a
         synchronous copy: the host would wait for the step's forward before preparing the next one)."""
@@ -212,10 +211,6 @@ class ModelRunner:
             query_lens = [1] * len(seqs)
             last = list(range(len(seqs)))
             max_blocks = max(len(s.block_table) for s in seqs)
-            if pad_to > len(seqs):
-                extra = pad_to - len(seqs)
-                ids, pos, slots, seq_lens = ids + [0] * extra, pos + [0] * extra, slots + [0] * extra, \
-                    seq_lens + [1] * extra
         else:
             ids, pos, slots = [], [], []
             query_lens, seq_lens, last = [], [], []
@@ -240,14 +235,12 @@ class ModelRunner:
         for s in seqs:
             flat_tables += s.block_table
             flat_tables += [0] * (max_blocks - len(s.block_table))
-        if pad_to > len(seqs):
-            flat_tables += [0] * (max_blocks * (pad_to - len(seqs)))
         cu = list(range(len(query_lens) + 1)) if batch.all_decode else [0]
         if not batch.all_decode:
             for n in query_lens:
                 cu.append(cu[-1] + n)
         # one host buffer and one copy for the 1-D inputs, one for the block tables
-        T, B = len(ids), len(seq_lens)  # padded sizes under a CUDA graph
+        T, B = len(ids), len(seq_lens)
         pin = self.device.type == "cuda"
         C = len(cu)
         rows = [last[i] for i in sampling] if sampling is not None else []
@@ -268,6 +261,38 @@ class ModelRunner:
                              slot_mapping=slots_t, block_tables=tables_t, block_size=bs, seq_lens_t=seq_lens_t,
                              max_query_len=max(query_lens), max_seq_len=self.max_model_len)
         return ids_t, pos_t, ctx, last, rows_t
+
+    def _stage_decode(self, batch: ScheduledBatch, bucket: int, prev: InFlight | None) -> None:
+        """Inputs of a decode step under the CUDA graph of `bucket` rows, enqueued into its static buffers
+        (DecodeGraphs.upload). Padding rows feed token 0 at position 0 of the reserved block 0 with one token of
+        context. A sequence whose last token is still in flight is fed inside the graph from prev's sampled ids,
+        which are in the graph's token buffer already unless prev ran without a graph or sampled."""
+        graphs, bs = self.graphs, self.block_size
+        seqs = batch.seqs
+        ids, pos, slots, feed, lens = [], [], [], [], []
+        for s in seqs:
+            p = s.num_computed_tokens
+            pos.append(p)
+            slots.append(s.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            if s.pending:
+                ids.append(0)
+                feed.append(prev.rows[id(s)])
+            else:
+                ids.append(s.token_ids[-1])
+                feed.append(-1)
+        width = max(len(s.block_table) for s in seqs)
+        tables: list[int] = []
+        for s in seqs:
+            tables += s.block_table
+            tables += [0] * (width - len(s.block_table))
+        extra = bucket - len(seqs)
+        tables += [0] * (width * extra)
+        inputs = ids + [0] * extra + pos + [0] * extra + slots + [0] * extra + feed + [-1] * extra + lens + \
+            [1] * extra
+        if prev is not None and not prev.in_graph_tokens and any(f >= 0 for f in feed):
+            graphs.set_tokens(prev.tokens_dev)
+        graphs.upload(bucket, inputs, tables, width)
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         temps, ks, ps, gens, banned = [], [], [], [], []
@@ -312,14 +337,15 @@ class ModelRunner:
         rec = self.recorder
         graphs = self.graphs if batch.all_decode and self.graphs is not None and n <= self.graphs.max_bs else None
         bucket = graphs.bucket(n) if graphs is not None else 0
-        input_ids, positions, ctx, _, sample_rows = self._prepare(batch, pad_to=bucket, prev=prev,
-                                                                  sampling=None if graphs is not None else sampling)
         flight = InFlight(batch, sampling, {id(batch.seqs[i]): r for r, i in enumerate(sampling)})
         if graphs is not None:
+            self._stage_decode(batch, bucket, prev)
             if rec is not None:
                 rec.set_valid(n, bucket)
-            logits = graphs.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.seq_lens_t)[:n]
+            logits = graphs.replay(bucket)[:n]
+            flight.in_graph_tokens = True
         else:
+            input_ids, positions, ctx, _, sample_rows = self._prepare(batch, prev=prev, sampling=sampling)
             if rec is not None:
                 rec.set_valid(input_ids.shape[0], input_ids.shape[0])
             with forward_context(ctx):
@@ -330,20 +356,23 @@ class ModelRunner:
                 return flight
             logits = self.model.compute_logits(hidden[sample_rows])
         if rec is not None:
-            flight.routing = rec.snapshot(input_ids.shape[0])
+            flight.routing = rec.snapshot(bucket if graphs is not None else input_ids.shape[0])
         seqs = [batch.seqs[i] for i in sampling]
         if all(s.params.greedy and s.num_output_tokens >= s.params.min_tokens for s in seqs):
-            tokens = greedy(logits)  # the common benchmark case: no sampling tensors at all (-1: unusable row)
+            # the common benchmark case: no sampling tensors at all (-1: unusable row); a graph computed them
+            tokens = graphs.tokens[:, :n] if graphs is not None else greedy(logits)
         else:
             tokens = sample(logits, self._sampling_batch(seqs), self.generator)
+            if graphs is not None:  # where the next step's fed rows read them
+                tokens = graphs.set_tokens(tokens)
         tokens, flight.tokens_dev = tokens[0], tokens[1]  # -1 for an unusable row / 0 there, fed back as input
         if self.device.type == "cuda":
             flight.tokens_host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             flight.tokens_host.copy_(tokens, non_blocking=True)
             flight.event = torch.cuda.Event()
             flight.event.record()
-        else:
-            flight.tokens_host = tokens
+        else:  # the graph's token buffer is overwritten by the next step: keep this step's own copy
+            flight.tokens_host = tokens.clone() if flight.in_graph_tokens else tokens
         return flight
 
     def collect(self, flight: InFlight) -> list[int | None]:
@@ -372,3 +401,4 @@ class InFlight:
     tokens_host: torch.Tensor | None = None
     event: torch.cuda.Event | None = None
     routing: tuple | None = None  # the routing recorder's snapshot of this step
+    in_graph_tokens: bool = False  # tokens_dev is a view of the decode graphs' token buffer

@@ -80,16 +80,18 @@ def sampling_probs_ref(logits: torch.Tensor, temperature: list[float], top_k: li
     return out
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
+def greedy(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """[2, N]: argmax per row, -1 where a row has a NaN or a non-finite maximum; and the same with 0 there (the id
-    fed back to the device). moelab.kernels.argmax on CUDA, its torch twin elsewhere."""
+    fed back to the device). moelab.kernels.argmax on CUDA, its torch twin elsewhere. out: an int64 [2, N] to
+    write into (a CUDA graph's static buffer), returned."""
     if logits.is_cuda:
         from moelab.kernels.argmax import argmax_rows
 
-        return argmax_rows(logits if logits.stride(-1) == 1 else logits.contiguous())
+        return argmax_rows(logits if logits.stride(-1) == 1 else logits.contiguous(), out=out)
     from moelab.kernels.argmax import argmax_rows_ref
 
-    return argmax_rows_ref(logits)
+    ids = argmax_rows_ref(logits)
+    return ids if out is None else out.copy_(ids)
 
 
 def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ MAX_ROWS = 4096  # rows of one launch with a split (the counters); more rows run
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, out_ptr, part_v_ptr, part_i_ptr, part_n_ptr, count_ptr, num_rows, V, stride_x, chunk,
+def _argmax_kernel(x_ptr, out_ptr, part_v_ptr, part_i_ptr, part_n_ptr, count_ptr, stride_out, V, stride_x, chunk,
                    num_splits, BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr = False):
     gdc_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -49,7 +49,7 @@ def _argmax_kernel(x_ptr, out_ptr, part_v_ptr, part_i_ptr, part_n_ptr, count_ptr
     if num_splits == 1:
         ok = (nans == 0) & (best_v < float("inf")) & (best_v > -float("inf"))
         tl.store(out_ptr + row, tl.where(ok, best_i, -1).to(tl.int64))
-        tl.store(out_ptr + num_rows + row, tl.where(ok, best_i, 0).to(tl.int64))
+        tl.store(out_ptr + stride_out + row, tl.where(ok, best_i, 0).to(tl.int64))
     else:
         cell = row * SPLITS_PAD + split
         tl.store(part_v_ptr + cell, best_v)
@@ -67,14 +67,16 @@ def _argmax_kernel(x_ptr, out_ptr, part_v_ptr, part_i_ptr, part_n_ptr, count_ptr
             i = tl.min(tl.where(pv == m, pi, V), axis=0)  # parts are in index order: the smallest index wins
             ok = (tl.sum(pn, axis=0) == 0) & (m < float("inf")) & (m > -float("inf"))
             tl.store(out_ptr + row, tl.where(ok, i, -1).to(tl.int64))
-            tl.store(out_ptr + num_rows + row, tl.where(ok, i, 0).to(tl.int64))
+            tl.store(out_ptr + stride_out + row, tl.where(ok, i, 0).to(tl.int64))
             tl.store(count_ptr + row, 0)
 
 
-def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 2048, num_warps: int = 4) -> torch.Tensor:
+def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 2048, num_warps: int = 4,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, V] (unit last stride) -> int64 [2, N]: [0] the first index of each row's maximum, -1 for a row with a
     NaN or a non-finite maximum; [1] the same with 0 for those rows. num_splits None: the default rule;
-    block (values per load) and num_warps are launch parameters (the bench sweeps them)."""
+    block (values per load) and num_warps are launch parameters (the bench sweeps them). out: an int64 [2, N]
+    with a unit last stride to write into (a CUDA graph's static buffer), returned."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"argmax_rows takes [rows, vocab] with a unit last stride, got {tuple(x.shape)} "
                          f"strides {x.stride()}")
@@ -83,7 +85,11 @@ def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 204
     N, V = x.shape
     if V == 0:
         raise ValueError("argmax_rows needs at least one value per row, got a vocabulary of 0")
-    out = torch.empty(2, N, dtype=torch.int64, device=x.device)
+    if out is None:
+        out = torch.empty(2, N, dtype=torch.int64, device=x.device)
+    elif out.shape != (2, N) or out.dtype != torch.int64 or out.stride(1) != 1 or out.device != x.device:
+        raise ValueError(f"out must be int64 [2, {N}] with a unit last stride on {x.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} strides {out.stride()} on {out.device}")
     if N == 0:
         return out
     if num_splits is None:
@@ -100,8 +106,8 @@ def argmax_rows(x: torch.Tensor, num_splits: int | None = None, block: int = 204
         count = arrival_counters("argmax", MAX_ROWS, x.device)
     else:
         pv = pi = pn = count = out
-    _argmax_kernel[(N, num_splits)](x, out, pv, pi, pn, count, N, V, x.stride(0), chunk, num_splits, BLOCK=block,
-                                    SPLITS_PAD=pad, num_warps=num_warps, **launch_options(x.device))
+    _argmax_kernel[(N, num_splits)](x, out, pv, pi, pn, count, out.stride(0), V, x.stride(0), chunk, num_splits,
+                                    BLOCK=block, SPLITS_PAD=pad, num_warps=num_warps, **launch_options(x.device))
     return out
 
 
