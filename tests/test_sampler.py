@@ -41,6 +41,22 @@ def test_greedy_rows_take_argmax_and_banned_tokens_never_come() -> None:
     assert ids[0] == logits[0].topk(2).indices[1]
 
 
+def test_precomputed_greedy_ids_are_used_unless_tokens_are_banned() -> None:
+    """A decode graph hands its argmax to sample(): used as is for the temperature-0 rows, recomputed when a row bans
+    tokens (the graph's argmax saw the logits before the ban)."""
+    from moelab.engine.sampler import greedy
+
+    logits = torch.randn(3, 30)
+    marker = torch.stack([torch.full((3,), 7), torch.full((3,), 7)])  # not the argmax of any row
+    b = batch([0.0, 1.0, 0.0], [0, 0, 0], [1.0] * 3)
+    ids = sample(logits, b, torch.Generator().manual_seed(0), greedy_ids=marker)
+    assert ids[0, 0] == 7 and ids[0, 2] == 7  # taken as given
+    top = int(logits[0].argmax())
+    b = batch([0.0, 1.0, 0.0], [0, 0, 0], [1.0] * 3, banned=[[top], [], []])
+    ids = sample(logits, b, torch.Generator().manual_seed(0), greedy_ids=greedy(logits))
+    assert ids[0, 0] == logits[0].topk(2).indices[1] and ids[0, 2] == logits[2].argmax()
+
+
 def test_banned_tokens_in_any_row_of_a_strided_batch() -> None:
     """Bans land on their own row (flat positions row * V + token), also for non-contiguous logits."""
     wide = torch.randn(30, 8)

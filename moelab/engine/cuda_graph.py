@@ -130,6 +130,8 @@ class DecodeGraphs:
         if n > self.tokens.shape[1]:
             raise ValueError(f"{n} sampled rows, room for {self.tokens.shape[1]}")
         dst = self.tokens[:, :n] if ids.dim() == 2 else self.tokens[1, :n]
+        if ids.data_ptr() == dst.data_ptr() and ids.stride() == dst.stride():
+            return dst  # already there (an all-greedy batch that sampled nothing)
         return dst.copy_(ids)
 
     def replay(self, bs: int) -> torch.Tensor:

@@ -362,7 +362,8 @@ class ModelRunner:
             # the common benchmark case: no sampling tensors at all (-1: unusable row); a graph computed them
             tokens = graphs.tokens[:, :n] if graphs is not None else greedy(logits)
         else:
-            tokens = sample(logits, self._sampling_batch(seqs), self.generator)
+            tokens = sample(logits, self._sampling_batch(seqs), self.generator,
+                            greedy_ids=graphs.tokens[:, :n] if graphs is not None else None)
             if graphs is not None:  # where the next step's fed rows read them
                 tokens = graphs.set_tokens(tokens)
         tokens, flight.tokens_dev = tokens[0], tokens[1]  # -1 for an unusable row / 0 there, fed back as input

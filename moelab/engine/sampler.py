@@ -94,11 +94,15 @@ def greedy(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     return ids if out is None else out.copy_(ids)
 
 
-def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | None = None,
+           greedy_ids: torch.Tensor | None = None) -> torch.Tensor:
     """logits [N, V] -> [2, N] int64 on the device: the token ids, -1 for a row whose logits are not usable (a NaN,
-    or a non-finite maximum) whatever its sampling parameters; and the same with 0 there (fed back to the device)."""
-    logits = _apply_banned(logits, b.banned)
-    greedy_ids = greedy(logits)
+    or a non-finite maximum) whatever its sampling parameters; and the same with 0 there (fed back to the device).
+    greedy_ids: greedy(logits) when already computed (a decode graph ends with it); recomputed if tokens are
+    banned."""
+    if greedy_ids is None or any(b.banned):
+        logits = _apply_banned(logits, b.banned)
+        greedy_ids = greedy(logits)
     if b.all_greedy:
         return greedy_ids
     probs = sampling_probs(logits, b)
