@@ -6,7 +6,8 @@ its memory pool, over static input buffers; a step pads its batch up to the next
 read and write only the reserved block 0 (slot 0, one token of context) and copies its inputs into the
 buffers before the replay: one copy, plus one for the block tables when they changed. What used to run
 between those copies and the replay (the int32 lengths, the ids of tokens still in flight) and the argmax
-after it are inside the graph, so a greedy step is three device operations: copy in, replay, copy out.
+after it are inside the graph, so a greedy step is three device operations (copy in, replay, copy out), plus
+the tables' copy when they changed and, after a step without a graph, one copy of its ids into the token buffer.
 Everything inside must be free of host syncs: the triton attention and MoE paths are; the reference paths are
 not, so graphs are used only with attention "triton".
 """
@@ -35,7 +36,7 @@ class DecodeGraphs:
     greedy ids, over static buffers.
 
     Per step the host fills one staging buffer [5, bucket] (ids, positions, slots, feed, context lengths) with a
-    single copy, and the block tables only when they changed since the last decode step; the greedy ids land in
+    single copy, and the block tables only when they changed since the last upload; the greedy ids land in
     `tokens` [2, max_rows], where the next step's fed rows read them. A step that samples instead, or a step before
     it that ran without a graph, copies its ids into `tokens` (`set_tokens`). eager=True runs the same function
     without capturing it (tests of the buffers' plumbing on the CPU)."""
@@ -124,8 +125,8 @@ class DecodeGraphs:
             self.num_table_uploads += 1
 
     def set_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """A sampled step's ids [2, n], or the fed row [n] of a step's without a graph, copied into `tokens`;
-        returns the view written."""
+        """Ids copied into `tokens`, where the next graph step's fed rows read them: a sampled step's [2, n], or the
+        fed row [n] (ids with 0 for unusable rows) of a step that ran without a graph. Returns the view written."""
         n = ids.shape[-1]
         if n > self.tokens.shape[1]:
             raise ValueError(f"{n} sampled rows, room for {self.tokens.shape[1]}")

@@ -7,8 +7,11 @@ Every moelab kernel that takes part calls `gdc_prologue(USE_PDL)`: wait for the 
 the next kernel be scheduled. Nothing that a kernel of the forward pass writes is read before the wait, and nothing
 is written before it, so the order of memory effects is the same as without it. Most kernels call it first; a few
 read, before it, what no kernel of the step writes: the GEMV its first weight chunk, `router_topk` its first weight
-chunk, `qk_rope_store` the positions, slots and RoPE rows, paged attention the step's metadata (all copied in or
-loaded before the step's first kernel). `launch_options(device)`
+chunk, `qk_rope_store` the positions, slots and RoPE rows, paged attention the step's metadata (copied in before
+the step, except a decode graph's int32 context lengths, which the graph's first kernel writes: the embedding, a
+torch launch without PDL, runs after it and before any kernel that reads them early, so that order is kept; a change
+that makes the first PDL kernel of the step follow it directly must move those reads after the wait).
+`launch_options(device)`
 gives the launch keyword (empty on the CPU / interpreter and on GPUs before Hopper). `set_enabled(False)` turns it
 off (for A/B timings; CUDA graphs must be recaptured).
 """
