@@ -18,11 +18,12 @@ transformers.logging.set_verbosity_error()
 FAMILIES = ["mixtral-gqa", "olmoe", "qwen2-moe-dense-first", "qwen3-moe-gqa-norm", "deepseek-v2-lite", "deepseek-v3"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 # (name, engine kwargs): plain; chunked prefill (budget 8 tokens per step); a pool so small that sequences
-# get preempted and recomputed
+# get preempted and recomputed. On the CPU in float32 on any machine: token equality with transformers' float32
+# generate is a CPU test (on a GPU the engine defaults to bf16, whose tokens may differ)
 SETUPS = {
-    "plain": dict(max_model_len=64, block_size=4),
-    "chunked": dict(max_model_len=64, block_size=4, max_num_batched_tokens=8),
-    "preempt": dict(max_model_len=64, block_size=4, num_kv_blocks=17, max_num_batched_tokens=16),
+    "plain": dict(max_model_len=64, block_size=4, device="cpu"),
+    "chunked": dict(max_model_len=64, block_size=4, max_num_batched_tokens=8, device="cpu"),
+    "preempt": dict(max_model_len=64, block_size=4, num_kv_blocks=17, max_num_batched_tokens=16, device="cpu"),
 }
 
 
