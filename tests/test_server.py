@@ -97,6 +97,9 @@ def test_v3_unknown_model_is_404(client: httpx.Client) -> None:
     ("max_tokens", 0), ("max_tokens", -1), ("temperature", -0.5), ("top_p", 0), ("top_p", 1.5), ("top_k", -2),
     ("n", 0), ("n", 129), ("min_tokens", -1), ("stop", [""]), ("stop", ["a", ""]), ("logprobs", 5), ("echo", True),
     ("presence_penalty", 0.5), ("logit_bias", {"5": 1.0}), ("seed", 2**64), ("top_k", 2**40), ("best_of", 3),
+    ("guided_json", {"type": "object"}), ("guided_choice", ["a", "b"]), ("structured_outputs", {"regex": "a+"}),
+    ("allowed_token_ids", [5, 6]), ("allowed_token_ids", [999999]), ("bad_words", ["x"]), ("use_beam_search", True),
+    ("prompt_logprobs", 1), ("length_penalty", 0.5),
 ])
 def test_v4_bad_parameters_are_400_naming_the_field(client: httpx.Client, field: str, value) -> None:
     err = assert_error(client.post("/v1/completions", json={"prompt": "hi", field: value}), 400)
@@ -126,8 +129,14 @@ def test_v6_stream_options_without_stream(client: httpx.Client) -> None:
     assert err["message"] == "Stream options can only be defined when `stream=True`."
 
 
-def test_v7_unknown_fields_are_accepted(client: httpx.Client) -> None:
-    out = complete(client, prompt="hi", max_tokens=2, some_future_field={"x": 1}, metadata="y")
+def test_v7_unknown_fields_are_accepted(client: httpx.Client, caplog) -> None:
+    """Accepted and logged; the constraint fields of other servers only when neutral (unset, false, empty)."""
+    with caplog.at_level("INFO", logger="moelab.server.preprocess"):
+        out = complete(client, prompt="hi", max_tokens=2, some_future_field={"x": 1}, metadata="y")
+    assert out["usage"]["completion_tokens"] <= 2
+    assert "metadata, some_future_field" in caplog.text
+    out = complete(client, prompt="hi", max_tokens=2, use_beam_search=False, bad_words=[], guided_json=None,
+                   length_penalty=1.0)
     assert out["usage"]["completion_tokens"] <= 2
 
 

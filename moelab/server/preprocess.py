@@ -10,6 +10,7 @@ i uses prompt i // n and, with a seed, seed + i % n (so the n choices differ but
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,13 @@ from moelab.server.errors import APIError
 from moelab.server.protocol import INT64_MAX, INT64_MIN, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 MAX_CHOICES = 4096  # prompts x n in one request
+# extension fields of other servers (vLLM, SGLang) that constrain or change what is generated: honoured nowhere
+# here, so a request that sets one gets a 400 rather than a 200 with unconstrained output
+CONSTRAINING_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+                       "json_schema", "regex", "ebnf", "allowed_token_ids", "bad_words", "use_beam_search",
+                       "length_penalty", "logits_processors", "prompt_logprobs", "truncate_prompt_tokens")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,14 @@ def check_supported(req: SamplingFields) -> None:
             raise _reject("suffix")
         if req.best_of not in (None, 1, req.n):
             raise _reject("best_of", "other than n is not supported by moelab")
+    extra = req.model_extra or {}
+    for field in CONSTRAINING_FIELDS:  # None, false, empty and vLLM's default length_penalty 1 change nothing
+        if field in extra and extra[field] not in (None, False, [], {}, "") and \
+                not (field == "length_penalty" and extra[field] == 1):
+            raise _reject(field)
+    unknown = sorted(set(extra) - set(CONSTRAINING_FIELDS))
+    if unknown:
+        logger.info("request fields not known to moelab, ignored: %s", ", ".join(unknown))
     if isinstance(req, ChatCompletionRequest):
         if req.logprobs or req.top_logprobs:
             raise _reject("logprobs" if req.logprobs else "top_logprobs")

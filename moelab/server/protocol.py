@@ -2,8 +2,9 @@
 
 Field names and defaults are OpenAI's (completions: max_tokens 16, chat: up to the context). vLLM's extra sampling
 fields are accepted (top_k, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output). Unknown fields are
-kept and ignored (extra="allow"): clients send new fields before servers know them. Fields that are known but not
-implemented (echo, logprobs, penalties, logit_bias, tools, ...) are rejected by `server/preprocess.py` with a 400.
+kept, logged and ignored (extra="allow"): clients send new fields before servers know them. Fields that are known
+but not implemented (echo, logprobs, penalties, logit_bias, tools, and other servers' output constraints such as
+guided_json, allowed_token_ids, bad_words, use_beam_search) are rejected by `server/preprocess.py` with a 400.
 Integers that reach the device are bounded here (seed to int64, top_k to int32) so no request can crash the engine.
 """
 
