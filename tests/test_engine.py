@@ -86,6 +86,37 @@ def test_stop_conditions(olmoe: LLM) -> None:
     assert o.finish_reason == "stop" and o.stop_reason == stop and o.text == text[:text.find(stop)]
 
 
+def test_stop_strings_end_where_a_full_decode_at_every_token_would(olmoe: LLM) -> None:
+    """The engine searches stop strings incrementally (the new end of the text only). Its result is that of
+    decoding the whole output at every token and searching all of it: stops that span several tokens, several
+    stops (the earliest wins), a stop already in the text when min_tokens is reached, a stop never met."""
+    prompt = [7, 8, 9]
+    n = 40
+    ids = olmoe.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0].outputs[0].token_ids
+    dec = olmoe.tokenizer.decode
+    text = dec(ids)
+    assert len(text) > 40
+
+    def full_decode_rule(stop: list[str], min_tokens: int) -> tuple[int, str | None, str]:
+        for k in range(max(1, min_tokens), n + 1):
+            t = dec(ids[:k])
+            hits = [(t.find(x), x) for x in stop if x in t]
+            if hits:
+                at, x = min(hits)
+                return k, x, t[:at]
+        return n, None, text
+
+    cases = [([text[20:31]], 0), ([text[30:34], text[12:20]], 0), ([text[3:6]], 25), (["\u2603never"], 0),
+             ([text[len(text) - 3:]], 0)]
+    for stop, min_tokens in cases:
+        k, reason, want = full_decode_rule(stop, min_tokens)
+        o = olmoe.generate(prompt, SamplingParams(temperature=0, max_tokens=n, stop=stop, min_tokens=min_tokens,
+                                                  ignore_eos=True))[0].outputs[0]
+        assert o.token_ids == ids[:k], (stop, min_tokens)
+        assert o.stop_reason == reason and o.finish_reason == ("stop" if reason else "length")
+        assert o.text == want
+
+
 def test_eos_ends_generation_unless_ignored(tiny_checkpoints: dict[str, Path]) -> None:
     llm = LLM(str(tiny_checkpoints["olmoe"]), max_model_len=64)
     prompt = [7, 8, 9]

@@ -21,9 +21,9 @@ import torch
 from fastapi.testclient import TestClient
 from server_helpers import MAX_MODEL_LEN, LiveServer, make_engine, parse_sse, stream_text, wait_idle
 
+from moelab.engine.detokenizer import IncrementalDetokenizer
 from moelab.engine.sampling_params import SamplingParams
 from moelab.server.app import create_app
-from moelab.server.detokenizer import IncrementalDetokenizer
 from moelab.server.engine_loop import EngineLoop, EngineRequest
 
 GREEDY = {"temperature": 0, "ignore_eos": True}

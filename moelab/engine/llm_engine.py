@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from moelab.device import default_device
 from moelab.engine.block_manager import BlockManager
 from moelab.engine.config import EngineConfig
+from moelab.engine.detokenizer import IncrementalDetokenizer
 from moelab.engine.model_runner import ModelRunner
 from moelab.engine.sampling_params import SamplingParams
 from moelab.engine.scheduler import Scheduler
@@ -219,14 +220,22 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
         n_out = len(seq.token_ids) - len(seq.prompt_token_ids)  # settled tokens (one may still be in flight)
+        if p.stop:  # the output's text, extended by this token (O(a few tokens), not a decode of the whole output)
+            if seq.detok is None:
+                seq.detok = IncrementalDetokenizer(self.tokenizer)
+            seq.detok.push(seq.token_ids[len(seq.prompt_token_ids) + len(seq.detok.ids):])
         if n_out >= p.min_tokens:
             if not p.ignore_eos and tok == self.eos_token_id:
                 return seq.finish("stop", tok)
             if tok in p.stop_token_ids:
                 return seq.finish("stop", tok)
             if p.stop:
-                text = self.tokenizer.decode(seq.output_token_ids)
-                hits = [(text.find(s), s) for s in p.stop if s in text]
+                # what was searched at earlier tokens held no stop string: only one that ends in the new text can
+                # be there, so the search starts (longest stop - 1) characters before it
+                text = seq.detok.text
+                start = max(0, seq.stop_searched - max(len(s) for s in p.stop) + 1)
+                seq.stop_searched = len(text)
+                hits = [(at, s) for s in p.stop if (at := text.find(s, start)) >= 0]
                 if hits:
                     at, s = min(hits)
                     seq.text = text[:at]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from moelab.engine.sampling_params import SamplingParams
 
@@ -40,7 +41,9 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)  # when each output token was sampled
     finished_time: float | None = None
     num_preemptions: int = 0
-    text: str = ""  # detokenized output (kept up to date only when stop strings need it)
+    text: str = ""  # the output up to the stop string that ended it (finish "stop" on a string only)
+    detok: Any = None  # IncrementalDetokenizer of the output, when stop strings are searched
+    stop_searched: int = 0  # characters of detok.text already searched for stop strings
     pending: int = 0  # sampled tokens not on the host yet (0 or 1; overlapped steps)
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from moelab.server.detokenizer import IncrementalDetokenizer
+from moelab.engine.detokenizer import IncrementalDetokenizer
 from moelab.server.engine_loop import EngineDeadError, EngineRequest, RequestError, Update
 from moelab.server.errors import APIError, error_body
 from moelab.server.preprocess import Prepared

@@ -1,4 +1,5 @@
-"""Incremental detokenization for streaming: token ids in, text deltas out, never half a character.
+"""Incremental detokenization: token ids in, text deltas out, never half a character. The server streams with it;
+the engine searches stop strings in its text (only the new end of it at each token, not the whole output again).
 
 Byte-level BPE splits multi-byte UTF-8 characters across tokens, so decoding a token alone can end in U+FFFD.
 The detokenizer keeps two offsets into the ids (prefix_offset <= read_offset): the text of ids[prefix:read] was
