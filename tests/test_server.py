@@ -488,6 +488,61 @@ def test_engine_death_fails_in_flight_requests_and_health() -> None:
         assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="engine is dead")
 
 
+def test_hung_engine_step_is_caught_by_the_watchdog() -> None:
+    """F6: a step that never returns (a hung kernel) must not leave requests waiting forever behind a /health of
+    200. Past watchdog_timeout the engine is declared dead: in-flight requests end with an error, on_engine_dead
+    fires (the server exits 1), /health is 503; if the stuck step returns later its tokens go nowhere."""
+    engine = make_engine()
+    steps, real_step, release = count(), engine.step, threading.Event()
+
+    def hanging_step():
+        if next(steps) >= 4:
+            release.wait(30)
+        return real_step()
+
+    engine.step = hanging_step
+    died = threading.Event()
+    app = create_app(engine, on_engine_dead=lambda exc: died.set(), watchdog_timeout=0.5)
+    state = app.state.server
+
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=30) as ac:
+            body = {"prompt": "stuck", "max_tokens": 100, **GREEDY}
+            return await asyncio.gather(ac.post("/v1/completions", json={**body, "stream": True}),
+                                        ac.post("/v1/completions", json=body))
+
+    t0 = time.monotonic()
+    streamed, plain = asyncio.run(main())
+    assert time.monotonic() - t0 < 10
+    assert "more than 0.5 s" in parse_sse(streamed.text)[-2]["error"]["message"]
+    assert_error(plain, 500, contains="more than 0.5 s")
+    assert died.wait(5) and state.engine_loop.num_requests == 0
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "dead"
+        assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="engine is dead")
+    release.set()  # the stuck step returns: the engine thread ends without delivering anything
+    state.engine_loop._thread.join(10)
+    assert not state.engine_loop._thread.is_alive()
+
+
+def test_watchdog_leaves_a_slow_but_moving_engine_alone() -> None:
+    engine = make_engine()
+    real_step = engine.step
+
+    def slow_step():
+        time.sleep(0.05)
+        return real_step()
+
+    engine.step = slow_step
+    app = create_app(engine, watchdog_timeout=0.5)
+    with TestClient(app) as c:
+        out = c.post("/v1/completions", json={"prompt": "slow", "max_tokens": 12, **GREEDY}).json()
+        assert out["usage"]["completion_tokens"] == 12 and c.get("/health").status_code == 200
+    with pytest.raises(ValueError, match="watchdog_timeout"):
+        create_app(make_engine(), watchdog_timeout=0)
+
+
 # ----- non-finite logits (F3) -----
 def test_non_finite_logits_fail_their_request_only() -> None:
     """A request whose logits turn NaN gets a 500 (an error event then [DONE] when streaming), counted in

@@ -1,7 +1,7 @@
 """The OpenAI-compatible FastAPI app around any engine-like object.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (200, or 503 when the engine
-is dead or the server drains), GET /metrics (Prometheus text). Bodies are read here, not by FastAPI: capped at
+is dead or hung, or the server drains), GET /metrics (Prometheus text). Bodies are read here, not by FastAPI: capped at
 max_body_bytes (413, also for chunked bodies), parsed as a JSON object with finite numbers (else 400), then
 validated by the pydantic models (400, never 422).
 
@@ -47,8 +47,11 @@ class ServerState:
     ids: itertools.count = field(default_factory=itertools.count)
 
     def health(self) -> tuple[int, dict[str, str]]:
-        if self.engine_loop.dead is not None:
-            return 503, {"status": "dead", "error": repr(self.engine_loop.dead)[:500]}
+        loop = self.engine_loop
+        if loop.dead is not None:
+            return 503, {"status": "dead", "error": repr(loop.dead)[:500]}
+        if loop.watchdog_timeout is not None and loop.step_seconds > loop.watchdog_timeout:
+            return 503, {"status": "stalled"}  # the watchdog is about to declare it dead
         if self.draining:
             return 503, {"status": "draining"}
         return 200, {"status": "ok"}
@@ -91,12 +94,14 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
 
 def create_app(engine: Any, served_model_names: list[str] | None = None, api_key: str | list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template: str | None = None,
-               chat_specials: dict[str, str] | None = None, on_engine_dead: Any = None) -> FastAPI:
+               chat_specials: dict[str, str] | None = None, on_engine_dead: Any = None,
+               watchdog_timeout: float | None = None) -> FastAPI:
     """The app; `app.state.server` is its ServerState. The engine thread starts with the app (or the first
-    request) and stops with the app's lifespan."""
+    request) and stops with the app's lifespan. watchdog_timeout: seconds one engine step may run before the
+    engine is declared hung (EngineLoop), None for no watchdog."""
     names = tuple(served_model_names or [str(getattr(getattr(engine, "config", None), "model", "moelab"))])
     metrics = ServerMetrics(names[0])
-    loop = EngineLoop(engine, metrics, on_engine_dead)
+    loop = EngineLoop(engine, metrics, on_engine_dead, watchdog_timeout)
     metrics.stats = lambda: loop.stats
     model = ModelContext(engine.tokenizer, int(engine.spec.vocab_size), int(engine.max_model_len), names,
                          chat_template or DEFAULT_CHAT_TEMPLATE, dict(chat_specials or {}))

@@ -9,6 +9,9 @@ Terminal states: every accepted request gets exactly one final update (finished=
 engine, "abort" after abort()/abort_all(), a RequestError when its logits were not finite (that request alone), or
 an error when the engine dies. An exception in step() kills the
 engine: in-flight requests get the error, `dead` is set, later adds raise EngineDeadError, on_dead is called.
+So does a step that runs longer than watchdog_timeout seconds (a hung device or kernel): a watchdog thread declares
+the engine dead with EngineStalledError while the step is still running, so requests end and the server exits
+instead of hanging with /health at 200; if the stuck step ever returns, its tokens are dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class EngineStalledError(EngineDeadError):
+    """An engine step ran past the watchdog's timeout."""
 
 
 class RequestError(RuntimeError):
@@ -62,22 +70,33 @@ class EngineRequest:
 
 
 class EngineLoop:
-    def __init__(self, engine: Any, metrics: Any = None, on_dead: Callable[[BaseException], None] | None = None
-                 ) -> None:
+    def __init__(self, engine: Any, metrics: Any = None, on_dead: Callable[[BaseException], None] | None = None,
+                 watchdog_timeout: float | None = None) -> None:
+        if watchdog_timeout is not None and not watchdog_timeout > 0:
+            raise ValueError(f"watchdog_timeout must be > 0 seconds (or None: no watchdog), got {watchdog_timeout}")
         self.engine = engine
         self.metrics = metrics
         self.on_dead = on_dead
+        self.watchdog_timeout = watchdog_timeout
         self.stats: dict[str, float] = dict(engine.stats())
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        # engine thread only, except that _die takes them over (under _lock) while a step runs
+        self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
         self._dead: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._step_started: float | None = None  # time.monotonic() when the running step began, else None
 
     # ----- event-loop side -----
     @property
     def dead(self) -> BaseException | None:
         return self._dead
+
+    @property
+    def step_seconds(self) -> float:
+        """How long the step now running has run (0 between steps)."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     @property
     def num_requests(self) -> int:
@@ -89,6 +108,27 @@ class EngineLoop:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="moelab-engine", daemon=True)
                 self._thread.start()
+                if self.watchdog_timeout is not None:
+                    threading.Thread(target=self._watch, name="moelab-engine-watchdog", daemon=True).start()
+
+    def check_stalled(self) -> bool:
+        """Declare the engine dead if its running step has run past watchdog_timeout; True if it did."""
+        t = self.watchdog_timeout
+        started = self._step_started
+        if t is None or started is None or time.monotonic() - started < t:
+            return False
+        exc = EngineStalledError(f"an engine step has run for more than {t:g} s (watchdog_timeout); the engine is "
+                                 f"treated as hung")
+        if not self._die(exc, stalled_since=started):
+            return False
+        logger.error("%s", exc)
+        return True
+
+    def _watch(self) -> None:
+        interval = min(1.0, self.watchdog_timeout / 4)
+        while self._dead is None and self._thread is not None and self._thread.is_alive():
+            time.sleep(interval)
+            self.check_stalled()
 
     async def add(self, requests: list[EngineRequest], arrival_time: float) -> asyncio.Queue:
         """Queue all requests (all or none); their updates arrive on the returned queue, choice i = requests[i].
@@ -134,10 +174,20 @@ class EngineLoop:
                 if not self._apply_commands(block=not engine.has_unfinished_requests()):
                     return
                 if engine.has_unfinished_requests():
-                    self._publish(engine.step())
+                    self.stats = dict(engine.stats())  # what /metrics shows while the step runs
+                    with self._lock:
+                        self._step_started = time.monotonic()
+                    out = engine.step()
+                    with self._lock:  # the watchdog decides under the same lock, only while a step runs
+                        self._step_started = None
+                        declared_hung = self._dead is not None
+                    if declared_hung:  # its requests have ended already: the step's tokens go nowhere
+                        return
+                    self._publish(out)
                 self.stats = dict(engine.stats())
         except BaseException as exc:  # any failure of the engine ends it
-            logger.exception("the engine died")
+            if self._dead is None:
+                logger.exception("the engine died")
             self._die(exc)
 
     def _apply_commands(self, block: bool) -> bool:
@@ -211,13 +261,18 @@ class EngineLoop:
         for loop, items in batches.items():
             _post(loop, _deliver, items)
 
-    def _die(self, exc: BaseException) -> None:
+    def _die(self, exc: BaseException, stalled_since: float | None = None) -> bool:
+        """End every request with exc and refuse new ones (once; False if already dead). stalled_since (the
+        watchdog): only if that step is still the one running."""
         with self._lock:
+            if self._dead is not None or (stalled_since is not None and self._step_started != stalled_since):
+                return False
             self._dead = exc
+            streams = list(self._streams.values())
+            self._streams.clear()
         batches: dict[asyncio.AbstractEventLoop, list] = {}
-        for s in self._streams.values():
+        for s in streams:
             batches.setdefault(s.loop, []).append((s.queue, Update(s.index, finished=True, error=exc)))
-        self._streams.clear()
         for loop, items in batches.items():
             _post(loop, _deliver, items)
         while True:  # answer the adds that were queued before death
@@ -229,6 +284,7 @@ class EngineLoop:
                 _post(cmd[4], _resolve, cmd[5], EngineDeadError(f"the engine is dead: {exc!r}"))
         if self.on_dead is not None:
             self.on_dead(exc)
+        return True
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
