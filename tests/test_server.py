@@ -543,6 +543,43 @@ def test_watchdog_leaves_a_slow_but_moving_engine_alone() -> None:
         create_app(make_engine(), watchdog_timeout=0)
 
 
+def test_admission_cap_sheds_load_with_503_and_loses_nothing() -> None:
+    """P5: past max_inflight_choices accepted, unfinished engine requests, new ones get 503 + Retry-After (counted
+    in http_requests_rejected_total); n > 1 is admitted all or none; a request that can never fit is a 400; the
+    admitted ones finish whole and the count returns to 0."""
+    engine = make_engine()
+    real_step = engine.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return real_step()
+
+    engine.step = slow_step
+    app = create_app(engine, max_inflight_choices=4)
+    state = app.state.server
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=60) as ac:
+            bodies = [{"prompt": f"load {i}", "max_tokens": 8, **GREEDY} for i in range(9)]
+            bodies.append({"prompt": "three", "max_tokens": 8, "n": 3, **GREEDY})
+            return await asyncio.gather(*(ac.post("/v1/completions", json=b) for b in bodies))
+
+    rs = asyncio.run(main())
+    ok = [r for r in rs if r.status_code == 200]
+    shed = [r for r in rs if r.status_code == 503]
+    assert len(ok) + len(shed) == len(rs) and ok and shed
+    assert all(r.headers["Retry-After"] == "1" and "admission limit" in r.json()["error"]["message"] for r in shed)
+    assert all(c["finish_reason"] == "length" for r in ok for c in r.json()["choices"])
+    assert all(r.json()["usage"]["completion_tokens"] == 8 * len(r.json()["choices"]) for r in ok)
+    assert state.inflight_choices == 0 and state.inflight == 0
+    with TestClient(app) as c:
+        assert f'moelab:http_requests_rejected_total{{model_name="olmoe-1b-7b"}} {len(shed)}' in c.get("/metrics").text
+        assert_error(c.post("/v1/completions", json={"prompt": "x", "n": 5}), 400, "n")
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 4}).status_code == 200
+    with pytest.raises(ValueError, match="max_inflight_choices"):
+        create_app(make_engine(), max_inflight_choices=0)
+
+
 # ----- non-finite logits (F3) -----
 def test_non_finite_logits_fail_their_request_only() -> None:
     """A request whose logits turn NaN gets a 500 (an error event then [DONE] when streaming), counted in

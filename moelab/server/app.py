@@ -44,6 +44,8 @@ class ServerState:
     max_body_bytes: int
     inflight: int = 0
     draining: bool = False
+    max_inflight_choices: int | None = None  # admission cap: engine requests (prompts x n) accepted, not yet ended
+    inflight_choices: int = 0
     ids: itertools.count = field(default_factory=itertools.count)
 
     def health(self) -> tuple[int, dict[str, str]]:
@@ -95,10 +97,15 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
 def create_app(engine: Any, served_model_names: list[str] | None = None, api_key: str | list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template: str | None = None,
                chat_specials: dict[str, str] | None = None, on_engine_dead: Any = None,
-               watchdog_timeout: float | None = None) -> FastAPI:
+               watchdog_timeout: float | None = None, max_inflight_choices: int | None = None) -> FastAPI:
     """The app; `app.state.server` is its ServerState. The engine thread starts with the app (or the first
     request) and stops with the app's lifespan. watchdog_timeout: seconds one engine step may run before the
-    engine is declared hung (EngineLoop), None for no watchdog."""
+    engine is declared hung (EngineLoop), None for no watchdog. max_inflight_choices: past this many accepted and
+    unfinished engine requests (a request with several prompts or n > 1 counts each choice, admitted all or none),
+    new requests get 503 with Retry-After, so a load balancer can shed load instead of queues and TTFT growing
+    without bound; None: no cap."""
+    if max_inflight_choices is not None and max_inflight_choices < 1:
+        raise ValueError(f"max_inflight_choices must be >= 1 (or None: no cap), got {max_inflight_choices}")
     names = tuple(served_model_names or [str(getattr(getattr(engine, "config", None), "model", "moelab"))])
     metrics = ServerMetrics(names[0])
     loop = EngineLoop(engine, metrics, on_engine_dead, watchdog_timeout)
@@ -106,7 +113,7 @@ def create_app(engine: Any, served_model_names: list[str] | None = None, api_key
     model = ModelContext(engine.tokenizer, int(engine.spec.vocab_size), int(engine.max_model_len), names,
                          chat_template or DEFAULT_CHAT_TEMPLATE, dict(chat_specials or {}))
     root = str(getattr(getattr(engine, "config", None), "model", names[0]))
-    state = ServerState(loop, metrics, model, root, max_body_bytes)
+    state = ServerState(loop, metrics, model, root, max_body_bytes, max_inflight_choices=max_inflight_choices)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -156,12 +163,24 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
     req = parse_model(ChatCompletionRequest if chat else CompletionRequest, body)
     served = check_model(req.model, state.model)
     prepared = prepare(req, state.model)
+    choices = len(prepared.params)
+    cap = state.max_inflight_choices
+    if cap is not None and choices > cap:
+        raise APIError(400, f"this request needs {choices} engine requests (prompts x n), more than the server's "
+                            f"admission limit of {cap}", param="n")
+    if cap is not None and state.inflight_choices + choices > cap:
+        state.metrics.on_rejected()
+        return error_response(503, f"the server is at its admission limit ({state.inflight_choices} of {cap} "
+                                   f"requests in flight; this one needs {choices}); retry later",
+                              headers={"Retry-After": "1"})
     rid = generation.new_request_id(request)
     headers = {"X-Request-Id": rid}
     state.inflight += 1
+    state.inflight_choices += choices
 
     def done(disconnected: bool) -> None:
         state.inflight -= 1
+        state.inflight_choices -= choices
         if disconnected:
             state.metrics.on_disconnect()
 

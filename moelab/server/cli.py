@@ -32,6 +32,9 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     s.add_argument("--watchdog-timeout", type=float, default=300.0,
                    help="seconds one engine step may run before the engine is declared hung: requests end with an "
                         "error, /health turns 503 and the server exits 1 (0: no watchdog)")
+    s.add_argument("--max-inflight-requests", type=int, default=0,
+                   help="admission cap: past this many accepted, unfinished engine requests (each prompt x n "
+                        "counts) new ones get 503 with Retry-After (0: no cap)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--disable-uvicorn-access-log", action="store_true")
     e = p.add_argument_group("engine (see EngineConfig)")
@@ -82,7 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine = LLMEngine(config)
     template, specials = load_chat_template(args.model)
     app = create_app(engine, args.served_model_name, args.api_key, args.max_body_bytes, template, specials,
-                     watchdog_timeout=args.watchdog_timeout or None)
+                     watchdog_timeout=args.watchdog_timeout or None,
+                     max_inflight_choices=args.max_inflight_requests or None)
     server = make_server(app, args.host, args.port, args.shutdown_timeout, args.log_level,
                          not args.disable_uvicorn_access_log)
     r = engine.resolved

@@ -12,6 +12,7 @@ process, one monotonic clock), with arrival = when the HTTP request was received
   num_requests_running / num_requests_waiting / kv_cache_usage_perc (0-1) / num_preemptions_total
                                                                     (read from engine.stats() at scrape)
   http_requests_client_disconnected_total                           (counter)
+  http_requests_rejected_total (the admission cap's 503s)            (counter)
 Writers are the engine thread and the event loop; a lock keeps each update whole.
 """
 
@@ -80,6 +81,7 @@ class ServerMetrics:
         self.success = dict.fromkeys(FINISH_REASONS, 0)
         self.disconnected = 0
         self.errors = 0
+        self.rejected = 0  # generation requests turned away by the admission cap
 
     # ----- updates (engine thread) -----
     def on_tokens(self, seq: Any, num_new: int) -> None:
@@ -117,6 +119,10 @@ class ServerMetrics:
         with self.lock:
             self.disconnected += 1
 
+    def on_rejected(self) -> None:
+        with self.lock:
+            self.rejected += 1
+
     # ----- exposition -----
     def render(self) -> str:
         s = self.stats()
@@ -148,6 +154,8 @@ class ServerMetrics:
                    [sample("request_errors_total", self.errors)])
             family("http_requests_client_disconnected_total", "counter", "Clients that hung up before the end.",
                    [sample("http_requests_client_disconnected_total", self.disconnected)])
+            family("http_requests_rejected_total", "counter", "Requests refused with 503 by the admission cap.",
+                   [sample("http_requests_rejected_total", self.rejected)])
             for name, hist, help_ in (
                 ("time_to_first_token_seconds", self.ttft, "Time to first token, from HTTP arrival."),
                 ("inter_token_latency_seconds", self.itl, "Time between consecutive output tokens."),
