@@ -99,7 +99,7 @@ def test_v3_unknown_model_is_404(client: httpx.Client) -> None:
     ("presence_penalty", 0.5), ("logit_bias", {"5": 1.0}), ("seed", 2**64), ("top_k", 2**40), ("best_of", 3),
     ("guided_json", {"type": "object"}), ("guided_choice", ["a", "b"]), ("structured_outputs", {"regex": "a+"}),
     ("allowed_token_ids", [5, 6]), ("allowed_token_ids", [999999]), ("bad_words", ["x"]), ("use_beam_search", True),
-    ("prompt_logprobs", 1), ("length_penalty", 0.5),
+    ("prompt_logprobs", 1), ("length_penalty", 0.5), ("stop", [f"s{i}" for i in range(257)]),
 ])
 def test_v4_bad_parameters_are_400_naming_the_field(client: httpx.Client, field: str, value) -> None:
     err = assert_error(client.post("/v1/completions", json={"prompt": "hi", field: value}), 400)
@@ -486,6 +486,35 @@ def test_engine_death_fails_in_flight_requests_and_health() -> None:
     with TestClient(app) as c:
         assert c.get("/health").status_code == 503
         assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="engine is dead")
+
+
+def test_a_tokenizer_failure_is_an_openai_shaped_500_and_the_server_goes_on() -> None:
+    """F2: an exception outside the engine (here the tokenizer, for one prompt) is a 500 in OpenAI's error shape,
+    not a dropped connection or a traceback in the body; the next request is served."""
+    import dataclasses
+
+    engine = make_engine()
+    app = create_app(engine)
+    state = app.state.server
+    tok = state.model.tokenizer
+
+    class Flaky:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def encode(self, text, *a, **k):
+            if "boom" in text:
+                raise RuntimeError("tokenizer exploded")
+            return tok.encode(text, *a, **k)
+
+    state.model = dataclasses.replace(state.model, tokenizer=Flaky())
+    with TestClient(app, raise_server_exceptions=False) as c:
+        err = assert_error(c.post("/v1/completions", json={"prompt": "boom", "max_tokens": 2}), 500,
+                           contains="RuntimeError")
+        assert "exploded" not in err["message"] and err["type"] == "server_error"
+        out = c.post("/v1/completions", json={"prompt": "fine", "max_tokens": 2, **GREEDY}).json()
+        assert out["usage"]["completion_tokens"] == 2
+    assert state.inflight == 0
 
 
 def test_hung_engine_step_is_caught_by_the_watchdog() -> None:

@@ -79,6 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from moelab.server.serve import make_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logging.getLogger("moelab.serve").warning(
+            "listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
     if not isinstance(args.overrides, dict):
         raise ValueError(f"--overrides must be a JSON object, got {args.overrides!r}")
     config = EngineConfig(model=args.model, overrides=args.overrides, **{k: getattr(args, k) for k in ENGINE_FLAGS})

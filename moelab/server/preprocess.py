@@ -20,6 +20,7 @@ from moelab.server.errors import APIError
 from moelab.server.protocol import INT64_MAX, INT64_MIN, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 MAX_CHOICES = 4096  # prompts x n in one request
+MAX_STOP_STRINGS = 256  # each is searched at every token on the engine thread, for every request that has it
 # extension fields of other servers (vLLM, SGLang) that constrain or change what is generated: honoured nowhere
 # here, so a request that sets one gets a 400 rather than a 200 with unconstrained output
 CONSTRAINING_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
@@ -88,6 +89,8 @@ def check_supported(req: SamplingFields) -> None:
             raise _reject("suffix")
         if req.best_of not in (None, 1, req.n):
             raise _reject("best_of", "other than n is not supported by moelab")
+    if isinstance(req.stop, list) and len(req.stop) > MAX_STOP_STRINGS:
+        raise _reject("stop", f"has {len(req.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
     extra = req.model_extra or {}
     for field in CONSTRAINING_FIELDS:  # None, false, empty and vLLM's default length_penalty 1 change nothing
         if field in extra and extra[field] not in (None, False, [], {}, "") and \
