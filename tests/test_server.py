@@ -326,6 +326,34 @@ def test_c4_abort_while_queued_prefilling_decoding_or_preempted() -> None:
     assert engine.block_manager.num_free_blocks == engine.num_blocks - 1
 
 
+def test_c3_connection_reset_mid_stream_frees_everything(client: httpx.Client, live: LiveServer) -> None:
+    """C3: clients that reset the TCP connection (RST, not FIN) mid-stream, streaming and not: every request is
+    aborted and counted, every block freed, the server goes on."""
+    import socket
+    import struct
+
+    host, port = live.url.rsplit("//", 1)[1].split(":")
+    before = live.state.metrics.disconnected
+
+    def reset_after_first_bytes(stream: bool) -> None:
+        body = json.dumps({"prompt": "reset me", "max_tokens": 200, "stream": stream, **GREEDY}).encode()
+        s = socket.create_connection((host, int(port)), timeout=30)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        if stream:
+            assert s.recv(1) == b"H"  # the response has started
+        else:
+            time.sleep(0.05)  # in flight, before its response
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() sends RST
+        s.close()
+
+    for i in range(10):
+        reset_after_first_bytes(stream=i % 2 == 0)
+    wait_idle(live.state, live.engine)
+    assert live.state.metrics.disconnected - before == 10
+    assert complete(client, prompt="after the resets", max_tokens=3)["usage"]["completion_tokens"] <= 3
+
+
 def test_c2_disconnect_flood_frees_everything(client: httpx.Client, live: LiveServer) -> None:
     before = live.state.metrics.disconnected
     body = {"prompt": "long story", "max_tokens": 200, **GREEDY}
