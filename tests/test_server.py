@@ -438,6 +438,39 @@ def test_metrics_exposition(client: httpx.Client) -> None:
     assert samples['moelab:num_requests_running{model_name="tiny"}'] == 0
 
 
+def test_counters_equal_the_workload_exactly() -> None:
+    """O1/O3: on a fresh server, each counter equals what the responses say: tokens generated, prompt tokens
+    prefilled (each choice prefills its prompt: n=3 counts it three times), finishes by reason, one abort and one
+    disconnect for a client that hangs up, latencies observed once per request."""
+    engine = make_engine()
+    app = create_app(engine)
+    with TestClient(app) as c:
+        r1 = c.post("/v1/completions", json={"prompt": "count me", "max_tokens": 4, **GREEDY}).json()
+        r2 = c.post("/v1/completions", json={"prompt": "count me too", "max_tokens": 3, "n": 3, **GREEDY}).json()
+        first = r1["choices"][0]["text"]
+        r3 = c.post("/v1/completions", json={"prompt": "count me", "max_tokens": 4, "stop": first[1:3], **GREEDY})
+        r3 = r3.json()
+        assert r3["choices"][0]["finish_reason"] == "stop"
+        with c.stream("POST", "/v1/completions",
+                      json={"prompt": "aborted", "max_tokens": 200, "stream": True, **GREEDY}) as r:
+            assert next(r.iter_lines()).startswith("data: ")  # its first token, then the client hangs up
+        wait_idle(app.state.server, engine)
+        text = c.get("/metrics").text
+    samples = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.strip().split("\n")
+               if not ln.startswith("#")}
+    L = 'model_name="olmoe-1b-7b"'
+    gen = sum(r["usage"]["completion_tokens"] for r in (r1, r2, r3))
+    prompts = r1["usage"]["prompt_tokens"] + 3 * r2["usage"]["prompt_tokens"] + r3["usage"]["prompt_tokens"]
+    assert 1 <= samples[f"moelab:generation_tokens_total{{{L}}}"] - gen < 200  # the aborted stream's tokens
+    assert samples[f"moelab:prompt_tokens_total{{{L}}}"] - prompts == len(engine.tokenizer.encode("aborted").ids)
+    assert samples[f'moelab:request_success_total{{{L},finished_reason="length"}}'] == 4
+    assert samples[f'moelab:request_success_total{{{L},finished_reason="stop"}}'] == 1
+    assert samples[f'moelab:request_success_total{{{L},finished_reason="abort"}}'] == 1
+    assert samples[f"moelab:http_requests_client_disconnected_total{{{L}}}"] == 1
+    assert samples[f"moelab:e2e_request_latency_seconds_count{{{L}}}"] == 5  # finished requests only
+    assert samples[f"moelab:time_to_first_token_seconds_count{{{L}}}"] == 6
+
+
 # ----- the official client -----
 def test_openai_client(live: LiveServer) -> None:
     openai = pytest.importorskip("openai")
