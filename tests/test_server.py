@@ -519,6 +519,29 @@ def test_auth_on_every_route_but_health() -> None:
         assert_error(c.get("/v1/models"), 401)
 
 
+def test_several_api_keys_from_the_cli_or_the_environment(monkeypatch) -> None:
+    """A4: any of several keys is accepted (rotation); the CLI takes them as --api-key K1 K2 or MOELAB_API_KEY."""
+    import argparse
+
+    from moelab.server import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_commands(p.add_subparsers(), argparse.ArgumentParser().add_subparsers())
+    assert p.parse_args(["serve", "m", "--api-key", "k1", "k2"]).api_key == ["k1", "k2"]
+    app = create_app(make_engine(), api_key=["k1", "k2"])
+    with TestClient(app) as c:
+        for key, status in (("k1", 200), ("k2", 200), ("k3", 401)):
+            assert c.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == status
+    seen = {}
+    monkeypatch.setenv("MOELAB_API_KEY", "from-env")
+    monkeypatch.setattr("moelab.server.app.create_app", lambda *a, **k: seen.setdefault("key", a[2]) and 1 / 0)
+    monkeypatch.setattr("moelab.engine.llm_engine.LLMEngine", lambda config: type("E", (), {})())
+    monkeypatch.setattr("moelab.server.chat_template.load_chat_template", lambda model: (None, None))
+    with pytest.raises(ZeroDivisionError):
+        cli.cmd_serve(p.parse_args(["serve", "m"]))
+    assert seen["key"] == ["from-env"]
+
+
 # ----- engine death (F1, S5) -----
 def test_engine_death_fails_in_flight_requests_and_health() -> None:
     engine = make_engine()
