@@ -98,7 +98,49 @@ def test_workloads(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         serving.make_workload(serving.BenchConfig(dataset="file", dataset_path=str(tmp_path / "nope")))
     with pytest.raises(ValueError, match="allowed"):
+        serving.BenchConfig(dataset="alpaca")
+    with pytest.raises(ValueError, match="needs --dataset-path"):
         serving.BenchConfig(dataset="sharegpt")
+
+
+def test_sharegpt_workload_follows_vllms_sampling(tmp_path: Path) -> None:
+    """First human turn as the prompt, its reply's length as max_tokens; one-turn conversations, prompts or replies
+    under 4 tokens, prompts over 1024 and pairs over 2048 dropped; shuffled by the seed; lengths from the
+    tokenizer when one is given."""
+    from moelab.checkpoint.tokenizer import save_tokenizer
+
+    def conv(prompt_words: int, reply_words: int, tag: str) -> dict:
+        return {"id": tag, "conversations": [{"from": "human", "value": " ".join([tag] * prompt_words)},
+                                             {"from": "gpt", "value": " ".join(["ok"] * reply_words)},
+                                             {"from": "human", "value": "later turns are not used"}]}
+
+    data = [conv(30, 60, f"keep{i}") for i in range(6)]
+    data += [conv(2, 50, "short"), conv(30, 2, "shortreply"), conv(800, 10, "longprompt"),
+             conv(600, 1000, "longpair"), {"id": "one", "conversations": [{"from": "human", "value": "alone"}]}]
+    f = tmp_path / "sharegpt.json"
+    f.write_text(json.dumps(data))
+    cfg = serving.BenchConfig(dataset="sharegpt", dataset_path=str(f), num_prompts=6, seed=3)
+    got = serving.make_workload(cfg)
+    assert sorted(r.prompt.split()[0] for r in got) == [f"keep{i}" for i in range(6)]
+    assert got == serving.make_workload(cfg) and got != serving.make_workload(
+        serving.BenchConfig(dataset="sharegpt", dataset_path=str(f), num_prompts=6, seed=4))
+    assert all(r.input_len == 40 and r.output_len == 80 for r in got)  # 4/3 tokens a word without a tokenizer
+    fixed = serving.make_workload(serving.BenchConfig(dataset="sharegpt", dataset_path=str(f), num_prompts=2,
+                                                      sharegpt_output_len=7))
+    assert [r.output_len for r in fixed] == [7, 7]
+    save_tokenizer(tmp_path, 512)
+    tok = tmp_path / "tokenizer.json"
+    counted = serving.make_workload(serving.BenchConfig(dataset="sharegpt", dataset_path=str(f), num_prompts=6,
+                                                        seed=3, tokenizer_path=str(tok)))
+    from tokenizers import Tokenizer
+
+    t = Tokenizer.from_file(str(tok))
+    assert all(r.input_len == len(t.encode(r.prompt, add_special_tokens=False).ids) for r in counted)
+    with pytest.raises(ValueError, match="usable conversations"):
+        serving.make_workload(serving.BenchConfig(dataset="sharegpt", dataset_path=str(f), num_prompts=7))
+    f.write_text("{}")
+    with pytest.raises(ValueError, match="JSON list"):
+        serving.make_workload(serving.BenchConfig(dataset="sharegpt", dataset_path=str(f)))
 
 
 def test_request_bodies() -> None:

@@ -31,7 +31,10 @@ import httpx
 from moelab.lab.serving_metrics import RequestResult, arrival_times, parse_goodput, summarize
 from moelab.lab.serving_report import format_report, save_results, store_point
 
-DATASETS = ("random", "fixed", "file")
+DATASETS = ("random", "fixed", "file", "sharegpt")
+# vLLM's ShareGPT sampling (benchmarks/benchmark_dataset.py): first human turn and the reply that follows; pairs
+# with a prompt or reply under 4 tokens, a prompt over 1024 or both over 2048 are dropped
+SHAREGPT_MIN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048
 BACKENDS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 CONNECTIONS_PER_CLIENT, MAX_CLIENTS = 16, 64
 WORDS = ("the of and to in is was for on that with as by at from his her an were are which this be or has had it "
@@ -58,6 +61,8 @@ class BenchConfig:
     dataset: str = "random"
     dataset_path: str | None = None
     prompt: str | None = None  # fixed dataset
+    tokenizer_path: str | None = None  # sharegpt: tokenizer.json that counts the tokens (else words x 4/3)
+    sharegpt_output_len: int | None = None  # sharegpt: max_tokens for every request instead of the reply's length
     num_prompts: int = 200
     input_len: int = 128
     output_len: int = 128
@@ -85,7 +90,10 @@ class BenchConfig:
         checks = [
             (self.backend in BACKENDS, f"backend {self.backend!r}; allowed: {', '.join(BACKENDS)}"),
             (self.dataset in DATASETS, f"dataset {self.dataset!r}; allowed: {', '.join(DATASETS)}"),
-            (self.dataset != "file" or bool(self.dataset_path), "the file dataset needs --dataset-path FILE"),
+            (self.dataset not in ("file", "sharegpt") or bool(self.dataset_path),
+             f"the {self.dataset} dataset needs --dataset-path FILE"),
+            (self.sharegpt_output_len is None or self.sharegpt_output_len >= 1,
+             f"--sharegpt-output-len must be >= 1, got {self.sharegpt_output_len}"),
             (self.num_prompts >= 1, f"--num-prompts must be >= 1, got {self.num_prompts}"),
             (self.input_len >= 1 and self.output_len >= 1, "--input-len and --output-len must be >= 1"),
             (0 <= self.range_ratio < 1, f"--range-ratio must be in [0, 1), got {self.range_ratio}"),
@@ -115,9 +123,53 @@ def _length(rng: random.Random, n: int, ratio: float) -> int:
     return max(1, rng.randint(math.floor(n * (1 - ratio)), math.ceil(n * (1 + ratio)))) if ratio else n
 
 
+def _sharegpt(cfg: BenchConfig, rng: random.Random) -> list[RequestSpec]:
+    """cfg.num_prompts (prompt, reply length) pairs of a local ShareGPT JSON file (a list of {"conversations":
+    [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}), shuffled by the seed and filtered as
+    vLLM's benchmark does. Token counts come from cfg.tokenizer_path (the served model's tokenizer.json, for the
+    same workload as vLLM's) or, without one, are estimated as 4/3 tokens a word (then say so with the results)."""
+    path = Path(cfg.dataset_path)
+    if not path.is_file():
+        raise ValueError(f"ShareGPT file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"ShareGPT file {path} is not JSON: {str(err)[:200]}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"ShareGPT file {path}: want a JSON list of conversations, got {type(data).__name__}")
+    if cfg.tokenizer_path:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(cfg.tokenizer_path)
+
+        def count(text: str) -> int:
+            return len(tok.encode(text, add_special_tokens=False).ids)
+    else:
+        def count(text: str) -> int:
+            return math.ceil(len(text.split()) * 4 / 3)
+    pairs = [(c["conversations"][0].get("value", ""), c["conversations"][1].get("value", "")) for c in data
+             if isinstance(c, dict) and isinstance(c.get("conversations"), list) and len(c["conversations"]) >= 2]
+    rng.shuffle(pairs)
+    out = []
+    for prompt, reply in pairs:
+        n_in = count(prompt)
+        n_out = cfg.sharegpt_output_len or count(reply)
+        if n_in < SHAREGPT_MIN or n_out < SHAREGPT_MIN or n_in > SHAREGPT_MAX_PROMPT or \
+                n_in + n_out > SHAREGPT_MAX_TOTAL:
+            continue
+        out.append(RequestSpec(prompt, n_in, n_out))
+        if len(out) == cfg.num_prompts:
+            return out
+    raise ValueError(f"ShareGPT file {path} has {len(out)} usable conversations (prompt and reply of "
+                     f"{SHAREGPT_MIN}+ tokens, prompt <= {SHAREGPT_MAX_PROMPT}, both <= {SHAREGPT_MAX_TOTAL}); "
+                     f"--num-prompts asks for {cfg.num_prompts}")
+
+
 def make_workload(cfg: BenchConfig) -> list[RequestSpec]:
     """cfg.num_prompts requests, the same for the same config and seed."""
     rng = random.Random(cfg.seed)
+    if cfg.dataset == "sharegpt":
+        return _sharegpt(cfg, rng)
     if cfg.dataset == "file":
         path = Path(cfg.dataset_path)
         if not path.is_file():
@@ -286,7 +338,11 @@ async def run_point(cfg: BenchConfig, specs: list[RequestSpec], request_rate: fl
     head = {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": cfg.backend, "endpoint": cfg.path,
             "base_url": cfg.base_url, "label": cfg.label, "model_id": model, "num_prompts": len(specs),
             "request_rate": "inf" if math.isinf(request_rate) else request_rate, "burstiness": cfg.burstiness,
-            "max_concurrency": concurrency, "dataset_name": cfg.dataset, "input_len": cfg.input_len,
+            "max_concurrency": concurrency, "dataset_name": cfg.dataset,
+            **({"dataset_path": Path(cfg.dataset_path).name, "lengths_counted_with": (
+                Path(cfg.tokenizer_path).name if cfg.tokenizer_path else "words x 4/3 (no --tokenizer)")}
+               if cfg.dataset == "sharegpt" else {}),
+            "input_len": cfg.input_len,
             "output_len": cfg.output_len, "range_ratio": cfg.range_ratio, "seed": cfg.seed,
             "num_warmups": len(warm), "goodput_slos_ms": cfg.goodput or None, **cfg.metadata}
     detail = {"input_lens": [r.input_tokens for r in results], "output_lens": [r.output_tokens for r in results],
@@ -344,7 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header", action="append", metavar="K=V", help="extra HTTP header (repeatable)")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset-name", default="random", choices=DATASETS)
-    w.add_argument("--dataset-path", help="file dataset: one prompt per line")
+    w.add_argument("--dataset-path", help="file dataset: one prompt per line; sharegpt: the ShareGPT JSON file "
+                   "(e.g. ShareGPT_V3_unfiltered_cleaned_split.json, downloaded beforehand)")
+    w.add_argument("--tokenizer", dest="tokenizer_path", help="sharegpt: the served model's tokenizer.json, to "
+                   "count tokens as vLLM's benchmark does (default: 4/3 tokens a word)")
+    w.add_argument("--sharegpt-output-len", type=int, help="sharegpt: max_tokens of every request (default: the "
+                   "length of the conversation's reply)")
     w.add_argument("--prompt", help="fixed dataset: the prompt (default: input-len seeded random words)")
     w.add_argument("--num-prompts", type=int, default=200)
     w.add_argument("--input-len", type=int, default=128, help="words per prompt (random, fixed)")
@@ -389,7 +450,8 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--metric-percentiles {a.metric_percentiles!r}: expected numbers like 90,95,99") from None
     return BenchConfig(
         base_url=a.base_url.rstrip("/"), model=a.model, backend=a.backend, endpoint=a.endpoint,
-        dataset=a.dataset_name, dataset_path=a.dataset_path, prompt=a.prompt, num_prompts=a.num_prompts,
+        dataset=a.dataset_name, dataset_path=a.dataset_path, prompt=a.prompt, tokenizer_path=a.tokenizer_path,
+        sharegpt_output_len=a.sharegpt_output_len, num_prompts=a.num_prompts,
         input_len=a.input_len, output_len=a.output_len, range_ratio=a.range_ratio, seed=a.seed,
         request_rates=a.request_rate, concurrencies=a.concurrency or [None], burstiness=a.burstiness,
         num_warmups=a.num_warmups, ignore_eos=a.ignore_eos, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
