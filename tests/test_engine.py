@@ -117,6 +117,62 @@ def test_stop_strings_end_where_a_full_decode_at_every_token_would(olmoe: LLM) -
         assert o.text == want
 
 
+def test_stop_search_sees_text_held_back_for_an_incomplete_character() -> None:
+    """Byte-level BPE: one token can complete a stop string and start a multi-byte character ("c" + the first byte
+    of "中"). The whole-output decode at that token ends in U+FFFD and already holds "abc"; so must the incremental
+    search (it searches what the detokenizer holds back too). Also a stop string that is a prefix of another."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, decoders, models
+
+    from moelab.engine.llm_engine import LLMEngine
+    from moelab.engine.sequence import Sequence
+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_char = dict(zip(bs, map(chr, cs)))  # GPT-2's byte-to-character map
+
+    def enc(b: bytes) -> str:
+        return "".join(byte_char[x] for x in b)
+
+    zh = "中".encode()
+    vocab = {enc(b"a"): 0, enc(b"b"): 1, enc(b"c" + zh[:1]): 2, enc(zh[1:]): 3, enc(b"x"): 4, "<eos>": 5}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.decoder = decoders.ByteLevel()
+    eng = SimpleNamespace(tokenizer=tok, eos_token_id=5, max_model_len=100)
+
+    def engine_rule(max_tokens, outs, stop):
+        seq = Sequence("r", [4], SamplingParams(max_tokens=max_tokens, stop=list(stop)), max_tokens)
+        for t in outs:
+            seq.token_ids.append(t)
+            LLMEngine._check_stop(eng, seq, t)
+            if seq.finished:
+                break
+        return seq.finish_reason, seq.stop_reason, seq.output_token_ids, LLMEngine.output_text(eng, seq)
+
+    def whole_decode_rule(max_tokens, outs, stop):
+        for k in range(1, len(outs) + 1):
+            if outs[k - 1] == 5:
+                return "stop", 5, outs[:k], tok.decode(outs[:k])
+            t = tok.decode(outs[:k])
+            hits = [(t.find(x), x) for x in stop if x in t]
+            if hits:
+                return "stop", min(hits)[1], outs[:k], t[:min(hits)[0]]
+            if k >= max_tokens:
+                return "length", None, outs[:k], t
+        raise AssertionError("ran out of tokens")
+
+    for max_tokens, outs, stop in [(3, [0, 1, 2, 3], ["abc"]), (10, [0, 1, 2, 5], ["abc"]),
+                                   (10, [4, 0, 1, 2, 3, 4], ["abc", "ab"]), (10, [0, 1, 2, 3, 4, 4], ["中x"]),
+                                   (10, [4, 0, 4, 0, 1, 2, 3], ["xab", "x"])]:
+        assert engine_rule(max_tokens, outs, stop) == whole_decode_rule(max_tokens, outs, stop), (outs, stop)
+
+
 def test_eos_ends_generation_unless_ignored(tiny_checkpoints: dict[str, Path]) -> None:
     llm = LLM(str(tiny_checkpoints["olmoe"]), max_model_len=64)
     prompt = [7, 8, 9]

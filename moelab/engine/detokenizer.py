@@ -23,6 +23,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""  # everything emitted so far
+        self.held = ""  # text decoded but held back (it ends in U+FFFD: a character not complete yet)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
@@ -33,7 +34,9 @@ class IncrementalDetokenizer:
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
+            self.held = full[len(prefix):]
             return ""
+        self.held = ""
         delta = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self.text += delta

@@ -231,10 +231,12 @@ class LLMEngine:
                 return seq.finish("stop", tok)
             if p.stop:
                 # what was searched at earlier tokens held no stop string: only one that ends in the new text can
-                # be there, so the search starts (longest stop - 1) characters before it
-                text = seq.detok.text
+                # be there, so the search starts (longest stop - 1) characters before it. The text searched is the
+                # whole decode, including what the detokenizer holds back (a token can complete a stop string
+                # and start a multi-byte character); only the emitted part counts as searched
+                text = seq.detok.text + seq.detok.held
                 start = max(0, seq.stop_searched - max(len(s) for s in p.stop) + 1)
-                seq.stop_searched = len(text)
+                seq.stop_searched = len(seq.detok.text)
                 hits = [(at, s) for s in p.stop if (at := text.find(s, start)) >= 0]
                 if hits:
                     at, s = min(hits)
