@@ -99,7 +99,8 @@ def test_v3_unknown_model_is_404(client: httpx.Client) -> None:
     ("presence_penalty", 0.5), ("logit_bias", {"5": 1.0}), ("seed", 2**64), ("top_k", 2**40), ("best_of", 3),
     ("guided_json", {"type": "object"}), ("guided_choice", ["a", "b"]), ("structured_outputs", {"regex": "a+"}),
     ("allowed_token_ids", [5, 6]), ("allowed_token_ids", [999999]), ("bad_words", ["x"]), ("use_beam_search", True),
-    ("prompt_logprobs", 1), ("length_penalty", 0.5), ("stop", [f"s{i}" for i in range(257)]),
+    ("prompt_logprobs", 1), ("prompt_logprobs", 0), ("length_penalty", 0.5), ("structural_tag", {"x": 1}),
+    ("stop", [f"s{i}" for i in range(257)]),
 ])
 def test_v4_bad_parameters_are_400_naming_the_field(client: httpx.Client, field: str, value) -> None:
     err = assert_error(client.post("/v1/completions", json={"prompt": "hi", field: value}), 400)
@@ -131,10 +132,18 @@ def test_v6_stream_options_without_stream(client: httpx.Client) -> None:
 
 def test_v7_unknown_fields_are_accepted(client: httpx.Client, caplog) -> None:
     """Accepted and logged; the constraint fields of other servers only when neutral (unset, false, empty)."""
+    from moelab.server import preprocess
+
+    preprocess._logged_unknown.discard("some_future_field")
+    preprocess._logged_unknown.discard("metadata")
     with caplog.at_level("INFO", logger="moelab.server.preprocess"):
         out = complete(client, prompt="hi", max_tokens=2, some_future_field={"x": 1}, metadata="y")
     assert out["usage"]["completion_tokens"] <= 2
-    assert "metadata, some_future_field" in caplog.text
+    assert "'metadata', 'some_future_field'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="moelab.server.preprocess"):
+        complete(client, prompt="hi", max_tokens=2, some_future_field=1)
+    assert "some_future_field" not in caplog.text  # logged once, not once per request
     out = complete(client, prompt="hi", max_tokens=2, use_beam_search=False, bad_words=[], guided_json=None,
                    length_penalty=1.0)
     assert out["usage"]["completion_tokens"] <= 2
@@ -527,7 +536,8 @@ def test_several_api_keys_from_the_cli_or_the_environment(monkeypatch) -> None:
 
     p = argparse.ArgumentParser()
     cli.add_commands(p.add_subparsers(), argparse.ArgumentParser().add_subparsers())
-    assert p.parse_args(["serve", "m", "--api-key", "k1", "k2"]).api_key == ["k1", "k2"]
+    a = p.parse_args(["serve", "--api-key", "k1", "m", "--api-key", "k2"])
+    assert a.api_key == ["k1", "k2"] and a.model == "m"
     app = create_app(make_engine(), api_key=["k1", "k2"])
     with TestClient(app) as c:
         for key, status in (("k1", 200), ("k2", 200), ("k3", 401)):
@@ -607,8 +617,11 @@ def test_hung_engine_step_is_caught_by_the_watchdog() -> None:
     fires (the server exits 1), /health is 503; if the stuck step returns later its tokens go nowhere."""
     engine = make_engine()
     steps, real_step, release = count(), engine.step, threading.Event()
+    calls_after_release = []
 
     def hanging_step():
+        if release.is_set():
+            calls_after_release.append(1)
         if next(steps) >= 4:
             release.wait(30)
         return real_step()
@@ -630,13 +643,20 @@ def test_hung_engine_step_is_caught_by_the_watchdog() -> None:
     assert "more than 0.5 s" in parse_sse(streamed.text)[-2]["error"]["message"]
     assert_error(plain, 500, contains="more than 0.5 s")
     assert died.wait(5) and state.engine_loop.num_requests == 0
-    with TestClient(app) as c:
-        r = c.get("/health")
-        assert r.status_code == 503 and r.json()["status"] == "dead"
-        assert_error(c.post("/v1/completions", json={"prompt": "x"}), 503, contains="engine is dead")
-    release.set()  # the stuck step returns: the engine thread ends without delivering anything
+
+    async def after() -> tuple[httpx.Response, httpx.Response]:  # no lifespan: nothing asks the thread to stop
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t", timeout=30) as ac:
+            return await ac.get("/health"), await ac.post("/v1/completions", json={"prompt": "x"})
+
+    health, refused = asyncio.run(after())
+    assert health.status_code == 503 and health.json()["status"] == "dead"
+    assert_error(refused, 503, contains="engine is dead")
+    release.set()  # the stuck step returns: the engine thread ends there, stepping no more, delivering nothing
     state.engine_loop._thread.join(10)
-    assert not state.engine_loop._thread.is_alive()
+    assert not state.engine_loop._thread.is_alive() and not calls_after_release
+    t0 = time.monotonic()
+    state.engine_loop.shutdown()  # does not wait on a dead engine's thread
+    assert time.monotonic() - t0 < 1
 
 
 def test_watchdog_leaves_a_slow_but_moving_engine_alone() -> None:
@@ -662,9 +682,11 @@ def test_admission_cap_sheds_load_with_503_and_loses_nothing() -> None:
     admitted ones finish whole and the count returns to 0."""
     engine = make_engine()
     real_step = engine.step
+    peak = [0]
 
     def slow_step():
         time.sleep(0.01)
+        peak[0] = max(peak[0], len(engine.requests))
         return real_step()
 
     engine.step = slow_step
@@ -684,7 +706,7 @@ def test_admission_cap_sheds_load_with_503_and_loses_nothing() -> None:
     assert all(r.headers["Retry-After"] == "1" and "admission limit" in r.json()["error"]["message"] for r in shed)
     assert all(c["finish_reason"] == "length" for r in ok for c in r.json()["choices"])
     assert all(r.json()["usage"]["completion_tokens"] == 8 * len(r.json()["choices"]) for r in ok)
-    assert state.inflight_choices == 0 and state.inflight == 0
+    assert state.inflight_choices == 0 and state.inflight == 0 and 1 <= peak[0] <= 4
     with TestClient(app) as c:
         assert f'moelab:http_requests_rejected_total{{model_name="olmoe-1b-7b"}} {len(shed)}' in c.get("/metrics").text
         assert_error(c.post("/v1/completions", json={"prompt": "x", "n": 5}), 400, "n")

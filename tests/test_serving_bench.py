@@ -135,7 +135,10 @@ def test_sharegpt_workload_follows_vllms_sampling(tmp_path: Path) -> None:
     from tokenizers import Tokenizer
 
     t = Tokenizer.from_file(str(tok))
-    assert all(r.input_len == len(t.encode(r.prompt, add_special_tokens=False).ids) for r in counted)
+    assert all(r.input_len == len(t.encode(r.prompt).ids) for r in counted)
+    tiny_replies = serving.make_workload(serving.BenchConfig(dataset="sharegpt", dataset_path=str(f), num_prompts=7,
+                                                             sharegpt_output_len=2))
+    assert len(tiny_replies) == 7  # a fixed output length skips the reply-length check (as vLLM): "shortreply"
     with pytest.raises(ValueError, match="usable conversations"):
         serving.make_workload(serving.BenchConfig(dataset="sharegpt", dataset_path=str(f), num_prompts=7))
     f.write_text("{}")

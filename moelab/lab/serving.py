@@ -142,20 +142,21 @@ def _sharegpt(cfg: BenchConfig, rng: random.Random) -> list[RequestSpec]:
 
         tok = Tokenizer.from_file(cfg.tokenizer_path)
 
-        def count(text: str) -> int:
-            return len(tok.encode(text, add_special_tokens=False).ids)
+        def count(text: str) -> int:  # as vLLM counts them: tokenizer(text).input_ids, special tokens included
+            return len(tok.encode(text).ids)
     else:
         def count(text: str) -> int:
             return math.ceil(len(text.split()) * 4 / 3)
-    pairs = [(c["conversations"][0].get("value", ""), c["conversations"][1].get("value", "")) for c in data
-             if isinstance(c, dict) and isinstance(c.get("conversations"), list) and len(c["conversations"]) >= 2]
+    pairs = [(str(c["conversations"][0].get("value", "")), str(c["conversations"][1].get("value", "")))
+             for c in data if isinstance(c, dict) and isinstance(c.get("conversations"), list)
+             and len(c["conversations"]) >= 2 and all(isinstance(t, dict) for t in c["conversations"][:2])]
     rng.shuffle(pairs)
     out = []
     for prompt, reply in pairs:
         n_in = count(prompt)
         n_out = cfg.sharegpt_output_len or count(reply)
-        if n_in < SHAREGPT_MIN or n_out < SHAREGPT_MIN or n_in > SHAREGPT_MAX_PROMPT or \
-                n_in + n_out > SHAREGPT_MAX_TOTAL:
+        short_reply = cfg.sharegpt_output_len is None and n_out < SHAREGPT_MIN  # vLLM: no check at a fixed length
+        if n_in < SHAREGPT_MIN or short_reply or n_in > SHAREGPT_MAX_PROMPT or n_in + n_out > SHAREGPT_MAX_TOTAL:
             continue
         out.append(RequestSpec(prompt, n_in, n_out))
         if len(out) == cfg.num_prompts:

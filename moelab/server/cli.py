@@ -25,9 +25,9 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", nargs="+", metavar="KEY",
-                   help="require Authorization: Bearer KEY (any of these keys) on every route but /health; "
-                        "default: the MOELAB_API_KEY environment variable, if set")
+    s.add_argument("--api-key", action="append", metavar="KEY",
+                   help="require Authorization: Bearer KEY on every route but /health; repeat it to accept "
+                        "several keys; default: the MOELAB_API_KEY environment variable, if set")
     s.add_argument("--served-model-name", nargs="+", help="names clients use (default: MODEL); the first is reported")
     s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -82,8 +82,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from moelab.server.serve import make_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.api_key and os.environ.get("MOELAB_API_KEY"):  # keeps the key out of the process list
-        args.api_key = [os.environ["MOELAB_API_KEY"]]
+    if args.watchdog_timeout < 0 or args.max_inflight_requests < 0:  # before the model loads
+        raise ValueError(f"--watchdog-timeout and --max-inflight-requests must be >= 0 (0: off), got "
+                         f"{args.watchdog_timeout} and {args.max_inflight_requests}")
+    if not args.api_key and os.environ.get("MOELAB_API_KEY", "").strip():  # keeps the key out of the process list
+        args.api_key = [os.environ["MOELAB_API_KEY"].strip()]
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logging.getLogger("moelab.serve").warning(
             "listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
@@ -104,4 +107,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
           flush=True)
     server.run()
     if server.exit_code:
+        from moelab.server.engine_loop import EngineStalledError
+
+        if isinstance(app.state.server.engine_loop.dead, EngineStalledError):
+            # the engine thread may still be stuck in a device call, which an orderly interpreter exit (CUDA
+            # teardown) could wait on forever: leave at once
+            logging.shutdown()
+            os._exit(server.exit_code)
         raise SystemExit(server.exit_code)

@@ -155,8 +155,9 @@ class EngineLoop:
             self._commands.put(("abort_all",))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Abort what is left, stop the thread."""
-        if self._thread is not None and self._thread.is_alive():
+        """Abort what is left, stop the thread (not waited for once the engine is dead: it may be stuck in a
+        step the watchdog gave up on)."""
+        if self._thread is not None and self._thread.is_alive() and self._dead is None:
             self._commands.put(("stop",))
             self._thread.join(timeout)
 
@@ -177,10 +178,12 @@ class EngineLoop:
                     self.stats = dict(engine.stats())  # what /metrics shows while the step runs
                     with self._lock:
                         self._step_started = time.monotonic()
-                    out = engine.step()
-                    with self._lock:  # the watchdog decides under the same lock, only while a step runs
-                        self._step_started = None
-                        declared_hung = self._dead is not None
+                    try:
+                        out = engine.step()
+                    finally:
+                        with self._lock:  # the watchdog decides under the same lock, only while a step runs
+                            self._step_started = None
+                            declared_hung = self._dead is not None
                     if declared_hung:  # its requests have ended already: the step's tokens go nowhere
                         return
                     self._publish(out)
@@ -188,6 +191,8 @@ class EngineLoop:
         except BaseException as exc:  # any failure of the engine ends it
             if self._dead is None:
                 logger.exception("the engine died")
+            else:  # after the watchdog: this is likely what the hang was
+                logger.exception("the engine step declared hung has raised")
             self._die(exc)
 
     def _apply_commands(self, block: bool) -> bool:

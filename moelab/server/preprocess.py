@@ -24,10 +24,19 @@ MAX_STOP_STRINGS = 256  # each is searched at every token on the engine thread, 
 # extension fields of other servers (vLLM, SGLang) that constrain or change what is generated: honoured nowhere
 # here, so a request that sets one gets a 400 rather than a 200 with unconstrained output
 CONSTRAINING_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-                       "json_schema", "regex", "ebnf", "allowed_token_ids", "bad_words", "use_beam_search",
-                       "length_penalty", "logits_processors", "prompt_logprobs", "truncate_prompt_tokens")
+                       "structural_tag", "json_schema", "regex", "ebnf", "grammar", "allowed_token_ids", "bad_words",
+                       "use_beam_search", "length_penalty", "logits_processors", "prompt_logprobs",
+                       "truncate_prompt_tokens")
 
 logger = logging.getLogger(__name__)
+_logged_unknown: set[str] = set()  # unknown field names already logged (once each, not once per request)
+
+
+def _neutral(field: str, value: Any) -> bool:
+    """A value that asks for nothing: unset, false, empty (0 is not: prompt_logprobs=0 asks for something)."""
+    if value is None or value is False or (isinstance(value, (str, list, dict)) and not value):
+        return True
+    return field == "length_penalty" and value == 1 and value is not True
 
 
 @dataclass(frozen=True)
@@ -93,12 +102,13 @@ def check_supported(req: SamplingFields) -> None:
         raise _reject("stop", f"has {len(req.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
     extra = req.model_extra or {}
     for field in CONSTRAINING_FIELDS:  # None, false, empty and vLLM's default length_penalty 1 change nothing
-        if field in extra and extra[field] not in (None, False, [], {}, "") and \
-                not (field == "length_penalty" and extra[field] == 1):
+        if field in extra and not _neutral(field, extra[field]):
             raise _reject(field)
-    unknown = sorted(set(extra) - set(CONSTRAINING_FIELDS))
-    if unknown:
-        logger.info("request fields not known to moelab, ignored: %s", ", ".join(unknown))
+    new = [k for k in extra if k not in CONSTRAINING_FIELDS and k not in _logged_unknown]
+    if new and len(_logged_unknown) < 1000:
+        _logged_unknown.update(new)
+        logger.info("request fields not known to moelab, ignored: %s",
+                    ", ".join(repr(k)[:60] for k in sorted(new)[:20]))
     if isinstance(req, ChatCompletionRequest):
         if req.logprobs or req.top_logprobs:
             raise _reject("logprobs" if req.logprobs else "top_logprobs")
