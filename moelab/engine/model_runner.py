@@ -34,6 +34,15 @@ def cache_bytes_per_block(model: MoECausalLM, block_size: int, dtype: torch.dtyp
     return total
 
 
+def padded_tables(seqs: list[Sequence], width: int, rows: int) -> list[int]:
+    """The block tables of seqs flattened to rows x width ints: each padded with block 0, then rows of block 0."""
+    flat: list[int] = []
+    for s in seqs:
+        flat += s.block_table
+        flat += [0] * (width - len(s.block_table))
+    return flat + [0] * (width * (rows - len(seqs)))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: MoECausalLM, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, eos_token_id: int | None) -> None:
@@ -231,10 +240,7 @@ class ModelRunner:
                 seq_lens.append(c + n)
                 max_blocks = max(max_blocks, len(table))
                 last.append(len(ids) - 1)
-        flat_tables: list[int] = []
-        for s in seqs:
-            flat_tables += s.block_table
-            flat_tables += [0] * (max_blocks - len(s.block_table))
+        flat_tables = padded_tables(seqs, max_blocks, len(seqs))
         cu = list(range(len(query_lens) + 1)) if batch.all_decode else [0]
         if not batch.all_decode:
             for n in query_lens:
@@ -282,12 +288,8 @@ class ModelRunner:
                 ids.append(s.token_ids[-1])
                 feed.append(-1)
         width = max(len(s.block_table) for s in seqs)
-        tables: list[int] = []
-        for s in seqs:
-            tables += s.block_table
-            tables += [0] * (width - len(s.block_table))
+        tables = padded_tables(seqs, width, bucket)
         extra = bucket - len(seqs)
-        tables += [0] * (width * extra)
         inputs = ids + [0] * extra + pos + [0] * extra + slots + [0] * extra + feed + [-1] * extra + lens + \
             [1] * extra
         if prev is not None and not prev.in_graph_tokens and any(f >= 0 for f in feed):
