@@ -203,19 +203,21 @@ class LLMEngine:
                 self.num_nonfinite += 1
                 seq.finish("error", "non-finite logits")
                 out.append((seq, []))
-                self.scheduler.finish(seq)
-                self.runner.forget(seq)
-                self.requests.pop(seq.request_id, None)
+                self._release(seq)
                 continue
             seq.token_ids.append(tok)
             seq.token_times.append(t)
             self._check_stop(seq, tok)
             out.append((seq, [tok]))
             if seq.finished:
-                self.scheduler.finish(seq)
-                self.runner.forget(seq)
-                self.requests.pop(seq.request_id, None)
+                self._release(seq)
         return out
+
+    def _release(self, seq: Sequence) -> None:
+        """A finished sequence leaves the scheduler (its KV blocks freed), the runner and the request table."""
+        self.scheduler.finish(seq)
+        self.runner.forget(seq)
+        self.requests.pop(seq.request_id, None)
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
