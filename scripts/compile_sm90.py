@@ -175,7 +175,16 @@ def _cases():
                 yield f"moe-{kernel}-{name}-{dtype}-M{M}", *_moe(kernel, M, dtype, shape)
     yield "add-rms-norm-topk-sum", rms_norm._add_rms_norm_kernel, {}, dict(
         BLOCK=2048, TOP_K=8, HAS_EXTRA=True, USE_PDL=True), {}
-    from moelab.kernels import decode_inputs
+    from moelab.kernels import decode_inputs, moe_gemv
+
+    for name, (I, D) in (("olmoe", (1024, 2048)), ("mixtral", (14336, 4096))):
+        gu, dn = moe_gemv.default_configs(D, I)
+        yield f"moe-gemv-gate-up-{name}", moe_gemv._moe_gate_up_gemv_kernel, {
+            "x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "h_ptr": "*bf16"}, dict(
+            BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, USE_PDL=True), dict(num_warps=gu.num_warps)
+        yield f"moe-gemv-down-{name}", moe_gemv._moe_down_gemv_kernel, {
+            "h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "wt_ptr": "*fp32", "y_ptr": "*bf16"}, dict(
+            BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, USE_PDL=True), dict(num_warps=dn.num_warps)
 
     yield "decode-inputs", decode_inputs._feed_inputs_kernel, {
         "staging_ptr": "*i64", "tokens_ptr": "*i64", "seq_lens_ptr": "*i32"}, dict(

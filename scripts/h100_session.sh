@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -76,6 +76,17 @@ for section in "$@"; do
         --dtypes bf16 fp8_channel fp8_block 2>&1 | grep -v -i warn ;;
     moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
       python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -45 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe" >&2 ;;
+    moe-gemv)  # exp/moe-gemv: one-token experts as GEMVs; compiled tests, the layer alone, then the engine A/B
+      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_moe_gemv.py --tb=short 2>&1 | tail -3
+      python scripts/bench_moe_gemv_gpu.py --budget-s 150 2>&1 | grep -E "kind=(check|layer)"
+      for m in olmoe-1b-7b qwen1.5-moe-a2.7b deepseek-v2-lite; do
+        for v in on off on off; do
+          F=; [ $v = off ] && F=--no-moe-gemv
+          echo "== $m moe-gemv $v"
+          python scripts/bench_engine_gpu.py --out "$OUT/moe-gemv-$m-$v" --models "$m" --decode-batches 1 \
+            --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
+        done
+      done ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv" >&2 ;;
   esac
 done

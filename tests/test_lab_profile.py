@@ -23,6 +23,7 @@ MOELAB_KERNELS = {
     "_rms_norm_kernel": "other", "_add_rms_norm_kernel": "other",  # the residual adds (and deferred top-k sums)
     "_argmax_kernel": "sampling",
     "_feed_inputs_kernel": "other",  # a decode graph's input fix-up
+    "_moe_gate_up_gemv_kernel": "expert_gemm", "_moe_down_gemv_kernel": "expert_gemm",
 }
 
 

@@ -43,6 +43,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, get_config, use_naive_blocks
 from moelab.kernels.moe_align import moe_align, moe_align_quant
+from moelab.kernels.moe_gemv import applies as moe_gemv_applies
+from moelab.kernels.moe_gemv import moe_gemv
 from moelab.kernels.moe_sum import moe_sum
 from moelab.kernels.pdl import gdc_prologue, launch_options
 from moelab.kernels.per_token_quant import per_token_quant
@@ -478,6 +480,9 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     (T, D), K = x.shape, topk_ids.shape[1]
     if T * K == 0:
         return x.new_zeros(T if sum_topk else T * K, D)
+    if moe_gemv_applies(x, w13, quant):  # one token: the experts as matrix-vector products (moe_gemv.py)
+        y = moe_gemv(x, topk_ids, topk_weights, w13, w2)
+        return y if K == 1 or not sum_topk else moe_sum(y, K)
     cfg = quant_config(config or config_for(x, K, w13, quant), quant)
     weights = topk_weights.reshape(-1).contiguous().float()
     if quant is not None and QUANT_FORMATS[quant][1] == torch.float8_e4m3fn:

@@ -1,0 +1,65 @@
+"""One-token experts as GEMVs (moelab.kernels.moe_gemv) against their torch twin and fused_moe's reference, under
+the interpreter (fp32 / fp16) and compiled on a GPU (bf16, against fused_moe's tensor-core path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEV, needs_gpu
+
+from moelab.kernels.fused_moe import fused_moe, fused_moe_ref
+from moelab.kernels.moe_gemv import MoeGemvConfig, applies, moe_gemv, moe_gemv_ref, set_enabled
+
+
+def _inputs(E: int, K: int, D: int, I: int, dtype: torch.dtype, seed: int, same_expert: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, D, generator=g).to(dtype)
+    w13 = (torch.randn(E, 2 * I, D, generator=g) / D ** 0.5).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=g) / I ** 0.5).to(dtype)
+    ids = torch.full((1, K), 2) if same_expert else torch.randperm(E, generator=g)[:K].view(1, K)
+    wts = torch.rand(1, K, generator=g).softmax(-1)
+    return [t.to(DEV) for t in (x, ids, wts, w13, w2)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("E,K,D,I,configs", [
+    (6, 2, 96, 80, None),  # sizes that are no multiple of the chunks or the row blocks
+    (8, 3, 64, 48, (MoeGemvConfig(4, 16, 2), MoeGemvConfig(8, 16, 2))),  # several K chunks in both kernels
+    (4, 1, 32, 40, (MoeGemvConfig(1, 32, 1), MoeGemvConfig(2, 64, 1))),
+])
+def test_moe_gemv_matches_the_references(dtype, tol, E, K, D, I, configs):
+    x, ids, wts, w13, w2 = _inputs(E, K, D, I, dtype, seed=E * K + D)
+    got = moe_gemv(x, ids, wts, w13, w2, configs)
+    want = moe_gemv_ref(x, ids, wts, w13, w2)
+    assert got.shape == (K, D) and got.dtype == dtype
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    summed = fused_moe_ref(x, ids, wts, w13, w2).float()
+    assert torch.allclose(got.float().sum(0, keepdim=True), summed, atol=5 * tol, rtol=5 * tol)
+
+
+def test_moe_gemv_slots_on_the_same_expert_and_bad_shapes():
+    x, ids, wts, w13, w2 = _inputs(4, 3, 32, 16, torch.float32, seed=1, same_expert=True)
+    got = moe_gemv(x, ids, wts, w13, w2)
+    assert torch.allclose(got, moe_gemv_ref(x, ids, wts, w13, w2), atol=1e-5)
+    assert torch.allclose(got / wts.view(-1, 1), (got[0] / wts[0, 0]).expand(3, -1), atol=1e-5)
+    with pytest.raises(ValueError, match="one token"):
+        moe_gemv(x.expand(2, -1), ids.expand(2, -1), wts.expand(2, -1), w13, w2)
+    with pytest.raises(ValueError, match="shapes"):
+        moe_gemv(x, ids, wts, w13, w2[:, :, :8])
+    assert not applies(x.cpu(), w13.cpu(), None)  # the dispatch is for a GPU only
+
+
+@needs_gpu
+@pytest.mark.parametrize("E,K,D,I", [(64, 8, 2048, 1024), (60, 4, 2048, 1408), (8, 2, 512, 1792)])
+def test_cuda_bf16_moe_gemv_agrees_with_the_tensor_core_path(E, K, D, I):
+    x, ids, wts, w13, w2 = _inputs(E, K, D, I, torch.bfloat16, seed=K)
+    assert applies(x, w13, None)
+    got = fused_moe(x, ids, wts, w13, w2)  # dispatches to moe_gemv
+    set_enabled(False)
+    try:
+        tc = fused_moe(x, ids, wts, w13, w2)
+    finally:
+        set_enabled(True)
+    want = fused_moe_ref(x, ids, wts, w13, w2).float()
+    err = lambda y: ((y.float() - want).norm() / want.norm()).item()  # noqa: E731
+    assert err(got) < 1e-2 and err(tc) < 1e-2 and abs(err(got) - err(tc)) < 5e-3
