@@ -9,6 +9,7 @@ from conftest import DEV, needs_gpu
 
 from moelab.kernels.fused_moe import fused_moe, fused_moe_ref
 from moelab.kernels.moe_gemv import MoeGemvConfig, applies, moe_gemv, moe_gemv_ref, set_enabled
+from moelab.layers.moe.quant import dequantize, quantize_experts
 
 
 def _inputs(E: int, K: int, D: int, I: int, dtype: torch.dtype, seed: int, same_expert: bool = False):
@@ -63,3 +64,68 @@ def test_cuda_bf16_moe_gemv_agrees_with_the_tensor_core_path(E, K, D, I):
     want = fused_moe_ref(x, ids, wts, w13, w2).float()
     err = lambda y: ((y.float() - want).norm() / want.norm()).item()  # noqa: E731
     assert err(got) < 1e-2 and err(tc) < 1e-2 and abs(err(got) - err(tc)) < 5e-3
+
+
+FORMATS = ["fp8_tensor", "fp8_channel", "fp8_block", "int8_channel"]
+
+
+def _quantized(fmt: str, E: int, K: int, D: int, I: int, seed: int):
+    x, ids, wts, w13, w2 = _inputs(E, K, D, I, torch.float32, seed)
+    q13, q2, s = quantize_experts(w13.cpu(), w2.cpu(), fmt)
+    d13, d2 = dequantize(q13, q2, s)
+    return x, ids, wts, [t.to(DEV) for t in (q13, q2, s.w13_scale, s.w2_scale, d13, d2)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("E,K,D,I,configs", [
+    (6, 2, 300, 200, None),  # block scales over ragged blocks (300 = 2 x 128 + 44), chunks of 512 and 256
+    (4, 2, 256, 192, (MoeGemvConfig(8, 64, 2), MoeGemvConfig(16, 64, 2))),  # chunks inside one scale block
+    (4, 2, 512, 256, (MoeGemvConfig(4, 256, 2), MoeGemvConfig(8, 128, 2))),  # two scale blocks a chunk
+])
+def test_quantized_moe_gemv_computes_with_the_dequantized_weights(fmt, E, K, D, I, configs):
+    """8-bit weights times their scales, activations unquantized: the twin on the dequantized weights."""
+    x, ids, wts, (q13, q2, s13, s2, d13, d2) = _quantized(fmt, E, K, D, I, seed=D + I)
+    got = moe_gemv(x, ids, wts, q13, q2, configs, quant=fmt, w13_scale=s13, w2_scale=s2)
+    want = moe_gemv_ref(x, ids, wts, d13, d2)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    # wrong block of scales is seen: scaling one block row of the first expert moves the result
+    if fmt == "fp8_block" and 0 in ids:
+        s13b = s13.clone()
+        s13b[0, -1] *= 2
+        assert not torch.allclose(moe_gemv(x, ids, wts, q13, q2, configs, quant=fmt, w13_scale=s13b, w2_scale=s2),
+                                  got)
+
+
+def test_quantized_moe_gemv_rejects_bad_scales_and_dtypes():
+    x, ids, wts, (q13, q2, s13, s2, d13, d2) = _quantized("fp8_channel", 4, 2, 64, 32, seed=3)
+    with pytest.raises(ValueError, match="wants float32 scales of shape"):
+        moe_gemv(x, ids, wts, q13, q2, quant="fp8_channel", w13_scale=s13[:, :8], w2_scale=s2)
+    with pytest.raises(ValueError, match="available: fp8_tensor"):
+        moe_gemv(x, ids, wts, q13, q2, quant="fp4", w13_scale=s13, w2_scale=s2)
+    with pytest.raises(ValueError, match="int8_channel weights must be torch.int8"):
+        moe_gemv(x, ids, wts, q13, q2, quant="int8_channel", w13_scale=s13, w2_scale=s2)
+    assert not applies(x.cpu(), q13.cpu(), "fp8_channel")
+
+
+@needs_gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_quantized_moe_gemv_against_both_oracles(fmt):
+    """bf16 x, 8-bit weights on the GPU: close to the dequantized weights' float32 result (weights-only
+    quantization), and no further from the unquantized one than the tensor cores' W8A8 / W8A16 path."""
+    E, K, D, I = 64, 8, 2048, 1024
+    x, ids, wts, w13, w2 = _inputs(E, K, D, I, torch.float32, seed=5)
+    q13, q2, s = quantize_experts(w13, w2, fmt)
+    d13, d2 = dequantize(q13, q2, s)
+    xb = x.to(torch.bfloat16)
+    assert applies(xb, q13, fmt)
+    got = fused_moe(xb, ids, wts, q13, q2, quant=fmt, w13_scale=s.w13_scale, w2_scale=s.w2_scale)
+    set_enabled(False)
+    try:
+        tc = fused_moe(xb, ids, wts, q13, q2, quant=fmt, w13_scale=s.w13_scale, w2_scale=s.w2_scale)
+    finally:
+        set_enabled(True)
+    deq = fused_moe_ref(xb.float(), ids, wts, d13, d2).float()
+    full = fused_moe_ref(xb.float(), ids, wts, w13, w2).float()
+    err = lambda y, ref: ((y.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(got, deq) < 1e-2
+    assert err(got, full) <= err(tc, full) + 2e-3

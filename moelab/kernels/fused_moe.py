@@ -481,7 +481,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if T * K == 0:
         return x.new_zeros(T if sum_topk else T * K, D)
     if moe_gemv_applies(x, w13, quant):  # one token: the experts as matrix-vector products (moe_gemv.py)
-        y = moe_gemv(x, topk_ids, topk_weights, w13, w2)
+        y = moe_gemv(x, topk_ids, topk_weights, w13, w2, quant=quant, w13_scale=w13_scale, w2_scale=w2_scale)
         return y if K == 1 or not sum_topk else moe_sum(y, K)
     cfg = quant_config(config or config_for(x, K, w13, quant), quant)
     weights = topk_weights.reshape(-1).contiguous().float()
