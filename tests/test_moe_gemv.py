@@ -9,7 +9,7 @@ from conftest import DEV, needs_gpu
 
 from moelab.kernels.fused_moe import fused_moe, fused_moe_ref
 from moelab.kernels.moe_gemv import MoeGemvConfig, applies, moe_gemv, moe_gemv_ref, set_enabled
-from moelab.layers.moe.quant import dequantize, quantize_experts
+from moelab.layers.moe.quant import QuantScales, dequantize, quantize_experts
 
 
 def _inputs(E: int, K: int, D: int, I: int, dtype: torch.dtype, seed: int, same_expert: bool = False):
@@ -129,3 +129,38 @@ def test_cuda_quantized_moe_gemv_against_both_oracles(fmt):
     err = lambda y, ref: ((y.float() - ref).norm() / ref.norm()).item()  # noqa: E731
     assert err(got, deq) < 1e-2
     assert err(got, full) <= err(tc, full) + 2e-3
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("D,I,configs", [
+    (256, 192, (MoeGemvConfig(8, 256, 2), MoeGemvConfig(16, 128, 2))),  # two scale blocks a gate_up chunk
+    (320, 96, (MoeGemvConfig(8, 64, 2), MoeGemvConfig(16, 32, 1))),  # ragged blocks, chunks inside one block
+])
+def test_packed_words_give_the_element_path(fmt, D, I, configs):
+    """8-bit weights read as int32 words and unpacked with integer operations (bf16 x): the values of the
+    element-wise conversion path, and of the twin on the dequantized weights, including fp8 subnormals, zeros and
+    both signs, and int8's -127..127."""
+    E, K = 4, 2
+    x, ids, wts, (q13, q2, s13, s2, d13, d2) = _quantized(fmt, E, K, D, I, seed=D)
+    if fmt != "int8_channel":  # every e4m3 byte but NaN in the weights of the experts used
+        codes = torch.arange(256, dtype=torch.uint8)
+        codes = codes[(codes & 0x7F) != 0x7F].view(torch.float8_e4m3fn).to(DEV)
+        q13.view(-1)[: codes.numel()] = codes
+        q2.view(-1)[: codes.numel()] = codes
+        q13[ids[0, 0]] = q13[0]
+        q2[ids[0, 0]] = q2[0]
+        d13, d2 = dequantize(q13.cpu(), q2.cpu(), QuantScales(fmt, s13.cpu(), s2.cpu()))
+        d13, d2 = d13.to(DEV), d2.to(DEV)
+    xb = (x * 3).to(torch.bfloat16)
+    kw = dict(quant=fmt, w13_scale=s13, w2_scale=s2)
+    words = moe_gemv(xb, ids, wts, q13, q2, configs, packed=True, **kw)
+    elems = moe_gemv(xb, ids, wts, q13, q2, configs, packed=False, **kw)
+    assert torch.allclose(words.float(), elems.float(), atol=1e-2, rtol=1e-2)
+    want = moe_gemv_ref(xb.float(), ids, wts, d13, d2)
+    assert torch.allclose(words.float(), want, atol=2e-2, rtol=2e-2), (words.float() - want).abs().max()
+
+
+def test_packed_needs_what_it_reads():
+    x, ids, wts, (q13, q2, s13, s2, d13, d2) = _quantized("int8_channel", 4, 2, 64, 32, seed=3)
+    with pytest.raises(ValueError, match="packed=True needs 8-bit weights, bf16 x"):
+        moe_gemv(x, ids, wts, q13, q2, quant="int8_channel", w13_scale=s13, w2_scale=s2, packed=True)
