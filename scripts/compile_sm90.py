@@ -185,6 +185,18 @@ def _cases():
         yield f"moe-gemv-down-{name}", moe_gemv._moe_down_gemv_kernel, {
             "h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "wt_ptr": "*fp32", "y_ptr": "*bf16"}, dict(
             BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, USE_PDL=True), dict(num_warps=dn.num_warps)
+    gu = moe_gemv.default_configs(2048, 1408)[0]  # a shared expert's gate and up (gate_up_gemv)
+    yield "gate-up-gemv-dense", moe_gemv._moe_gate_up_gemv_kernel, {
+        "x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*bf16", "h_ptr": "*bf16", "s_ptr": "*bf16"}, dict(
+        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, DENSE=True, USE_PDL=True), dict(num_warps=gu.num_warps)
+    gu, dn = moe_gemv.default_configs(2048, 1024, weight_bytes=1)  # int8 W8A16, packed words (OLMoE)
+    yield "moe-gemv-gate-up-int8-packed", moe_gemv._moe_gate_up_gemv_kernel, {
+        "x_ptr": "*bf16", "w_ptr": "*i8", "ids_ptr": "*i64", "h_ptr": "*bf16", "s_ptr": "*fp32"}, dict(
+        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, SCALED=True, PER=4, USE_PDL=True), dict(num_warps=gu.num_warps)
+    yield "moe-gemv-down-int8-packed", moe_gemv._moe_down_gemv_kernel, {
+        "h_ptr": "*bf16", "w_ptr": "*i8", "ids_ptr": "*i64", "wt_ptr": "*fp32", "y_ptr": "*bf16",
+        "s_ptr": "*fp32"}, dict(BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, SCALED=True, PER=4, USE_PDL=True), dict(
+        num_warps=dn.num_warps)
 
     yield "decode-inputs", decode_inputs._feed_inputs_kernel, {
         "staging_ptr": "*i64", "tokens_ptr": "*i64", "seq_lens_ptr": "*i32"}, dict(

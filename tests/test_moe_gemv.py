@@ -8,8 +8,17 @@ import torch
 from conftest import DEV, needs_gpu
 
 from moelab.kernels.fused_moe import fused_moe, fused_moe_ref
-from moelab.kernels.moe_gemv import MoeGemvConfig, applies, moe_gemv, moe_gemv_ref, set_enabled
-from moelab.layers.moe.quant import QuantScales, dequantize, quantize_experts
+from moelab.kernels.moe_gemv import (
+    MoeGemvConfig,
+    applies,
+    dense_applies,
+    gate_up_gemv,
+    gate_up_gemv_ref,
+    moe_gemv,
+    moe_gemv_ref,
+    set_enabled,
+)
+from moelab.layers.moe.quant import dequantize, quantize_experts
 
 
 def _inputs(E: int, K: int, D: int, I: int, dtype: torch.dtype, seed: int, same_expert: bool = False):
@@ -66,9 +75,6 @@ def test_cuda_bf16_moe_gemv_agrees_with_the_tensor_core_path(E, K, D, I):
     assert err(got) < 1e-2 and err(tc) < 1e-2 and abs(err(got) - err(tc)) < 5e-3
 
 
-FORMATS = ["fp8_tensor", "fp8_channel", "fp8_block", "int8_channel"]
-
-
 def _quantized(fmt: str, E: int, K: int, D: int, I: int, seed: int):
     x, ids, wts, w13, w2 = _inputs(E, K, D, I, torch.float32, seed)
     q13, q2, s = quantize_experts(w13.cpu(), w2.cpu(), fmt)
@@ -76,83 +82,37 @@ def _quantized(fmt: str, E: int, K: int, D: int, I: int, seed: int):
     return x, ids, wts, [t.to(DEV) for t in (q13, q2, s.w13_scale, s.w2_scale, d13, d2)]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("E,K,D,I,configs", [
-    (6, 2, 300, 200, None),  # block scales over ragged blocks (300 = 2 x 128 + 44), chunks of 512 and 256
-    (4, 2, 256, 192, (MoeGemvConfig(8, 64, 2), MoeGemvConfig(16, 64, 2))),  # chunks inside one scale block
-    (4, 2, 512, 256, (MoeGemvConfig(4, 256, 2), MoeGemvConfig(8, 128, 2))),  # two scale blocks a chunk
+    (6, 2, 300, 200, None),  # sizes that are no multiple of the chunks
+    (4, 2, 256, 192, (MoeGemvConfig(8, 64, 2), MoeGemvConfig(16, 64, 2))),  # several chunks in both kernels
 ])
-def test_quantized_moe_gemv_computes_with_the_dequantized_weights(fmt, E, K, D, I, configs):
-    """8-bit weights times their scales, activations unquantized: the twin on the dequantized weights."""
-    x, ids, wts, (q13, q2, s13, s2, d13, d2) = _quantized(fmt, E, K, D, I, seed=D + I)
-    got = moe_gemv(x, ids, wts, q13, q2, configs, quant=fmt, w13_scale=s13, w2_scale=s2)
+def test_int8_moe_gemv_computes_with_the_dequantized_weights(E, K, D, I, configs):
+    """int8 weights times their per-row scales, x unquantized (W8A16): the twin on the dequantized weights."""
+    x, ids, wts, (q13, q2, s13, s2, d13, d2) = _quantized("int8_channel", E, K, D, I, seed=D + I)
+    got = moe_gemv(x, ids, wts, q13, q2, configs, quant="int8_channel", w13_scale=s13, w2_scale=s2)
     want = moe_gemv_ref(x, ids, wts, d13, d2)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
-    # wrong block of scales is seen: scaling one block row of the first expert moves the result
-    if fmt == "fp8_block" and 0 in ids:
-        s13b = s13.clone()
-        s13b[0, -1] *= 2
-        assert not torch.allclose(moe_gemv(x, ids, wts, q13, q2, configs, quant=fmt, w13_scale=s13b, w2_scale=s2),
-                                  got)
+    s2b = s2.clone()
+    s2b[ids[0, 0], 0] *= 2  # one row's scale is applied to that row only
+    bad = moe_gemv(x, ids, wts, q13, q2, configs, quant="int8_channel", w13_scale=s13, w2_scale=s2b)
+    assert not torch.allclose(bad[0, 0], got[0, 0]) and torch.equal(bad[:, 1:], got[:, 1:])
 
 
-def test_quantized_moe_gemv_rejects_bad_scales_and_dtypes():
-    x, ids, wts, (q13, q2, s13, s2, d13, d2) = _quantized("fp8_channel", 4, 2, 64, 32, seed=3)
-    with pytest.raises(ValueError, match="wants float32 scales of shape"):
-        moe_gemv(x, ids, wts, q13, q2, quant="fp8_channel", w13_scale=s13[:, :8], w2_scale=s2)
-    with pytest.raises(ValueError, match="available: fp8_tensor"):
-        moe_gemv(x, ids, wts, q13, q2, quant="fp4", w13_scale=s13, w2_scale=s2)
-    with pytest.raises(ValueError, match="int8_channel weights must be torch.int8"):
-        moe_gemv(x, ids, wts, q13, q2, quant="int8_channel", w13_scale=s13, w2_scale=s2)
-    assert not applies(x.cpu(), q13.cpu(), "fp8_channel")
-
-
-@needs_gpu
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_cuda_quantized_moe_gemv_against_both_oracles(fmt):
-    """bf16 x, 8-bit weights on the GPU: close to the dequantized weights' float32 result (weights-only
-    quantization), and no further from the unquantized one than the tensor cores' W8A8 / W8A16 path."""
-    E, K, D, I = 64, 8, 2048, 1024
-    x, ids, wts, w13, w2 = _inputs(E, K, D, I, torch.float32, seed=5)
-    q13, q2, s = quantize_experts(w13, w2, fmt)
-    d13, d2 = dequantize(q13, q2, s)
-    xb = x.to(torch.bfloat16)
-    assert applies(xb, q13, fmt)
-    got = fused_moe(xb, ids, wts, q13, q2, quant=fmt, w13_scale=s.w13_scale, w2_scale=s.w2_scale)
-    set_enabled(False)
-    try:
-        tc = fused_moe(xb, ids, wts, q13, q2, quant=fmt, w13_scale=s.w13_scale, w2_scale=s.w2_scale)
-    finally:
-        set_enabled(True)
-    deq = fused_moe_ref(xb.float(), ids, wts, d13, d2).float()
-    full = fused_moe_ref(xb.float(), ids, wts, w13, w2).float()
-    err = lambda y, ref: ((y.float() - ref).norm() / ref.norm()).item()  # noqa: E731
-    assert err(got, deq) < 1e-2
-    assert err(got, full) <= err(tc, full) + 2e-3
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("D,I,configs", [
-    (256, 192, (MoeGemvConfig(8, 256, 2), MoeGemvConfig(16, 128, 2))),  # two scale blocks a gate_up chunk
-    (320, 96, (MoeGemvConfig(8, 64, 2), MoeGemvConfig(16, 32, 1))),  # ragged blocks, chunks inside one block
+    (256, 192, (MoeGemvConfig(8, 256, 2), MoeGemvConfig(16, 128, 2))),
+    (320, 96, (MoeGemvConfig(8, 64, 2), MoeGemvConfig(16, 32, 1))),  # a partial last chunk in words
 ])
-def test_packed_words_give_the_element_path(fmt, D, I, configs):
-    """8-bit weights read as int32 words and unpacked with integer operations (bf16 x): the values of the
-    element-wise conversion path, and of the twin on the dequantized weights, including fp8 subnormals, zeros and
-    both signs, and int8's -127..127."""
+def test_packed_int8_words_give_the_element_path(D, I, configs):
+    """int8 weights read as int32 words and unpacked with integer operations (bf16 x): the values of the
+    element-wise conversion, and of the twin, over every int8 code -128..127 and both signs of x."""
     E, K = 4, 2
-    x, ids, wts, (q13, q2, s13, s2, d13, d2) = _quantized(fmt, E, K, D, I, seed=D)
-    if fmt != "int8_channel":  # every e4m3 byte but NaN in the weights of the experts used
-        codes = torch.arange(256, dtype=torch.uint8)
-        codes = codes[(codes & 0x7F) != 0x7F].view(torch.float8_e4m3fn).to(DEV)
-        q13.view(-1)[: codes.numel()] = codes
-        q2.view(-1)[: codes.numel()] = codes
-        q13[ids[0, 0]] = q13[0]
-        q2[ids[0, 0]] = q2[0]
-        d13, d2 = dequantize(q13.cpu(), q2.cpu(), QuantScales(fmt, s13.cpu(), s2.cpu()))
-        d13, d2 = d13.to(DEV), d2.to(DEV)
+    x, ids, wts, (q13, q2, s13, s2, d13, d2) = _quantized("int8_channel", E, K, D, I, seed=D)
+    codes = torch.arange(-128, 128, dtype=torch.int8).to(DEV)
+    for q in (q13, q2):
+        q[ids[0, 0]].view(-1)[: codes.numel()] = codes
+    d13, d2 = q13.float() * s13[:, :, None], q2.float() * s2[:, :, None]
     xb = (x * 3).to(torch.bfloat16)
-    kw = dict(quant=fmt, w13_scale=s13, w2_scale=s2)
+    kw = dict(quant="int8_channel", w13_scale=s13, w2_scale=s2)
     words = moe_gemv(xb, ids, wts, q13, q2, configs, packed=True, **kw)
     elems = moe_gemv(xb, ids, wts, q13, q2, configs, packed=False, **kw)
     assert torch.allclose(words.float(), elems.float(), atol=1e-2, rtol=1e-2)
@@ -160,7 +120,73 @@ def test_packed_words_give_the_element_path(fmt, D, I, configs):
     assert torch.allclose(words.float(), want, atol=2e-2, rtol=2e-2), (words.float() - want).abs().max()
 
 
-def test_packed_needs_what_it_reads():
+def test_quantized_moe_gemv_rejects_what_it_does_not_take():
     x, ids, wts, (q13, q2, s13, s2, d13, d2) = _quantized("int8_channel", 4, 2, 64, 32, seed=3)
-    with pytest.raises(ValueError, match="packed=True needs 8-bit weights, bf16 x"):
-        moe_gemv(x, ids, wts, q13, q2, quant="int8_channel", w13_scale=s13, w2_scale=s2, packed=True)
+    kw = dict(w13_scale=s13, w2_scale=s2)
+    with pytest.raises(ValueError, match="wants a float32 w13_scale of shape"):
+        moe_gemv(x, ids, wts, q13, q2, quant="int8_channel", w13_scale=s13[:, :8], w2_scale=s2)
+    with pytest.raises(ValueError, match="the fp8 formats run on fused_moe's tensor cores"):
+        moe_gemv(x, ids, wts, q13, q2, quant="fp8_channel", **kw)
+    with pytest.raises(ValueError, match="packed=True needs int8 weights, bf16 x"):
+        moe_gemv(x, ids, wts, q13, q2, quant="int8_channel", packed=True, **kw)
+    with pytest.raises(ValueError, match="int8_channel weights must be torch.int8"):
+        moe_gemv(x, ids, wts, d13, d2, quant="int8_channel", **kw)
+    assert not applies(x.cpu(), q13.cpu(), "int8_channel")  # a GPU only
+    fp8 = q13.cpu().float().to(torch.float8_e4m3fn)
+    if torch.cuda.is_available():
+        assert not applies(x.cuda(), fp8.cuda(), "fp8_channel") and applies(x.cuda(), q13.cuda(), "int8_channel")
+
+
+@needs_gpu
+def test_cuda_int8_moe_gemv_against_the_tensor_cores():
+    """bf16 x, int8 weights on the GPU (the packed path): as close to the dequantized weights' float32 result as
+    the tensor cores' W8A16 path."""
+    E, K, D, I = 64, 8, 2048, 1024
+    x, ids, wts, w13, w2 = _inputs(E, K, D, I, torch.float32, seed=5)
+    q13, q2, s = quantize_experts(w13, w2, "int8_channel")
+    d13, d2 = dequantize(q13, q2, s)
+    xb = x.to(torch.bfloat16)
+    kw = dict(quant="int8_channel", w13_scale=s.w13_scale, w2_scale=s.w2_scale)
+    assert applies(xb, q13, "int8_channel")
+    got = fused_moe(xb, ids, wts, q13, q2, **kw)
+    set_enabled(False)
+    try:
+        tc = fused_moe(xb, ids, wts, q13, q2, **kw)
+    finally:
+        set_enabled(True)
+    deq = fused_moe_ref(xb.float(), ids, wts, d13, d2).float()
+    err = lambda y: ((y.float() - deq).norm() / deq.norm()).item()  # noqa: E731
+    assert err(got) < 1e-2 and err(got) <= err(tc) + 2e-3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("D,I,config", [(96, 80, None), (64, 48, MoeGemvConfig(4, 16, 2))])
+def test_dense_gate_up_gemv_matches_its_twin(dtype, tol, D, I, config):
+    """A dense gated MLP's gate and up at one row with silu * mul in the same launch (shared experts)."""
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(1, D, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(2 * I, D, generator=g) / D ** 0.5).to(dtype).to(DEV)
+    got = gate_up_gemv(x, w, config)
+    assert got.shape == (1, I) and got.dtype == dtype
+    assert torch.allclose(got.float(), gate_up_gemv_ref(x, w).float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match=r"w \[2I, D\]"):
+        gate_up_gemv(x, w[:, :8])
+    assert not dense_applies(x.cpu(), w.cpu())
+
+
+@needs_gpu
+def test_cuda_gated_mlp_one_row_takes_gate_up_gemv():
+    from moelab.layers.mlp import GatedMLP
+
+    torch.manual_seed(0)
+    mlp = GatedMLP(512, 1408).to(DEV, torch.bfloat16)
+    mlp.fuse_gate_up()
+    x = torch.randn(1, 512, device=DEV, dtype=torch.bfloat16)
+    assert dense_applies(x, mlp.gate_up_weight)
+    got = mlp(x)
+    set_enabled(True, dense=False)
+    try:
+        want = mlp(x)
+    finally:
+        set_enabled(True, dense=True)
+    assert (got.float() - want.float()).norm() / want.float().norm() < 1e-2

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelab.kernels.moe_gemv import dense_applies, gate_up_gemv
 from moelab.layers.linear import Linear, linear
 
 
@@ -32,6 +33,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
+            if self.fused_act and dense_applies(x, self.gate_up_weight):  # one row on a GPU: one launch
+                return self.down_proj(gate_up_gemv(x, self.gate_up_weight))
             gu = linear(x, self.gate_up_weight)
             if self.fused_act and gu.dim() == 2 and (gu.is_cuda or gu.dtype != torch.bfloat16):
                 from moelab.kernels.activation import silu_mul
