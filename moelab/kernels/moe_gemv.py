@@ -69,9 +69,9 @@ def default_configs(D: int, I: int, weight_bytes: int = 2) -> tuple[MoeGemvConfi
     """(gate_up, down), from sweeps on an H200 over the one-token layers of OLMoE, Qwen1.5-MoE, DeepSeek-V2-Lite,
     Qwen3-30B-A3B and Mixtral (docs/perf/engine.md, v9). bf16: gate_up 2 h columns (4 weight rows) a program in
     chunks of up to 1,024 values on 4 warps, down 8 rows in chunks of up to 512 on 4 warps (best of 30 pairs on
-    OLMoE and Mixtral, within 2.5 % on Qwen1.5-MoE and DeepSeek-V2-Lite, 9 % on Qwen3). int8: gate_up 4 columns x
-    2,048, down 16 rows x 512, 4 warps each (best of 20 pairs on OLMoE, DeepSeek-V2-Lite and Qwen3; within 11 % on
-    the other two)."""
+    OLMoE and Mixtral, within 2.5 % on Qwen1.5-MoE and DeepSeek-V2-Lite, 9 % on Qwen3). int8 (packed words): gate_up 4
+    columns x 2,048, down 16 rows x 512, 4 warps each (best of 20 pairs on OLMoE and Qwen3, within 2.5 % of the best
+    on DeepSeek-V2-Lite and Mixtral, 6 % on Qwen1.5-MoE)."""
     if weight_bytes == 1:
         return (MoeGemvConfig(4, min(2048, triton.next_power_of_2(max(D, 16))), 4),
                 MoeGemvConfig(16, min(512, triton.next_power_of_2(max(I, 16))), 4))
