@@ -9,7 +9,9 @@ import pytest
 import torch
 from conftest import DEV, needs_gpu
 
+from moelab.engine.block_manager import KVCacheLeakError
 from moelab.engine.sampling_params import SamplingParams
+from moelab.engine.sequence import Sequence
 from moelab.llm import LLM
 
 transformers = pytest.importorskip("transformers")
@@ -224,6 +226,37 @@ def test_abort_frees_blocks(olmoe: LLM) -> None:
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.block_manager.num_free_blocks == eng.num_blocks - 1
+
+
+def test_going_idle_with_blocks_or_requests_held_fails_loudly(olmoe: LLM) -> None:
+    """reliability C6: whenever the engine goes idle every KV block must be free and no request tracked; a leak
+    fails at the step (or abort) that left it, with its counts, instead of slowly shrinking the cache."""
+    eng = olmoe.engine
+    eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=3), request_id="ok")
+    while eng.has_unfinished_requests():
+        eng.step()  # a normal run goes idle without complaint
+    ghost = Sequence("ghost", [1, 2, 3, 4, 5], SamplingParams(max_tokens=1), max_tokens=1)
+    eng.block_manager.allocate(ghost, 5)  # blocks held by a sequence the scheduler does not know
+    held = eng.block_manager.blocks_for(5)
+    with pytest.raises(KVCacheLeakError, match=rf"no sequence is left but {held} of \d+ blocks are not free"):
+        eng.step()
+    eng.block_manager.free(ghost)
+    eng.step()
+    eng.requests["stale"] = ghost
+    with pytest.raises(KVCacheLeakError, match="tracks 1 requests"):
+        eng.step()
+    del eng.requests["stale"]
+    eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=30), request_id="gone")
+    eng.step()
+    eng.block_manager.ref_counts[eng.requests["gone"].block_table[0]] += 1  # a reference nobody drops
+    with pytest.raises(KVCacheLeakError):  # an abort that leaves the engine idle is checked there, or at the next
+        eng.abort_request("gone")  # step when a launched step was still in flight
+        for _ in range(3):
+            eng.step()
+    b = next(b for b, n in enumerate(eng.block_manager.ref_counts) if n)
+    eng.block_manager.ref_counts[b] = 0
+    eng.block_manager.free_blocks.appendleft(b)
+    eng.step()
 
 
 def test_unknown_model_and_tiny_pool_errors(tiny_checkpoints: dict[str, Path]) -> None:

@@ -21,10 +21,12 @@ import torch
 from fastapi.testclient import TestClient
 from server_helpers import MAX_MODEL_LEN, LiveServer, make_engine, parse_sse, stream_text, wait_idle
 
+from moelab.cli import main
 from moelab.engine.detokenizer import IncrementalDetokenizer
 from moelab.engine.sampling_params import SamplingParams
 from moelab.server.app import create_app
 from moelab.server.engine_loop import EngineLoop, EngineRequest
+from moelab.server.metrics import ServerMetrics
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
@@ -445,6 +447,21 @@ def test_metrics_exposition(client: httpx.Client) -> None:
         assert f'moelab:{name}{{model_name="tiny"}}' in samples
     assert samples['moelab:request_success_total{model_name="tiny",finished_reason="length"}'] > 0
     assert samples['moelab:num_requests_running{model_name="tiny"}'] == 0
+
+
+def test_metrics_prefix_gives_vllms_names(capsys) -> None:
+    """O4: --metrics-prefix vllm: exposes the same families under vLLM's names (its dashboards work); a prefix
+    Prometheus would reject is refused before anything starts."""
+    m = ServerMetrics("tiny", lambda: {"num_running": 2}, prefix="vllm:")
+    text = m.render()
+    assert "# TYPE vllm:time_to_first_token_seconds histogram" in text
+    assert 'vllm:num_requests_running{model_name="tiny"} 2' in text and "moelab:" not in text
+    assert text.count("# TYPE ") == ServerMetrics("tiny").render().count("# TYPE moelab:")
+    for bad in ("", "9x:", "vllm-", "a b"):
+        with pytest.raises(ValueError, match="Prometheus metric names take letters"):
+            ServerMetrics("tiny", prefix=bad)
+    assert main(["serve", "no-such-model", "--metrics-prefix", "bad-"]) == 2  # refused before the model is looked up
+    assert "metrics prefix 'bad-'" in capsys.readouterr().err
 
 
 def test_counters_equal_the_workload_exactly() -> None:

@@ -15,6 +15,10 @@ from moelab.engine.sequence import Sequence
 NULL_BLOCK = 0
 
 
+class KVCacheLeakError(RuntimeError):
+    """The engine went idle with KV blocks still held: a finished, aborted or preempted sequence kept its blocks."""
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 2:
@@ -72,6 +76,15 @@ class BlockManager:
             if self.ref_counts[b] == 0:
                 self.free_blocks.appendleft(b)
         seq.block_table = []
+
+    def check_idle(self) -> None:
+        """With no sequence left, every usable block must be free (O(1) when it holds; the engine calls it whenever
+        it goes idle, so a leak fails at the request that caused it instead of as a slow shrink of the cache)."""
+        if self.num_free_blocks != self.num_usable_blocks:
+            held = [b for b in range(1, self.num_blocks) if self.ref_counts[b]]
+            raise KVCacheLeakError(
+                f"KV cache: no sequence is left but {self.num_usable_blocks - self.num_free_blocks} of "
+                f"{self.num_usable_blocks} blocks are not free ({len(held)} with references, e.g. blocks {held[:8]})")
 
     def check_invariants(self, seqs: list[Sequence]) -> None:
         """Raise AssertionError unless the free list and ref counts agree with the given block tables."""

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from moelab.device import default_device
-from moelab.engine.block_manager import BlockManager
+from moelab.engine.block_manager import BlockManager, KVCacheLeakError
 from moelab.engine.config import EngineConfig
 from moelab.engine.detokenizer import IncrementalDetokenizer
 from moelab.engine.model_runner import ModelRunner
@@ -149,6 +149,7 @@ class LLMEngine:
         seq.finish("abort")
         self.scheduler.finish(seq)
         self.runner.forget(seq)
+        self._check_idle()
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -186,7 +187,17 @@ class LLMEngine:
         if launched is not None and not self.config.async_scheduling:
             out += self._settle(launched)
             self._inflight = None
+        self._check_idle()
         return out
+
+    def _check_idle(self) -> None:
+        """Idle (nothing waiting, running or in flight): no KV block may be held and no request tracked."""
+        if self.has_unfinished_requests():
+            return
+        self.scheduler.bm.check_idle()
+        if self.requests:
+            raise KVCacheLeakError(f"the engine is idle but tracks {len(self.requests)} requests "
+                                   f"(e.g. {list(self.requests)[:4]}) that no longer run")
 
     def _settle(self, flight) -> list[tuple[Sequence, list[int]]]:
         """Wait for a launched step and apply its tokens."""

@@ -28,6 +28,7 @@ from moelab.server.auth import APIKeyMiddleware
 from moelab.server.chat_template import DEFAULT as DEFAULT_CHAT_TEMPLATE
 from moelab.server.engine_loop import EngineLoop
 from moelab.server.errors import APIError, error_response, install_handlers, parse_model
+from moelab.server.metrics import PREFIX as METRICS_PREFIX
 from moelab.server.metrics import ServerMetrics
 from moelab.server.preprocess import ModelContext, check_model, prepare
 from moelab.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -97,17 +98,18 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
 def create_app(engine: Any, served_model_names: list[str] | None = None, api_key: str | list[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, chat_template: str | None = None,
                chat_specials: dict[str, str] | None = None, on_engine_dead: Any = None,
-               watchdog_timeout: float | None = None, max_inflight_choices: int | None = None) -> FastAPI:
+               watchdog_timeout: float | None = None, max_inflight_choices: int | None = None,
+               metrics_prefix: str = METRICS_PREFIX) -> FastAPI:
     """The app; `app.state.server` is its ServerState. The engine thread starts with the app (or the first
     request) and stops with the app's lifespan. watchdog_timeout: seconds one engine step may run before the
     engine is declared hung (EngineLoop), None for no watchdog. max_inflight_choices: past this many accepted and
     unfinished engine requests (a request with several prompts or n > 1 counts each choice, admitted all or none),
     new requests get 503 with Retry-After, so a load balancer can shed load instead of queues and TTFT growing
-    without bound; None: no cap."""
+    without bound; None: no cap. metrics_prefix: of every /metrics name ("vllm:" for vLLM's exact names)."""
     if max_inflight_choices is not None and max_inflight_choices < 1:
         raise ValueError(f"max_inflight_choices must be >= 1 (or None: no cap), got {max_inflight_choices}")
     names = tuple(served_model_names or [str(getattr(getattr(engine, "config", None), "model", "moelab"))])
-    metrics = ServerMetrics(names[0])
+    metrics = ServerMetrics(names[0], prefix=metrics_prefix)
     loop = EngineLoop(engine, metrics, on_engine_dead, watchdog_timeout)
     metrics.stats = lambda: loop.stats
     model = ModelContext(engine.tokenizer, int(engine.spec.vocab_size), int(engine.max_model_len), names,

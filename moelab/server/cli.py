@@ -38,6 +38,8 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     s.add_argument("--max-inflight-requests", type=int, default=0,
                    help="admission cap: past this many accepted, unfinished engine requests (each prompt x n "
                         "counts) new ones get 503 with Retry-After (0: no cap)")
+    s.add_argument("--metrics-prefix", default="moelab:",
+                   help="prefix of every /metrics name; 'vllm:' gives vLLM's names, so its dashboards work")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--disable-uvicorn-access-log", action="store_true")
     e = p.add_argument_group("engine (see EngineConfig)")
@@ -79,12 +81,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from moelab.engine.llm_engine import LLMEngine
     from moelab.server.app import create_app
     from moelab.server.chat_template import load_chat_template
+    from moelab.server.metrics import check_prefix
     from moelab.server.serve import make_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.watchdog_timeout < 0 or args.max_inflight_requests < 0:  # before the model loads
         raise ValueError(f"--watchdog-timeout and --max-inflight-requests must be >= 0 (0: off), got "
                          f"{args.watchdog_timeout} and {args.max_inflight_requests}")
+    check_prefix(args.metrics_prefix)
     if not args.api_key and os.environ.get("MOELAB_API_KEY", "").strip():  # keeps the key out of the process list
         args.api_key = [os.environ["MOELAB_API_KEY"].strip()]
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
@@ -97,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     template, specials = load_chat_template(args.model)
     app = create_app(engine, args.served_model_name, args.api_key, args.max_body_bytes, template, specials,
                      watchdog_timeout=args.watchdog_timeout or None,
-                     max_inflight_choices=args.max_inflight_requests or None)
+                     max_inflight_choices=args.max_inflight_requests or None, metrics_prefix=args.metrics_prefix)
     server = make_server(app, args.host, args.port, args.shutdown_timeout, args.log_level,
                          not args.disable_uvicorn_access_log)
     r = engine.resolved

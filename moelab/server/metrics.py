@@ -1,4 +1,5 @@
-"""Prometheus metrics in the text exposition format (0.0.4), written by hand, with vLLM's names under `moelab:`.
+"""Prometheus metrics in the text exposition format (0.0.4), written by hand, with vLLM's names under `moelab:`
+(`prefix="vllm:"`, `moelab serve --metrics-prefix vllm:`, gives vLLM's exact names, so its dashboards work).
 
 Every sample carries a model_name label. Latencies come from the engine's own perf_counter timestamps (one
 process, one monotonic clock), with arrival = when the HTTP request was received:
@@ -19,6 +20,7 @@ Writers are the engine thread and the event loop; a lock keeps each update whole
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +31,15 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                          0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 FINISH_REASONS = ("stop", "length", "abort")
+_PREFIX_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def check_prefix(prefix: str) -> str:
+    """A metric-name prefix Prometheus accepts (letters, digits, _ and :, not starting with a digit), or ValueError."""
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise ValueError(f"metrics prefix {prefix!r}: Prometheus metric names take letters, digits, '_' and ':' and "
+                         f"do not start with a digit (e.g. 'moelab:', 'vllm:')")
+    return prefix
 
 
 def _escape(value: str) -> str:
@@ -67,7 +78,9 @@ class Histogram:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, stats: Callable[[], dict[str, float]] | None = None) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], dict[str, float]] | None = None,
+                 prefix: str = PREFIX) -> None:
+        self.prefix = check_prefix(prefix)
         self.labels = {"model_name": model_name}
         self.stats = stats or dict
         self.lock = threading.Lock()
@@ -126,14 +139,14 @@ class ServerMetrics:
     # ----- exposition -----
     def render(self) -> str:
         s = self.stats()
-        L = self.labels
+        L, P = self.labels, self.prefix
         out: list[str] = []
 
         def family(name: str, kind: str, help_: str, lines: list[str]) -> None:
-            out.extend([f"# HELP {PREFIX}{name} {help_}", f"# TYPE {PREFIX}{name} {kind}", *lines])
+            out.extend([f"# HELP {P}{name} {help_}", f"# TYPE {P}{name} {kind}", *lines])
 
         def sample(name: str, value: float, labels: dict[str, str] = L) -> str:
-            return f"{PREFIX}{name}{_labels(labels)} {_num(value)}"
+            return f"{P}{name}{_labels(labels)} {_num(value)}"
 
         with self.lock:
             family("num_requests_running", "gauge", "Requests in the running batch.",
@@ -163,5 +176,5 @@ class ServerMetrics:
                 ("e2e_request_latency_seconds", self.e2e, "From HTTP arrival to the last token."),
                 ("request_queue_time_seconds", self.queue, "From HTTP arrival to first scheduled."),
             ):
-                family(name, "histogram", help_, hist.lines(PREFIX + name, L))
+                family(name, "histogram", help_, hist.lines(P + name, L))
         return "\n".join(out) + "\n"
