@@ -291,6 +291,18 @@ def test_cli_sweep_writes_results_and_store(fake_url, tmp_path: Path, capsys: py
     assert exit_.value.code == 2 and "expected KEY:MS with KEY one of ttft, tpot, e2el" in capsys.readouterr().err
 
 
+def test_append_result_adds_one_line_per_point(fake_url, tmp_path: Path) -> None:
+    """B6: --append-result keeps what the file held and adds each point as a line (a sweep into one file)."""
+    url, _ = fake_url
+    args = ["bench", "serve", "--base-url", url, "--dataset-name", "fixed", "--num-prompts", "2", "--request-rate",
+            "200", "--burstiness", "inf", "--concurrency", "1", "2", "--no-store", "--result-dir", str(tmp_path),
+            "--result-filename", "all.jsonl", "--append-result"]
+    assert moelab_main(args) == 0 and moelab_main(args) == 0
+    lines = (tmp_path / "all.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["max_concurrency"] for ln in lines] == [1, 2, 1, 2]
+    assert all(json.loads(ln)["completed"] == 2 for ln in lines)
+
+
 def test_against_moelab_serve() -> None:
     srv = LiveServer(make_engine(), served_model_names=["tiny"])
     try:

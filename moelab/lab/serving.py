@@ -437,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--save-detailed", action="store_true", help="with per-request arrays")
     o.add_argument("--result-dir", default=".")
     o.add_argument("--result-filename")
+    o.add_argument("--append-result", action="store_true",
+                   help="add each point as one line to its result file instead of replacing it (newline-delimited "
+                        "JSON; with --result-filename every point goes to that file)")
     o.add_argument("--store", help="results store (default: $MOELAB_STORE or ./moelab_results.sqlite)")
     o.add_argument("--no-store", action="store_true", help="do not write to the results store")
     return p
@@ -470,8 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as err:
         print(f"moelab bench serve: error: {err}", file=sys.stderr)
         return 2
-    if args.save_result or args.save_detailed:
-        for path in save_results(results, args.result_dir, args.result_filename, args.save_detailed):
+    if args.save_result or args.save_detailed or args.append_result:
+        for path in save_results(results, args.result_dir, args.result_filename, args.save_detailed,
+                                 args.append_result):
             print(f"wrote {path}")
     print(json.dumps({"points": [{k: v for k, v in r.items() if k != "detailed"} for r in results]}))
     return 0 if all(r["completed"] for r in results) else 1

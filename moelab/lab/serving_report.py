@@ -86,17 +86,21 @@ def store_point(store: Any, cfg: BenchConfig, res: dict | None, rate: float, con
     return run_id
 
 
-def save_results(results: list[dict], result_dir: str, filename: str | None, detailed: bool) -> list[Path]:
-    """One JSON file per point, named like vLLM's: {label}-{rate}qps[-concurrency{C}]-{model}-{date}.json."""
+def save_results(results: list[dict], result_dir: str, filename: str | None, detailed: bool,
+                 append: bool = False) -> list[Path]:
+    """One JSON file per point, named like vLLM's: {label}-{rate}qps[-concurrency{C}]-{model}-{date}.json.
+    append (vLLM's --append-result): each point is added as one line to its file (with --result-filename, every
+    point of a sweep to that one file), so the file holds newline-delimited objects from run after run."""
     out_dir = Path(result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for res in results:
         conc = f"-concurrency{res['max_concurrency']}" if res["max_concurrency"] else ""
-        name = filename if filename and len(results) == 1 else (
+        name = filename if filename and (len(results) == 1 or append) else (
             f"{res['label'] or 'moelab'}-{res['request_rate']}qps{conc}-{Path(res['model_id']).name}-{res['date']}"
             ".json")
         body = res if detailed else {k: v for k, v in res.items() if k != "detailed"}
-        (out_dir / name).write_text(json.dumps(body) + "\n")
+        with open(out_dir / name, "a" if append else "w") as f:
+            f.write(json.dumps(body) + "\n")
         paths.append(out_dir / name)
     return paths
