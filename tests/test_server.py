@@ -390,6 +390,77 @@ def test_c2_disconnect_flood_frees_everything(client: httpx.Client, live: LiveSe
     assert complete(client, prompt="after the flood", max_tokens=3)["usage"]["completion_tokens"] <= 3
 
 
+def test_p4_p6_overload_with_hang_ups_drains_and_leaves_nothing_alive() -> None:
+    """P4 and P6 scaled to CI: Poisson arrivals at several times what a server of 2 running sequences can serve,
+    mixed lengths, a third of the clients hanging up mid-stream. No deadlock: every request ends (the others with
+    their full length), the waiting gauge rises and drains to 0, queueing shows in TTFT; afterwards I0, and no
+    engine Sequence or per-request stream object is still alive."""
+    import gc
+    import random
+
+    from moelab.engine.sequence import Sequence
+    from moelab.server.engine_loop import RequestStream
+
+    srv = LiveServer(make_engine(max_num_seqs=2), served_model_names=["tiny"])
+    rng = random.Random(7)
+    peak_waiting, ttft = [0.0], {}
+
+    async def main() -> list[tuple[int, str | None, int]]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120, limits=httpx.Limits(max_connections=100)) as ac:
+            done = asyncio.Event()
+
+            async def watch() -> None:
+                while not done.is_set():
+                    text = (await ac.get("/metrics")).text
+                    m = re.search(r'moelab:num_requests_waiting\{model_name="tiny"\} (\S+)', text)
+                    peak_waiting[0] = max(peak_waiting[0], float(m.group(1)))
+                    await asyncio.sleep(0.02)
+
+            async def one(i: int, delay: float) -> tuple[int, str | None, int]:
+                await asyncio.sleep(delay)
+                n, hang_up = rng.randint(1, 24), i % 3 == 0
+                t0, tokens, finish = time.perf_counter(), 0, None
+                body = {"prompt": f"request {i} " * rng.randint(1, 8), "max_tokens": n, "stream": True, **GREEDY}
+                async with ac.stream("POST", "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        choice = json.loads(line[6:])["choices"][0]
+                        tokens += bool(choice["text"])
+                        if tokens == 1 and i not in ttft:
+                            ttft[i] = time.perf_counter() - t0
+                        finish = choice["finish_reason"] or finish
+                        if hang_up:
+                            return i, "hung up", n
+                return i, finish, n
+
+            t, arrivals = 0.0, []
+            for _ in range(48):
+                t += rng.expovariate(400.0)  # far above what two sequences at a time serve
+                arrivals.append(t)
+            watcher = asyncio.create_task(watch())
+            out = await asyncio.gather(*[one(i, a) for i, a in enumerate(arrivals)])
+            done.set()
+            await watcher
+            return out
+
+    try:
+        results = asyncio.run(main())
+        wait_idle(srv.state, srv.engine, timeout=30)
+        assert all(f == "length" for i, f, n in results if i % 3), [r for r in results if r[1] != "length"][:3]
+        assert peak_waiting[0] >= 10  # the queue rose ...
+        waiting = re.search(r'moelab:num_requests_waiting\{model_name="tiny"\} (\S+)',
+                            httpx.get(srv.url + "/metrics").text)
+        assert float(waiting.group(1)) == 0  # ... and drained
+        firsts = sorted(ttft.values())
+        assert firsts[-1] > 3 * firsts[0]  # the last admitted waited behind the others
+    finally:
+        srv.stop()
+    gc.collect()
+    alive = [o for o in gc.get_objects() if type(o) in (Sequence, RequestStream)]
+    assert not alive, f"{len(alive)} per-request objects outlived their requests: {alive[:3]}"
+
+
 # ----- determinism, load (P1-P3) -----
 def test_seeded_sampling_is_reproducible_under_load(client: httpx.Client, live: LiveServer) -> None:
     body = {"prompt": "random walk", "max_tokens": 16, "temperature": 1.0, "seed": 1234, "ignore_eos": True}

@@ -195,6 +195,9 @@ class LLMEngine:
         if self.has_unfinished_requests():
             return
         self.scheduler.bm.check_idle()
+        if self.runner.seq_generators:
+            raise KVCacheLeakError(f"the engine is idle but holds {len(self.runner.seq_generators)} per-request "
+                                   "random generators")
         if self.requests:
             raise KVCacheLeakError(f"the engine is idle but tracks {len(self.requests)} requests "
                                    f"(e.g. {list(self.requests)[:4]}) that no longer run")

@@ -187,6 +187,7 @@ class EngineLoop:
                     if declared_hung:  # its requests have ended already: the step's tokens go nowhere
                         return
                     self._publish(out)
+                    del out  # the last step's sequences are not kept alive while the loop waits for work
                 self.stats = dict(engine.stats())
         except BaseException as exc:  # any failure of the engine ends it
             if self._dead is None:
