@@ -57,6 +57,9 @@ def test_moe_gemv_slots_on_the_same_expert_and_bad_shapes():
     with pytest.raises(ValueError, match="shapes"):
         moe_gemv(x, ids, wts, w13, w2[:, :, :8])
     assert not applies(x.cpu(), w13.cpu(), None)  # the dispatch is for a GPU only
+    w2t = w2.transpose(1, 2).contiguous().transpose(1, 2)  # same values, last stride not 1
+    with pytest.raises(ValueError, match="unit last stride"):
+        moe_gemv(x, ids, wts, w13, w2t)
 
 
 @needs_gpu
@@ -190,3 +193,33 @@ def test_cuda_gated_mlp_one_row_takes_gate_up_gemv():
     finally:
         set_enabled(True, dense=True)
     assert (got.float() - want.float()).norm() / want.float().norm() < 1e-2
+
+
+@needs_gpu
+def test_cuda_dispatch_falls_back_where_the_gemvs_do_not_apply():
+    """fused_moe at one token: weights with a non-unit last stride, or an explicit tile config (tuning, benches),
+    run the tensor-core GEMMs; one-row dense MLPs leave gate_up_gemv when the GEMVs are off or autograd records."""
+    from moelab.kernels import gemv
+    from moelab.kernels.fused_moe import config_for
+
+    x, ids, wts, w13, w2 = _inputs(64, 8, 2048, 1024, torch.bfloat16, seed=9)
+    w2t = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    assert applies(x, w13, None, w2) and not applies(x, w13, None, w2t)
+    want = fused_moe_ref(x, ids, wts, w13, w2).float()
+    got = fused_moe(x, ids, wts, w13, w2t).float()
+    assert (got - want).norm() / want.norm() < 1e-2
+    cfg = config_for(x, 8, w13)
+    set_enabled(False)
+    try:
+        tc = fused_moe(x, ids, wts, w13, w2, config=cfg)
+    finally:
+        set_enabled(True)
+    assert torch.equal(fused_moe(x, ids, wts, w13, w2, config=cfg), tc)
+    w = torch.randn(2 * 704, 2048, device=DEV, dtype=torch.bfloat16)
+    assert dense_applies(x, w)
+    gemv.set_enabled(False)
+    try:
+        assert not dense_applies(x, w)
+    finally:
+        gemv.set_enabled(True)
+    assert not dense_applies(x, w.clone().requires_grad_())

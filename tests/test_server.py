@@ -272,6 +272,38 @@ def test_s7_detokenizer_never_splits_a_character(live: LiveServer) -> None:
 
 
 # ----- cancellation (C1-C2) -----
+def test_an_abort_that_trips_the_idle_check_still_ends_its_request() -> None:
+    """The engine dies when its idle check fails during an abort (a leak), but the aborted request, already off the
+    loop's streams, still gets its one final update, and the engine is then reported dead."""
+    from moelab.engine.block_manager import KVCacheLeakError
+
+    engine = make_engine()
+    engine_loop = EngineLoop(engine)
+    original = engine.abort_request
+
+    def abort_then_trip(rid: str) -> bool:
+        original(rid)
+        raise KVCacheLeakError("simulated leak")
+
+    engine.abort_request = abort_then_trip
+
+    async def main() -> tuple[str, bool]:
+        q = await engine_loop.add([EngineRequest("leak-0", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))],
+                                  time.perf_counter())
+        await q.get()  # it runs
+        engine_loop.abort(["leak-0"])
+        while True:
+            u = await asyncio.wait_for(q.get(), 10)
+            if u.finished:
+                return u.finish_reason, True
+
+    try:
+        reason, _ = asyncio.run(main())
+    finally:
+        engine_loop.shutdown()
+    assert reason == "abort" and isinstance(engine_loop.dead, KVCacheLeakError)
+
+
 def test_c1_engine_loop_abort_flood() -> None:
     engine = make_engine()
     engine_loop = EngineLoop(engine)

@@ -473,14 +473,16 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     -> [T, D] in x's dtype: sum_k w[t,k] * W2[e] (silu(G[e] x[t]) * (U[e] x[t])), e = topk_ids[t,k].
     quant: a QUANT_FORMATS key; then w13/w2 hold Q (fp8/int8) and W = Q * scale (shapes: module docstring).
     sum_topk=False: the [T*K, D] router-weighted rows (slot t*K + k) before the top-k sum, for a caller that
-    sums them inside its next kernel (rms_norm.add_rms_norm(..., top_k=K))."""
+    sums them inside its next kernel (rms_norm.add_rms_norm(..., top_k=K)). One token on a GPU (bf16/fp16/fp32 or
+    int8_channel weights, unit last strides) runs moe_gemv.py's GEMVs unless a config is given."""
     _check(x, topk_ids, topk_weights, w13, w2, quant)
     if quant is not None:
         _check_scales(quant, w13, w13_scale, w2_scale)
     (T, D), K = x.shape, topk_ids.shape[1]
     if T * K == 0:
         return x.new_zeros(T if sum_topk else T * K, D)
-    if moe_gemv_applies(x, w13, quant):  # one token: the experts as matrix-vector products (moe_gemv.py)
+    if config is None and moe_gemv_applies(x, w13, quant, w2, (w13_scale, w2_scale)):  # one token: the experts as
+        # matrix-vector products (moe_gemv.py); an explicit tile config (tuning, benches) asks for the GEMMs
         y = moe_gemv(x, topk_ids, topk_weights, w13, w2, quant=quant, w13_scale=w13_scale, w2_scale=w2_scale)
         return y if K == 1 or not sum_topk else moe_sum(y, K)
     cfg = quant_config(config or config_for(x, K, w13, quant), quant)

@@ -53,9 +53,14 @@ def enabled() -> bool:
 
 
 def dense_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """gate_up_gemv takes this: one row on a GPU, weights of x's dtype, switched on."""
-    return (_DENSE and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and w.dtype == x.dtype
-            and x.stride(-1) == 1 and w.stride(-1) == 1)
+    """gate_up_gemv takes this: one row on a GPU, w [2I, D] on its device in x's dtype with a unit last stride, no
+    autograd recording, switched on, and the one-row GEMVs not switched off (moelab.kernels.gemv)."""
+    from moelab.kernels import gemv
+
+    if not (_DENSE and gemv.enabled() and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and w.device == x.device
+            and w.dtype == x.dtype and x.stride(-1) == 1 and w.dim() == 2 and w.stride(-1) == 1):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
 
 
 @dataclass(frozen=True)
@@ -177,11 +182,13 @@ def _moe_down_gemv_kernel(h_ptr, w_ptr, ids_ptr, wt_ptr, y_ptr, s_ptr, D, I, str
     tl.store(y_ptr + slot * stride_y + rows, (acc * wt).to(y_ptr.dtype.element_ty), mask=rmask)
 
 
-def applies(x: torch.Tensor, w13: torch.Tensor, quant: str | None) -> bool:
-    """One token on a GPU, switched on; weights of x's dtype, or int8_channel weights."""
+def applies(x: torch.Tensor, w13: torch.Tensor, quant: str | None, w2: torch.Tensor | None = None,
+            scales: tuple[torch.Tensor | None, ...] = ()) -> bool:
+    """One token on a GPU, switched on; weights of x's dtype, or int8_channel weights; every weight and scale with
+    a unit last stride (the kernels index them so)."""
     want = x.dtype if quant is None else torch.int8 if quant == QUANT else None
-    return (_ENABLED and x.is_cuda and x.shape[0] == 1 and w13.dtype == want and x.stride(-1) == 1
-            and w13.stride(-1) == 1)
+    unit = all(t is None or t.stride(-1) == 1 for t in (w13, w2, *scales))
+    return _ENABLED and x.is_cuda and x.shape[0] == 1 and w13.dtype == want and x.stride(-1) == 1 and unit
 
 
 def _packable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -211,6 +218,9 @@ def moe_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         raise ValueError(f"shapes: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, topk_ids "
                          f"{tuple(topk_ids.shape)}, topk_weights {tuple(topk_weights.shape)}")
     x = x.contiguous()
+    if w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        raise ValueError(f"moe_gemv needs weights with a unit last stride, got w13 strides {w13.stride()}, w2 "
+                         f"strides {w2.stride()}")
     want_dtype = x.dtype if quant is None else torch.int8
     if w13.dtype != want_dtype or w2.dtype != want_dtype:
         raise ValueError(f"moe_gemv: {quant or 'unquantized'} weights must be {want_dtype}, got {w13.dtype}, "

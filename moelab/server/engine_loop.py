@@ -225,9 +225,11 @@ class EngineLoop:
                 self.engine.add_request(r.prompt_token_ids, r.params, request_id=r.request_id, arrival_time=arrival)
                 added.append(r.request_id)
         except ValueError as err:
-            for rid in added:
-                self.engine.abort_request(rid)
-            _post(loop, _resolve, done, err)
+            try:
+                for rid in added:
+                    self.engine.abort_request(rid)
+            finally:  # resolved even if a rollback abort raises (the engine then dies)
+                _post(loop, _resolve, done, err)
             return
         for i, r in enumerate(requests):
             self._streams[r.request_id] = RequestStream(r.request_id, i, out, loop, len(r.prompt_token_ids))
@@ -235,16 +237,26 @@ class EngineLoop:
 
     def _abort(self, request_ids: list[str]) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = {}
-        for rid in request_ids:
-            stream = self._streams.pop(rid, None)
-            if stream is None or not self.engine.abort_request(rid):
-                continue
-            if self.metrics is not None:
-                self.metrics.on_aborted()
-            batches.setdefault(stream.loop, []).append((stream.queue, Update(stream.index, finished=True,
-                                                                             finish_reason="abort")))
-        for loop, items in batches.items():
-            _post(loop, _deliver, items)
+        try:
+            for rid in request_ids:
+                stream = self._streams.pop(rid, None)
+                if stream is None:
+                    continue
+                aborted = False
+                try:
+                    aborted = self.engine.abort_request(rid)
+                except BaseException:  # e.g. the engine's idle check after the abort: the engine dies, but this
+                    aborted = True  # request, no longer among the streams, still gets its final update
+                    raise
+                finally:
+                    if aborted:
+                        if self.metrics is not None:
+                            self.metrics.on_aborted()
+                        batches.setdefault(stream.loop, []).append(
+                            (stream.queue, Update(stream.index, finished=True, finish_reason="abort")))
+        finally:
+            for loop, items in batches.items():
+                _post(loop, _deliver, items)
 
     def _publish(self, outputs: list[tuple[Any, list[int]]]) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = {}
