@@ -64,6 +64,11 @@ def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParser
     b.add_argument("argv", nargs=argparse.REMAINDER)
     b.set_defaults(func=lambda args: _lab_main("moelab.lab.serving", args.argv))
 
+    b = bench_sub.add_parser("soak", help="soak test of any OpenAI-compatible endpoint: memory slope, idle at the "
+                             "end (-h for flags)", add_help=False, prefix_chars="\0")
+    b.add_argument("argv", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda args: _lab_main("moelab.lab.soak", args.argv))
+
     p = sub.add_parser("launch", help="start vLLM or SGLang with a placement strategy, check it, stop it (-h)",
                        add_help=False, prefix_chars="\0")
     p.add_argument("argv", nargs=argparse.REMAINDER)
