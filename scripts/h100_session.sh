@@ -76,14 +76,22 @@ for section in "$@"; do
         --dtypes bf16 fp8_channel fp8_block 2>&1 | grep -v -i warn ;;
     moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
       python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -45 ;;
-    moe-gemv)  # exp/moe-gemv: one-token experts as GEMVs; compiled tests, the layer alone, then the engine A/B
+    moe-gemv)  # one-token experts (bf16, int8) and shared experts as GEMVs: CUDA tests, the layer alone, engine A/Bs
       MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_moe_gemv.py --tb=short 2>&1 | tail -3
-      python scripts/bench_moe_gemv_gpu.py --budget-s 150 2>&1 | grep -E "kind=(check|layer)"
+      python scripts/bench_moe_gemv_gpu.py --quant --budget-s 150 2>&1 | grep -E "kind=(check|layer|quant)"
       for m in olmoe-1b-7b qwen1.5-moe-a2.7b deepseek-v2-lite; do
         for v in on off on off; do
           F=; [ $v = off ] && F=--no-moe-gemv
           echo "== $m moe-gemv $v"
           python scripts/bench_engine_gpu.py --out "$OUT/moe-gemv-$m-$v" --models "$m" --decode-batches 1 \
+            --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
+        done
+      done
+      for m in qwen1.5-moe-a2.7b deepseek-v2-lite; do  # shared experts: gate_up_gemv against GEMV + silu_mul
+        for v in on off on off; do
+          F=; [ $v = off ] && F=--no-mlp-gemv
+          echo "== $m mlp-gemv $v"
+          python scripts/bench_engine_gpu.py --out "$OUT/mlp-gemv-$m-$v" --models "$m" --decode-batches 1 \
             --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
         done
       done ;;
