@@ -306,6 +306,31 @@ def test_triton_attention_path_matches_sdpa(name: str, tiny_checkpoints: dict[st
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
 
 
+def test_mla_one_token_prep_kernel_changes_no_token(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
+    """DeepSeek's one-token decode steps take mla_prep (bmm, cat, rms_norm, rotary and store_kv in one launch):
+    the same tokens as without it and as the SDPA reference, and it is really taken."""
+    from moelab.kernels import mla_prep
+
+    path = str(tiny_checkpoints["deepseek-v2-lite"])
+    prompts = [[5, 9, 13, 17, 21, 25, 29]]
+    p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    kw = dict(max_model_len=32, block_size=4)
+    calls = []
+    real = mla_prep.mla_prep
+    monkeypatch.setattr(mla_prep, "mla_prep", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = LLM(path, attention="triton", **kw).generate(prompts, p)
+    assert len(calls) >= 4  # every layer of the decode steps
+    mla_prep.set_enabled(False)
+    try:
+        n = len(calls)
+        off = LLM(path, attention="triton", **kw).generate(prompts, p)
+        assert len(calls) == n
+    finally:
+        mla_prep.set_enabled(True)
+    ref = LLM(path, attention="sdpa", **kw).generate(prompts, p)
+    assert got[0].outputs[0].token_ids == off[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+
+
 def test_graph_staging_pads_decode_batches(olmoe: LLM) -> None:
     """A decode step staged for a graph bucket: padding rows feed token 0 at position 0 of the reserved block 0 with
     one token of context; rows whose token is in flight are fed from the previous step's ids inside the graph."""
