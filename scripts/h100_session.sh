@@ -95,12 +95,13 @@ for section in "$@"; do
             --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
         done
       done ;;
-    mla-prep)  # exp/mla-prep: one-token MLA preparation in one kernel; CUDA/engine checks, then the B=1 A/B
-      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_mla_prep.py --tb=short 2>&1 | tail -3
-      for v in on off on off; do
-        F=; [ $v = off ] && F=--no-mla-prep
-        echo "== deepseek-v2-lite mla-prep $v"
-        python scripts/bench_engine_gpu.py --out "$OUT/mla-prep-$v" --models deepseek-v2-lite --decode-batches 1 \
+    mla-prep)  # exp/mla-prep: one-token MLA kernels (mla_prep, mla_uv); CUDA checks, then B=1 A/Bs on DeepSeek
+      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_mla_decode.py --tb=short 2>&1 | tail -3
+      for v in both none both prep-only uv-only none; do
+        case $v in both) F= ;; none) F="--no-mla-prep --no-mla-uv" ;; prep-only) F=--no-mla-uv ;;
+          uv-only) F=--no-mla-prep ;; esac
+        echo "== deepseek-v2-lite mla $v"
+        python scripts/bench_engine_gpu.py --out "$OUT/mla-$v" --models deepseek-v2-lite --decode-batches 1 \
           --offline-batches --profile-batches --steps 30 $F 2>&1 | grep -E "decode B=|rel err"
       done ;;
     *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv mla-prep" >&2 ;;

@@ -306,27 +306,30 @@ def test_triton_attention_path_matches_sdpa(name: str, tiny_checkpoints: dict[st
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
 
 
-def test_mla_one_token_prep_kernel_changes_no_token(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
-    """DeepSeek's one-token decode steps take mla_prep (bmm, cat, rms_norm, rotary and store_kv in one launch):
-    the same tokens as without it and as the SDPA reference, and it is really taken."""
-    from moelab.kernels import mla_prep
+def test_mla_one_token_kernels_change_no_token(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
+    """DeepSeek's one-token decode steps take mla_prep (bmm, cat, rms_norm, rotary and store_kv in one launch) and
+    mla_uv (the value half as a GEMV): the same tokens as without them and as the SDPA reference, and they are
+    really taken."""
+    from moelab.kernels import mla_decode
 
     path = str(tiny_checkpoints["deepseek-v2-lite"])
     prompts = [[5, 9, 13, 17, 21, 25, 29]]
     p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     kw = dict(max_model_len=32, block_size=4)
-    calls = []
-    real = mla_prep.mla_prep
-    monkeypatch.setattr(mla_prep, "mla_prep", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = {"mla_prep": 0, "mla_uv": 0}
+    for name in calls:
+        real = getattr(mla_decode, name)
+        monkeypatch.setattr(mla_decode, name, lambda *a, _r=real, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1)
+                            or _r(*a, **k))
     got = LLM(path, attention="triton", **kw).generate(prompts, p)
-    assert len(calls) >= 4  # every layer of the decode steps
-    mla_prep.set_enabled(False)
+    assert min(calls.values()) >= 4  # every layer of the decode steps
+    mla_decode.set_enabled(False, uv=False)
     try:
-        n = len(calls)
+        before = dict(calls)
         off = LLM(path, attention="triton", **kw).generate(prompts, p)
-        assert len(calls) == n
+        assert calls == before
     finally:
-        mla_prep.set_enabled(True)
+        mla_decode.set_enabled(True, uv=True)
     ref = LLM(path, attention="sdpa", **kw).generate(prompts, p)
     assert got[0].outputs[0].token_ids == off[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moelab.context import get_forward_context
-from moelab.kernels import mla_prep
+from moelab.kernels import mla_decode
 from moelab.layers.attention import causal_sdpa, gather_slots
 from moelab.layers.linear import Linear
 from moelab.layers.norm import RMSNorm
@@ -86,6 +86,8 @@ class MLAttention(nn.Module):
         v_cache = self.kv_cache[..., :r].unsqueeze(2)
         o_lat = paged_attention(q_full, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens_t, ctx.block_tables,
                                 self.scale, ctx.max_query_len, max_seq_len=ctx.max_seq_len)  # [T, H, r]
+        if o_lat.shape[0] == 1 and mla_decode.enabled("uv"):  # one token: a GEMV that takes part in PDL
+            return mla_decode.mla_uv(o_lat, self.w_uv_t)
         return torch.bmm(o_lat.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # [T, H, v]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -94,12 +96,12 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         ctx = get_forward_context()
         cached = self.kv_cache is not None and ctx.has_cache
-        if cached and self.impl == "triton" and T == 1 and self.rotary.cos is not None and mla_prep.enabled():
-            # one token: bmm, cat, rms_norm, rotary and store_kv as one launch (moelab/kernels/mla_prep.py)
+        if cached and self.impl == "triton" and T == 1 and self.rotary.cos is not None and mla_decode.enabled("prep"):
+            # one token: bmm, cat, rms_norm, rotary and store_kv as one launch (moelab/kernels/mla_decode.py)
             if self.w_uk is None:
                 self.split_kv_b()
             norm = self.kv_a_layernorm
-            q_full = mla_prep.mla_prep(q, kv, positions, self.rotary.cos, self.rotary.sin, self.w_uk, norm.weight,
+            q_full = mla_decode.mla_prep(q, kv, positions, self.rotary.cos, self.rotary.sin, self.w_uk, norm.weight,
                                        norm.eps, self.kv_cache.view(-1, self.kv_lora_rank + self.rope),
                                        ctx.slot_mapping, interleaved=self.rotary.interleaved)
             return self.o_proj(self._attend_latent(q_full, ctx).reshape(T, H * self.v_dim))

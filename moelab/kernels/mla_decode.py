@@ -1,4 +1,5 @@
-"""Everything between MLA's two projections and attention at decode, in one Triton kernel; `mla_prep_ref` beside it.
+"""DeepSeek's absorbed attention at one token: what runs between its projections and attention (`mla_prep`) and
+between attention and o_proj (`mla_uv`), as Triton kernels that take part in PDL; `*_ref` twins beside them.
 
 DeepSeek's absorbed attention (moelab/layers/mla.py) needs, per token, after q_proj and kv_a_proj_with_mqa:
 - the query over the latent cache: q_lat[h] = q_nope[h] @ W_UK[h] (a batched product over heads), then the roped
@@ -15,6 +16,10 @@ program (t, H * NC): the token's latent, normalized as RMSNorm rounds (float32, 
 
 Positions, slots and the RoPE tables are the step's inputs (copied in before any kernel of the step, tables built
 once) and are read before the wait too, as qk_rope_store does.
+
+mla_uv: out[t, h] = o_lat[t, h] @ W_UV^T[h] ([R] -> [V] per head, the value half of kv_b_proj), which torch runs as a
+cuBLAS bmm. cuBLAS takes no part in PDL (its kernel starts only after the one before it has ended, and the one
+after it waits for all of it); program (t, head, V block) here reads its [R, BLOCK_V] weight tile before the wait.
 """
 
 from __future__ import annotations
@@ -25,18 +30,19 @@ import triton.language as tl
 
 from moelab.kernels.pdl import gdc_prologue, launch_options
 
-_ENABLED = True
+_ENABLED = {"prep": True, "uv": True}
 
 
-def set_enabled(on: bool) -> None:
-    """Off: MLA runs bmm, cat, rms_norm, rotary and store_kv at decode too (for A/B timings; CUDA graphs must be
-    recaptured)."""
-    global _ENABLED
-    _ENABLED = bool(on)
+def set_enabled(on: bool, uv: bool | None = None) -> None:
+    """Off: one-token MLA runs bmm, cat, rms_norm, rotary and store_kv instead of mla_prep; uv False: the cuBLAS bmm
+    instead of mla_uv (for A/B timings; CUDA graphs must be recaptured)."""
+    _ENABLED["prep"] = bool(on)
+    if uv is not None:
+        _ENABLED["uv"] = bool(uv)
 
 
-def enabled() -> bool:
-    return _ENABLED
+def enabled(which: str = "prep") -> bool:
+    return _ENABLED[which]
 
 
 @triton.jit
@@ -152,3 +158,40 @@ def mla_prep_ref(q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, cos
     cache_rows[slot_mapping.long()] = torch.cat((rms_norm_ref(latent, norm_weight, eps), k_pe[:, 0]), -1).to(
         cache_rows.dtype)
     return torch.cat((q_lat, q_pe), -1)
+
+
+@triton.jit
+def _mla_uv_kernel(o_ptr, w_ptr, out_ptr, stride_ot, stride_oh, stride_outt, stride_outh,
+                   R: tl.constexpr, V: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr = False):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    r = tl.arange(0, R)
+    w = tl.load(w_ptr + h * R * V + r[:, None] * V + v[None, :])  # [R, BLOCK_V]: before the wait
+    gdc_prologue(USE_PDL)
+    o = tl.load(o_ptr + t * stride_ot + h * stride_oh + r).to(tl.float32)
+    y = tl.sum(w.to(tl.float32) * o[:, None], axis=0)
+    tl.store(out_ptr + t * stride_outt + h * stride_outh + v, y.to(out_ptr.dtype.element_ty))
+
+
+def mla_uv(o_lat: torch.Tensor, w_uv_t: torch.Tensor, block_v: int = 32) -> torch.Tensor:
+    """o_lat [T, H, R] (attention over the latent cache; any strides but the last), w_uv_t [H, R, V] contiguous ->
+    [T, H, V] in o_lat's dtype: per head o_lat @ w_uv_t, float32 sums, one rounding."""
+    H, R, V = w_uv_t.shape
+    if o_lat.dim() != 3 or o_lat.shape[1:] != (H, R) or o_lat.stride(-1) != 1 or not w_uv_t.is_contiguous():
+        raise ValueError(f"mla_uv: o_lat [T, {H}, {R}] with a unit last stride and w_uv_t contiguous [H, R, V]; got "
+                         f"{tuple(o_lat.shape)}, {tuple(w_uv_t.shape)}")
+    if R & (R - 1) or V & (V - 1):
+        raise ValueError(f"mla_uv: R and V must be powers of two, got {R}, {V}")
+    block_v = min(block_v, V)
+    T = o_lat.shape[0]
+    out = torch.empty(T, H, V, dtype=o_lat.dtype, device=o_lat.device)
+    if T:
+        _mla_uv_kernel[(T, H, V // block_v)](o_lat, w_uv_t, out, o_lat.stride(0), o_lat.stride(1), out.stride(0),
+                                             out.stride(1), R=R, V=V, BLOCK_V=block_v, num_warps=4,
+                                             **launch_options(o_lat.device))
+    return out
+
+
+def mla_uv_ref(o_lat: torch.Tensor, w_uv_t: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("thr,hrv->thv", o_lat.float(), w_uv_t.float()).to(o_lat.dtype)

@@ -1,4 +1,4 @@
-"""MLA's decode preparation in one kernel (moelab.kernels.mla_prep) against the five steps it replaces, under the
+"""MLA's decode preparation in one kernel (moelab.kernels.mla_decode) against the five steps it replaces, under the
 interpreter (fp32 / fp16): the absorbed query and the cache rows it writes, both RoPE layouts, several tokens."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import DEV
 
-from moelab.kernels.mla_prep import mla_prep, mla_prep_ref
+from moelab.kernels.mla_decode import mla_prep, mla_prep_ref, mla_uv, mla_uv_ref
 
 
 def _inputs(T, H, nope, R, rope, dtype, seed):
@@ -49,3 +49,17 @@ def test_mla_prep_shape_errors():
         mla_prep(q, kv[:, :56], pos, cos, sin, w_uk[..., :48].contiguous(), nw[:48], 1e-6, cache[:, :56], slots)
     with pytest.raises(ValueError, match="cache rows must be"):
         mla_prep(q, kv, pos, cos, sin, w_uk, nw, 1e-6, cache[:, :8], slots)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("T,block_v", [(1, 8), (2, 32)])
+def test_mla_uv_matches_its_twin(dtype, tol, T, block_v):
+    g = torch.Generator().manual_seed(T)
+    H, R, V = 4, 64, 16
+    o_full = torch.randn(T, H, R + 8, generator=g).to(dtype).to(DEV)
+    o_lat = o_full[..., :R]  # strided rows, as attention's output view can be
+    w = (torch.randn(H, R, V, generator=g) / R ** 0.5).to(dtype).to(DEV)
+    got = mla_uv(o_lat, w, block_v=block_v)
+    assert got.shape == (T, H, V) and torch.allclose(got.float(), mla_uv_ref(o_lat, w).float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="mla_uv: o_lat"):
+        mla_uv(o_lat[:, :2], w)
