@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv mla-prep
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -95,6 +95,15 @@ for section in "$@"; do
             --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
         done
       done ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv" >&2 ;;
+    mla-prep)  # exp/mla-prep: one-token MLA kernels (mla_prep, mla_uv); CUDA checks, then B=1 A/Bs on DeepSeek
+      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_mla_decode.py --tb=short 2>&1 | tail -3
+      for v in both none both prep-only uv-only none; do
+        case $v in both) F= ;; none) F="--no-mla-prep --no-mla-uv" ;; prep-only) F=--no-mla-uv ;;
+          uv-only) F=--no-mla-prep ;; esac
+        echo "== deepseek-v2-lite mla $v"
+        python scripts/bench_engine_gpu.py --out "$OUT/mla-$v" --models deepseek-v2-lite --decode-batches 1 \
+          --offline-batches --profile-batches --steps 30 $F 2>&1 | grep -E "decode B=|rel err"
+      done ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv mla-prep" >&2 ;;
   esac
 done

@@ -306,6 +306,34 @@ def test_triton_attention_path_matches_sdpa(name: str, tiny_checkpoints: dict[st
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
 
 
+def test_mla_one_token_kernels_change_no_token(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
+    """DeepSeek's one-token decode steps take mla_prep (bmm, cat, rms_norm, rotary and store_kv in one launch) and
+    mla_uv (the value half as a GEMV): the same tokens as without them and as the SDPA reference, and they are
+    really taken."""
+    from moelab.kernels import mla_decode
+
+    path = str(tiny_checkpoints["deepseek-v2-lite"])
+    prompts = [[5, 9, 13, 17, 21, 25, 29]]
+    p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    kw = dict(max_model_len=32, block_size=4)
+    calls = {"mla_prep": 0, "mla_uv": 0}
+    for name in calls:
+        real = getattr(mla_decode, name)
+        monkeypatch.setattr(mla_decode, name, lambda *a, _r=real, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1)
+                            or _r(*a, **k))
+    got = LLM(path, attention="triton", **kw).generate(prompts, p)
+    assert min(calls.values()) >= 4  # every layer of the decode steps
+    mla_decode.set_enabled(False, uv=False)
+    try:
+        before = dict(calls)
+        off = LLM(path, attention="triton", **kw).generate(prompts, p)
+        assert calls == before
+    finally:
+        mla_decode.set_enabled(True, uv=True)
+    ref = LLM(path, attention="sdpa", **kw).generate(prompts, p)
+    assert got[0].outputs[0].token_ids == off[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+
+
 def test_graph_staging_pads_decode_batches(olmoe: LLM) -> None:
     """A decode step staged for a graph bucket: padding rows feed token 0 at position 0 of the reserved block 0 with
     one token of context; rows whose token is in flight are fed from the previous step's ids inside the graph."""
