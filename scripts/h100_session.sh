@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv qwen-mix
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -95,6 +95,13 @@ for section in "$@"; do
             --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
         done
       done ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv" >&2 ;;
+    qwen-mix)  # exp/qwen-mix-in-norm: Qwen2-MoE's routed sum and gated shared mix inside the next norm (A/B)
+      for v in on off on off; do
+        F=; [ $v = off ] && F=--no-qwen-mix-fold
+        echo "== qwen1.5-moe-a2.7b qwen-mix-fold $v"
+        python scripts/bench_engine_gpu.py --out "$OUT/qwen-mix-$v" --models qwen1.5-moe-a2.7b --decode-batches 1 64 \
+          --offline-batches --profile-batches --steps 30 $F 2>&1 | grep -E "decode B=|rel err"
+      done ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv qwen-mix" >&2 ;;
   esac
 done
