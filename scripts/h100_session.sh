@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv mla-prep
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv mla-prep qwen-mix
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -104,6 +104,13 @@ for section in "$@"; do
         python scripts/bench_engine_gpu.py --out "$OUT/mla-$v" --models deepseek-v2-lite --decode-batches 1 \
           --offline-batches --profile-batches --steps 30 $F 2>&1 | grep -E "decode B=|rel err"
       done ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv mla-prep" >&2 ;;
+    qwen-mix)  # exp/qwen-mix-in-norm: Qwen2-MoE's routed sum and gated shared mix inside the next norm (A/B)
+      for v in on off on off; do
+        F=; [ $v = off ] && F=--no-qwen-mix-fold
+        echo "== qwen1.5-moe-a2.7b qwen-mix-fold $v"
+        python scripts/bench_engine_gpu.py --out "$OUT/qwen-mix-$v" --models qwen1.5-moe-a2.7b --decode-batches 1 64 \
+          --offline-batches --profile-batches --steps 30 $F 2>&1 | grep -E "decode B=|rel err"
+      done ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv mla-prep qwen-mix" >&2 ;;
   esac
 done

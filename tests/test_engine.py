@@ -434,12 +434,13 @@ def test_fast_path_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]
 
 
 @pytest.mark.parametrize("name,folds", [("olmoe", True), ("mixtral-gqa", True), ("deepseek-v2-lite", True),
-                                        ("qwen2-moe-shared-e6", False), ("deepseek-v2-group", False)])
+                                        ("qwen2-moe-shared-e6", True), ("deepseek-v2-group", False)])
 def test_one_row_folds_the_post_attention_norm_into_the_router(name: str, folds: bool, tiny_checkpoints,
                                                                monkeypatch) -> None:
     """A one-token forward on the fast path computes each MoE layer's post-attention norm and routing in one kernel
     (add_norm_router_topk) where the block routes with the plain top-k kernel, and the logits are those with the
-    fold switched off; Qwen2-MoE's gated shared expert and group-limited routing keep the two steps."""
+    fold switched off (Qwen2-MoE's gated shared expert included: its mix happens in the next norm); group-limited
+    routing keeps the two steps."""
     from moelab.context import ForwardContext, forward_context
     from moelab.kernels import topk_router
     from moelab.layers.moe.layer import SparseMoE
@@ -465,6 +466,32 @@ def test_one_row_folds_the_post_attention_norm_into_the_router(name: str, folds:
     calls.clear()
     off = logits(False)
     assert not calls and torch.equal(on, off)
+
+
+def test_qwen2_moe_mix_in_the_next_norm_keeps_the_tokens(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
+    """Qwen2-MoE's routed sum and sigmoid-gated shared expert inside the next norm's kernel (TopKRows with a gate):
+    the same greedy tokens as the block mixing them itself (set_fold(False)), decode and chunked prefill."""
+    from moelab.kernels import rms_norm
+    from moelab.models import qwen2_moe
+
+    path = str(tiny_checkpoints["qwen2-moe-shared-e6"])
+    prompts = [[5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7, 8]]
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    kw = dict(max_model_len=32, block_size=4, max_num_batched_tokens=8, moe_backend="triton", attention="triton")
+    gated = []
+    real = rms_norm.add_rms_norm
+    monkeypatch.setattr(rms_norm, "add_rms_norm", lambda *a, **k: gated.append(k.get("extra_gate") is not None)
+                        or real(*a, **k))
+    folded = LLM(path, **kw).generate(prompts, p)
+    assert any(gated)  # the mix really happened inside the norm
+    qwen2_moe.set_fold(False)
+    try:
+        gated.clear()
+        own = LLM(path, **kw).generate(prompts, p)
+        assert not any(gated)
+    finally:
+        qwen2_moe.set_fold(True)
+    assert [o.outputs[0].token_ids for o in folded] == [o.outputs[0].token_ids for o in own]
 
 
 @pytest.mark.parametrize("name", ["olmoe", "qwen3-moe-gqa-norm", "qwen2-moe-shared-e6", "deepseek-v2-lite"])
