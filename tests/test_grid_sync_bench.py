@@ -21,12 +21,17 @@ def _module():
 
 def test_barrier_and_step_kernels_compute_the_phase_sums() -> None:
     b = _module()
-    n_per, phases = 300, 3
-    w = torch.randn(n_per, dtype=torch.float16)
-    out, count = torch.zeros(1), torch.zeros(1, dtype=torch.int32)
-    b._barrier_kernel[(1,)](w, out, count, n_per, phases, BLOCK=128)
+    n_per, phases, slices = 300, 4, 3
+    w = torch.randn(slices * n_per, dtype=torch.float16)
+    out, count = torch.zeros(2, 1), torch.zeros(1, dtype=torch.int32)
+    chk = torch.zeros(phases, 1)
+    b._barrier_kernel[(1,)](w, out, chk, count, n_per, slices, phases, BLOCK=128, POLL=0)
     assert int(count.item()) == phases  # one arrival a phase
-    assert torch.allclose(out, w.float().sum().reshape(1), rtol=1e-4, atol=1e-3)
-    out2 = torch.zeros(1)
-    b._step_kernel[(1,)](w, out2, n_per, BLOCK=128)
-    assert torch.allclose(out2, out)
+    sums = [w[(i % slices) * n_per:(i % slices + 1) * n_per].float().sum() + i for i in range(phases)]
+    assert torch.allclose(out[:, 0], torch.stack([sums[phases - 2], sums[phases - 1]])[[phases % 2, 1 - phases % 2]],
+                          rtol=1e-4, atol=1e-3)
+    # after each barrier the program read the value of the phase before (its own neighbour, with one program)
+    assert torch.allclose(chk[1:, 0], torch.stack(sums[:-1]), rtol=1e-4, atol=1e-3)
+    out2 = torch.zeros(2, 1)
+    b._step_kernel[(1,)](w, out2, 2, n_per, slices, BLOCK=128)
+    assert torch.allclose(out2[0, 0], sums[2], rtol=1e-4, atol=1e-3)
