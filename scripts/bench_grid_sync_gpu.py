@@ -7,12 +7,15 @@ or step, one program per SM) would replace each boundary with a software grid ba
 counter in global memory, then polling it until every program has arrived. This script measures both, with the
 same work between boundaries:
 
-- `barrier`: one launch of P programs (P = number of SMs) running N phases separated by grid barriers;
+- `barrier`: one launch of P programs (P = number of SMs) running N phases separated by grid barriers, polled two
+  ways (an acquire compare-and-swap by one thread; an acquire load by every thread, as cooperative groups do);
 - `pdl`: N launches of P programs in one CUDA graph, each `gdc_wait` then its phase (PDL on);
 - `serial`: the same N launches without PDL.
 
 A phase streams `--phase-bytes` of a weight buffer split over the programs (a GEMV's reads; 0 = an empty phase,
-the bare boundary) and writes one value per program. Rows: us per phase for each way, and barrier - pdl (what a
+the bare boundary), each phase its own slice of a buffer more than twice the L2 (each decode kernel reads weights
+of its own), and writes one value per program; after each barrier every program reads its neighbour's value of the
+phase before, which the host checks. Rows: us per phase for each way, and the better barrier - pdl (what a
 persistent kernel would save per boundary). Context: docs/perf/engine.md, v9 (about 19 us a layer of
 latency-bound kernels, 7-8 boundaries a layer).
 
@@ -40,35 +43,50 @@ from moelab.kernels.pdl import gdc_prologue, launch_options  # noqa: E402
 
 
 @triton.jit
-def _phase(w_ptr, out_ptr, pid, n_per, BLOCK: tl.constexpr):
-    """Stream this program's n_per values of w and store their sum (kept, so the loads are not dropped)."""
+def _phase(w_ptr, out_ptr, pid, i, n_per, slices, P, BLOCK: tl.constexpr):
+    """Phase i: stream this program's n_per values of slice i % slices of w (slices together span more than twice
+    the L2, so each phase reads from memory, as each decode kernel reads weights of its own) and store their sum
+    in out[i % 2, pid] (kept, so the loads are not dropped)."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    base = w_ptr + pid.to(tl.int64) * n_per
+    base = w_ptr + ((i % slices) * P + pid).to(tl.int64) * n_per
     for k in range(0, n_per, BLOCK):
         acc += tl.load(base + k + offs, mask=k + offs < n_per, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+    tl.store(out_ptr + (i % 2) * P + pid, tl.sum(acc, axis=0) + i)
 
 
 @triton.jit
-def _barrier_kernel(w_ptr, out_ptr, count_ptr, n_per, phases, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+def _poll(count_ptr, POLL: tl.constexpr):
+    if POLL == 0:  # an acquire compare-and-swap that never swaps (-1 is no count); one thread, broadcast
+        return tl.atomic_cas(count_ptr, -1, -1, sem="acquire", scope="gpu")
+    else:  # an acquire load, as cooperative groups' grid sync polls (every thread, the same address)
+        return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [count_ptr],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _barrier_kernel(w_ptr, out_ptr, chk_ptr, count_ptr, n_per, slices, phases, BLOCK: tl.constexpr,
+                    POLL: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
+    """phases phases separated by grid barriers; after each barrier a program reads what its neighbour wrote in
+    the phase before into chk[i, pid] (the host checks them: a barrier without the ordering shows there)."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     for i in range(phases):
-        _phase(w_ptr, out_ptr, pid, n_per, BLOCK)
+        if i > 0:
+            tl.store(chk_ptr + i * P + pid, tl.load(out_ptr + ((i - 1) % 2) * P + (pid + 1) % P, volatile=True))
+        _phase(w_ptr, out_ptr, pid, i, n_per, slices, P, BLOCK)
         tl.debug_barrier()  # every thread's stores before the arrival (release)
         tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
         target = (i + 1) * P
-        # poll with a compare-and-swap that never swaps (-1 is no count): an acquire read of the counter
-        seen = tl.atomic_cas(count_ptr, -1, -1, sem="acquire", scope="gpu")
+        seen = _poll(count_ptr, POLL)
         while seen < target:
-            seen = tl.atomic_cas(count_ptr, -1, -1, sem="acquire", scope="gpu")
+            seen = _poll(count_ptr, POLL)
 
 
 @triton.jit
-def _step_kernel(w_ptr, out_ptr, n_per, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+def _step_kernel(w_ptr, out_ptr, i, n_per, slices, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     gdc_prologue(USE_PDL)
-    _phase(w_ptr, out_ptr, tl.program_id(0), n_per, BLOCK)
+    _phase(w_ptr, out_ptr, tl.program_id(0), i, n_per, slices, tl.num_programs(0), BLOCK)
 
 
 def graph_us(fn, reps: int = 20) -> float:
@@ -96,27 +114,39 @@ def graph_us(fn, reps: int = 20) -> float:
 
 def measure(nbytes: float, P: int, N: int, B: int, warps: int, dev: torch.device) -> dict:
     n_per = max(1, int(nbytes) // 2 // P)  # bf16 values per program per phase
-    w = torch.randn(P * n_per, device=dev, dtype=torch.bfloat16)
-    out = torch.empty(P, device=dev, dtype=torch.float32)
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    slices = max(1, -(-2 * l2 // max(1, P * n_per * 2)))  # phases' slices span more than twice the L2
+    w = torch.randn(slices * P * n_per, device=dev, dtype=torch.bfloat16)
+    out = torch.zeros(2, P, device=dev, dtype=torch.float32)
+    chk = torch.zeros(N, P, device=dev, dtype=torch.float32)
     count = torch.zeros(1, device=dev, dtype=torch.int32)
+    pdl = launch_options(dev)
+    if not pdl.get("launch_pdl"):
+        raise RuntimeError("this Triton or GPU cannot launch with PDL: the pdl row would equal the serial one")
 
-    def barrier() -> None:
+    def barrier(poll: int) -> None:
         count.zero_()
-        _barrier_kernel[(P,)](w, out, count, n_per, N, BLOCK=B, num_warps=warps)
+        _barrier_kernel[(P,)](w, out, chk, count, n_per, slices, N, BLOCK=B, POLL=poll, num_warps=warps)
 
-    def chain(pdl: bool) -> None:
-        opts = launch_options(dev) if pdl else {"USE_PDL": False}
-        for _ in range(N):
-            _step_kernel[(P,)](w, out, n_per, BLOCK=B, num_warps=warps, **opts)
+    def chain(opts: dict) -> None:
+        for i in range(N):
+            _step_kernel[(P,)](w, out, i, n_per, slices, BLOCK=B, num_warps=warps, **opts)
 
-    barrier()
-    torch.cuda.synchronize()
-    ok = int(count.item()) == N * P
-    t_bar = graph_us(barrier) / N
-    t_pdl = graph_us(lambda: chain(True)) / N
-    t_ser = graph_us(lambda: chain(False)) / N
-    return dict(phase_bytes=int(P * n_per * 2), programs=P, phases=N, barrier_us=t_bar, pdl_us=t_pdl,
-                serial_us=t_ser, barrier_minus_pdl_us=t_bar - t_pdl, counts_ok=ok, device=torch.cuda.get_device_name())
+    row = dict(phase_bytes=int(P * n_per * 2), slices=slices, programs=P, phases=N, pdl_launch=True)
+    for poll, name in ((0, "barrier_cas"), (1, "barrier_ld")):
+        barrier(poll)
+        torch.cuda.synchronize()
+        # every arrival counted, and after each barrier the neighbour's value of the phase before was there
+        want = torch.roll(out[(N - 2) % 2], -1)
+        row[f"{name}_ok"] = bool(int(count.item()) == N * P and torch.equal(chk[N - 1], want)
+                                 and bool((chk[1:] != 0).all()))
+        row[f"{name}_us"] = graph_us(lambda: barrier(poll)) / N  # noqa: B023 (called before poll changes)
+    row["pdl_us"] = graph_us(lambda: chain(pdl)) / N
+    row["serial_us"] = graph_us(lambda: chain({"USE_PDL": False})) / N
+    best = min(row["barrier_cas_us"], row["barrier_ld_us"])
+    row["best_barrier_minus_pdl_us"] = best - row["pdl_us"]
+    row["device"] = torch.cuda.get_device_name()
+    return row
 
 
 def main() -> None:
