@@ -42,10 +42,14 @@ def test_mla_prep_matches_the_steps_it_replaces(dtype, tol, T, interleaved, bloc
 
 
 def test_mla_prep_shape_errors():
+    from moelab.kernels.mla_decode import supports
+
+    assert supports(128, 512, 64, 128) and not supports(128, 512, 9) and not supports(96, 512, 64)
+    assert not supports(128, 512, 64, 96)
     q, kv, pos, cos, sin, w_uk, nw, cache, slots = _inputs(1, 4, 16, 64, 8, torch.float32, seed=0)
     with pytest.raises(ValueError, match=r"q must be \[T, H \* \(nope \+ rope\)\]"):
         mla_prep(q[:, :-1], kv, pos, cos, sin, w_uk, nw, 1e-6, cache, slots)
-    with pytest.raises(ValueError, match="R must be a power of two"):
+    with pytest.raises(ValueError, match="must be powers of two"):
         mla_prep(q, kv[:, :56], pos, cos, sin, w_uk[..., :48].contiguous(), nw[:48], 1e-6, cache[:, :56], slots)
     with pytest.raises(ValueError, match="cache rows must be"):
         mla_prep(q, kv, pos, cos, sin, w_uk, nw, 1e-6, cache[:, :8], slots)
@@ -63,3 +67,11 @@ def test_mla_uv_matches_its_twin(dtype, tol, T, block_v):
     assert got.shape == (T, H, V) and torch.allclose(got.float(), mla_uv_ref(o_lat, w).float(), atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="mla_uv: o_lat"):
         mla_uv(o_lat[:, :2], w)
+
+
+def test_an_odd_rope_width_is_refused():
+    q, kv, pos, cos, sin, w_uk, nw, cache, slots = _inputs(1, 4, 16, 64, 8, torch.float32, seed=0)
+    q9 = torch.zeros(1, 4 * (16 + 9), device=q.device)
+    kv9 = torch.zeros(1, 64 + 9, device=q.device)
+    with pytest.raises(ValueError, match="rope even"):
+        mla_prep(q9, kv9, pos, cos, sin, w_uk, nw, 1e-6, torch.zeros(40, 73, device=q.device), slots)

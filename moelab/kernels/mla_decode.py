@@ -104,16 +104,27 @@ def _mla_prep_kernel(q_ptr, kv_ptr, wuk_ptr, nw_ptr, pos_ptr, slot_ptr, cos_ptr,
         tl.store(row + R + i2, y2.to(cache_ptr.dtype.element_ty))
 
 
+def _pow2(v: int) -> bool:
+    return v >= 1 and not v & (v - 1)
+
+
+def supports(nope: int, R: int, rope: int, v_dim: int | None = None) -> bool:
+    """The shapes the one-token kernels take: power-of-two nope, R, rope / 2 (rope even) and v_dim (DeepSeek-V2,
+    V2-Lite and V3: 128, 512, 64, 128). MLAttention falls back to the torch steps for others."""
+    return (_pow2(nope) and _pow2(R) and rope % 2 == 0 and _pow2(rope // 2)
+            and (v_dim is None or _pow2(v_dim)))
+
+
 def _check(q, kv, w_uk, norm_weight, cache_rows, cos, sin) -> tuple[int, int, int, int, int]:
     H, nope, R = w_uk.shape
     T, rope = kv.shape[0], kv.shape[1] - R
     if q.dim() != 2 or q.shape != (T, H * (nope + rope)) or kv.dim() != 2:
         raise ValueError(f"mla_prep: q must be [T, H * (nope + rope)] = [{T}, {H * (nope + rope)}] and kv "
                          f"[T, R + rope]; got q {tuple(q.shape)}, kv {tuple(kv.shape)}, w_uk {tuple(w_uk.shape)}")
+    if not supports(nope, R, rope):
+        raise ValueError(f"mla_prep: nope, R and rope / 2 must be powers of two (rope even), got nope={nope}, R={R}, "
+                         f"rope={rope}")
     half = rope // 2
-    for name, v in (("nope", nope), ("R", R), ("rope / 2", half)):
-        if v < 1 or v & (v - 1):
-            raise ValueError(f"mla_prep: {name} must be a power of two, got {v}")
     if not w_uk.is_contiguous() or q.stride(-1) != 1 or kv.stride(-1) != 1:
         raise ValueError("mla_prep: w_uk contiguous, q and kv with a unit last stride")
     if tuple(norm_weight.shape) != (R,) or tuple(cos.shape[1:]) != (half,) or cos.shape != sin.shape:

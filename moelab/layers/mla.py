@@ -86,7 +86,8 @@ class MLAttention(nn.Module):
         v_cache = self.kv_cache[..., :r].unsqueeze(2)
         o_lat = paged_attention(q_full, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens_t, ctx.block_tables,
                                 self.scale, ctx.max_query_len, max_seq_len=ctx.max_seq_len)  # [T, H, r]
-        if o_lat.shape[0] == 1 and mla_decode.enabled("uv"):  # one token: a GEMV that takes part in PDL
+        if o_lat.shape[0] == 1 and mla_decode.enabled("uv") and mla_decode.supports(self.nope, r, self.rope,
+                                                                                     self.v_dim):  # a PDL GEMV
             return mla_decode.mla_uv(o_lat, self.w_uv_t)
         return torch.bmm(o_lat.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # [T, H, v]
 
@@ -96,7 +97,8 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         ctx = get_forward_context()
         cached = self.kv_cache is not None and ctx.has_cache
-        if cached and self.impl == "triton" and T == 1 and self.rotary.cos is not None and mla_decode.enabled("prep"):
+        if (cached and self.impl == "triton" and T == 1 and self.rotary.cos is not None and mla_decode.enabled("prep")
+                and mla_decode.supports(self.nope, self.kv_lora_rank, self.rope)):
             # one token: bmm, cat, rms_norm, rotary and store_kv as one launch (moelab/kernels/mla_decode.py)
             if self.w_uk is None:
                 self.split_kv_b()
