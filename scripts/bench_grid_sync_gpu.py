@@ -39,6 +39,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention_gpu import graph_ms  # noqa: E402
+
 from moelab.kernels.pdl import gdc_prologue, launch_options  # noqa: E402
 
 
@@ -89,29 +92,6 @@ def _step_kernel(w_ptr, out_ptr, i, n_per, slices, BLOCK: tl.constexpr, USE_PDL:
     _phase(w_ptr, out_ptr, tl.program_id(0), i, n_per, slices, tl.num_programs(0), BLOCK)
 
 
-def graph_us(fn, reps: int = 20) -> float:
-    """Median us of one replay of a CUDA graph holding fn's launches."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def measure(nbytes: float, P: int, N: int, B: int, warps: int, dev: torch.device) -> dict:
     n_per = max(1, int(nbytes) // 2 // P)  # bf16 values per program per phase
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
@@ -140,9 +120,9 @@ def measure(nbytes: float, P: int, N: int, B: int, warps: int, dev: torch.device
         want = torch.roll(out[(N - 2) % 2], -1)
         row[f"{name}_ok"] = bool(int(count.item()) == N * P and torch.equal(chk[N - 1], want)
                                  and bool((chk[1:] != 0).all()))
-        row[f"{name}_us"] = graph_us(lambda: barrier(poll)) / N  # noqa: B023 (called before poll changes)
-    row["pdl_us"] = graph_us(lambda: chain(pdl)) / N
-    row["serial_us"] = graph_us(lambda: chain({"USE_PDL": False})) / N
+        row[f"{name}_us"] = graph_ms([lambda: barrier(poll)]) * 1e3 / N  # noqa: B023 (called before poll changes)
+    row["pdl_us"] = graph_ms([lambda: chain(pdl)]) * 1e3 / N
+    row["serial_us"] = graph_ms([lambda: chain({"USE_PDL": False})]) * 1e3 / N
     best = min(row["barrier_cas_us"], row["barrier_ld_us"])
     row["best_barrier_minus_pdl_us"] = best - row["pdl_us"]
     row["device"] = torch.cuda.get_device_name()

@@ -15,6 +15,18 @@ if [ -d .wheels ]; then  # install into .wheels/site (relative; ignored) without
 fi
 python -c "import fastapi, uvicorn, httpx; print('server packages: ok')" || echo "server packages missing" >&2
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+engine_ab() {  # engine_ab TAG FLAG MODEL...: batch-1 decode of each model, on / off (FLAG) / on / off
+  local tag=$1 flag=$2 m v F
+  shift 2
+  for m in "$@"; do
+    for v in on off on off; do
+      F=; [ $v = off ] && F=$flag
+      echo "== $m $tag $v"
+      python scripts/bench_engine_gpu.py --out "$OUT/$tag-$m-$v" --models "$m" --decode-batches 1 \
+        --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
+    done
+  done
+}
 for section in "$@"; do
   echo "== $section $(date +%T)"
   case "$section" in
@@ -79,22 +91,8 @@ for section in "$@"; do
     moe-gemv)  # one-token experts (bf16, int8) and shared experts as GEMVs: CUDA tests, the layer alone, engine A/Bs
       MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_moe_gemv.py --tb=short 2>&1 | tail -3
       python scripts/bench_moe_gemv_gpu.py --quant --budget-s 150 2>&1 | grep -E "kind=(check|layer|quant)"
-      for m in olmoe-1b-7b qwen1.5-moe-a2.7b deepseek-v2-lite; do
-        for v in on off on off; do
-          F=; [ $v = off ] && F=--no-moe-gemv
-          echo "== $m moe-gemv $v"
-          python scripts/bench_engine_gpu.py --out "$OUT/moe-gemv-$m-$v" --models "$m" --decode-batches 1 \
-            --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
-        done
-      done
-      for m in qwen1.5-moe-a2.7b deepseek-v2-lite; do  # shared experts: gate_up_gemv against GEMV + silu_mul
-        for v in on off on off; do
-          F=; [ $v = off ] && F=--no-mlp-gemv
-          echo "== $m mlp-gemv $v"
-          python scripts/bench_engine_gpu.py --out "$OUT/mlp-gemv-$m-$v" --models "$m" --decode-batches 1 \
-            --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
-        done
-      done ;;
+      engine_ab moe-gemv --no-moe-gemv olmoe-1b-7b qwen1.5-moe-a2.7b deepseek-v2-lite
+      engine_ab mlp-gemv --no-mlp-gemv qwen1.5-moe-a2.7b deepseek-v2-lite ;;  # shared experts: gate_up_gemv
     mla-prep)  # exp/mla-prep: one-token MLA kernels (mla_prep, mla_uv); CUDA checks, then B=1 A/Bs on DeepSeek
       MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_mla_decode.py --tb=short 2>&1 | tail -3
       for v in both none both prep-only uv-only none; do
