@@ -276,6 +276,12 @@ def main() -> None:
                     help="one-token MoE layers on fused_moe's tensor-core GEMMs, not moe_gemv's GEMVs (A/B)")
     ap.add_argument("--no-mlp-gemv", action="store_true",
                     help="one-row dense gated MLPs (shared experts) as a GEMV and silu_mul, not gate_up_gemv (A/B)")
+    ap.add_argument("--no-mla-prep", action="store_true",
+                    help="one-token MLA as bmm, cat, rms_norm, rotary and store_kv, not mla_prep's one kernel (A/B)")
+    ap.add_argument("--no-mla-uv", action="store_true",
+                    help="one-token MLA's value half on a cuBLAS bmm, not mla_uv's GEMV (A/B)")
+    ap.add_argument("--no-qwen-mix-fold", action="store_true",
+                    help="Qwen2-MoE blocks sum and mix their output themselves, not in the next norm's kernel (A/B)")
     ap.add_argument("--no-norm-fold", action="store_true",
                     help="one-row post-attention norm and router as two kernels, not one (A/B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
@@ -298,6 +304,14 @@ def main() -> None:
         from moelab.kernels.moe_gemv import set_enabled as set_moe_gemv
 
         set_moe_gemv(False)
+    if args.no_mla_prep or args.no_mla_uv:
+        from moelab.kernels import mla_decode
+
+        mla_decode.set_enabled(not args.no_mla_prep, uv=not args.no_mla_uv)
+    if args.no_qwen_mix_fold:
+        from moelab.models.qwen2_moe import set_fold
+
+        set_fold(False)
     if args.no_mlp_gemv:
         from moelab.kernels import moe_gemv
 
@@ -319,7 +333,8 @@ def main() -> None:
                          "torch": torch.__version__, "pdl": use_pdl(torch.device(device)),
                          "gemv": not args.no_gemv, "fused_reduce": not args.no_fused_reduce,
                          "norm_fold": not args.no_norm_fold, "moe_gemv": not args.no_moe_gemv,
-                         "mlp_gemv": not args.no_mlp_gemv}]
+                         "mlp_gemv": not args.no_mlp_gemv, "mla_prep": not args.no_mla_prep,
+                         "mla_uv": not args.no_mla_uv, "qwen_mix_fold": not args.no_qwen_mix_fold}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:

@@ -198,6 +198,15 @@ def _cases():
         "s_ptr": "*fp32"}, dict(BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, SCALED=True, PER=4, USE_PDL=True), dict(
         num_warps=dn.num_warps)
 
+    from moelab.kernels import mla_decode
+
+    yield "mla-uv-dsv2-lite", mla_decode._mla_uv_kernel, {"o_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, \
+        dict(R=512, V=128, BLOCK_V=32, USE_PDL=True), dict(num_warps=4)
+    yield "mla-prep-dsv2-lite", mla_decode._mla_prep_kernel, {
+        "q_ptr": "*bf16", "kv_ptr": "*bf16", "wuk_ptr": "*bf16", "nw_ptr": "*bf16", "pos_ptr": "*i64",
+        "slot_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "qo_ptr": "*bf16", "cache_ptr": "*bf16"}, dict(
+        H=16, NOPE=128, R=512, HALF=32, BLOCK_R=64, INTERLEAVED=True, USE_PDL=True), dict(num_warps=4)
+
     yield "decode-inputs", decode_inputs._feed_inputs_kernel, {
         "staging_ptr": "*i64", "tokens_ptr": "*i64", "seq_lens_ptr": "*i32"}, dict(
         BLOCK_=decode_inputs.BLOCK, USE_PDL=True), dict(num_warps=4)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -93,8 +93,24 @@ for section in "$@"; do
       python scripts/bench_moe_gemv_gpu.py --quant --budget-s 150 2>&1 | grep -E "kind=(check|layer|quant)"
       engine_ab moe-gemv --no-moe-gemv olmoe-1b-7b qwen1.5-moe-a2.7b deepseek-v2-lite
       engine_ab mlp-gemv --no-mlp-gemv qwen1.5-moe-a2.7b deepseek-v2-lite ;;  # shared experts: gate_up_gemv
+    mla-prep)  # exp/mla-prep: one-token MLA kernels (mla_prep, mla_uv); CUDA checks, then B=1 A/Bs on DeepSeek
+      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_mla_decode.py --tb=short 2>&1 | tail -3
+      for v in both none both prep-only uv-only none; do
+        case $v in both) F= ;; none) F="--no-mla-prep --no-mla-uv" ;; prep-only) F=--no-mla-uv ;;
+          uv-only) F=--no-mla-prep ;; esac
+        echo "== deepseek-v2-lite mla $v"
+        python scripts/bench_engine_gpu.py --out "$OUT/mla-$v" --models deepseek-v2-lite --decode-batches 1 \
+          --offline-batches --profile-batches --steps 30 $F 2>&1 | grep -E "decode B=|rel err"
+      done ;;
+    qwen-mix)  # exp/qwen-mix-in-norm: Qwen2-MoE's routed sum and gated shared mix inside the next norm (A/B)
+      for v in on off on off; do
+        F=; [ $v = off ] && F=--no-qwen-mix-fold
+        echo "== qwen1.5-moe-a2.7b qwen-mix-fold $v"
+        python scripts/bench_engine_gpu.py --out "$OUT/qwen-mix-$v" --models qwen1.5-moe-a2.7b --decode-batches 1 64 \
+          --offline-batches --profile-batches --steps 30 $F 2>&1 | grep -E "decode B=|rel err"
+      done ;;
     grid-sync)  # is a persistent decode kernel worth it: a software grid barrier against a PDL kernel boundary
       timeout 300 python scripts/bench_grid_sync_gpu.py --phases 64 --phase-bytes 0 1e6 8e6 25e6 2>&1 | tail -5 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix" >&2 ;;
   esac
 done

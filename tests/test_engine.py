@@ -306,6 +306,34 @@ def test_triton_attention_path_matches_sdpa(name: str, tiny_checkpoints: dict[st
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
 
 
+def test_mla_one_token_kernels_change_no_token(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
+    """DeepSeek's one-token decode steps take mla_prep (bmm, cat, rms_norm, rotary and store_kv in one launch) and
+    mla_uv (the value half as a GEMV): the same tokens as without them and as the SDPA reference, and they are
+    really taken."""
+    from moelab.kernels import mla_decode
+
+    path = str(tiny_checkpoints["deepseek-v2-lite"])
+    prompts = [[5, 9, 13, 17, 21, 25, 29]]
+    p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    kw = dict(max_model_len=32, block_size=4)
+    calls = {"mla_prep": 0, "mla_uv": 0}
+    for name in calls:
+        real = getattr(mla_decode, name)
+        monkeypatch.setattr(mla_decode, name, lambda *a, _r=real, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1)
+                            or _r(*a, **k))
+    got = LLM(path, attention="triton", **kw).generate(prompts, p)
+    assert min(calls.values()) >= 4  # every layer of the decode steps
+    mla_decode.set_enabled(False, uv=False)
+    try:
+        before = dict(calls)
+        off = LLM(path, attention="triton", **kw).generate(prompts, p)
+        assert calls == before
+    finally:
+        mla_decode.set_enabled(True, uv=True)
+    ref = LLM(path, attention="sdpa", **kw).generate(prompts, p)
+    assert got[0].outputs[0].token_ids == off[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+
+
 def test_graph_staging_pads_decode_batches(olmoe: LLM) -> None:
     """A decode step staged for a graph bucket: padding rows feed token 0 at position 0 of the reserved block 0 with
     one token of context; rows whose token is in flight are fed from the previous step's ids inside the graph."""
@@ -406,12 +434,13 @@ def test_fast_path_keeps_the_logits(name: str, tiny_checkpoints: dict[str, Path]
 
 
 @pytest.mark.parametrize("name,folds", [("olmoe", True), ("mixtral-gqa", True), ("deepseek-v2-lite", True),
-                                        ("qwen2-moe-shared-e6", False), ("deepseek-v2-group", False)])
+                                        ("qwen2-moe-shared-e6", True), ("deepseek-v2-group", False)])
 def test_one_row_folds_the_post_attention_norm_into_the_router(name: str, folds: bool, tiny_checkpoints,
                                                                monkeypatch) -> None:
     """A one-token forward on the fast path computes each MoE layer's post-attention norm and routing in one kernel
     (add_norm_router_topk) where the block routes with the plain top-k kernel, and the logits are those with the
-    fold switched off; Qwen2-MoE's gated shared expert and group-limited routing keep the two steps."""
+    fold switched off (Qwen2-MoE's gated shared expert included: its mix happens in the next norm); group-limited
+    routing keeps the two steps."""
     from moelab.context import ForwardContext, forward_context
     from moelab.kernels import topk_router
     from moelab.layers.moe.layer import SparseMoE
@@ -437,6 +466,32 @@ def test_one_row_folds_the_post_attention_norm_into_the_router(name: str, folds:
     calls.clear()
     off = logits(False)
     assert not calls and torch.equal(on, off)
+
+
+def test_qwen2_moe_mix_in_the_next_norm_keeps_the_tokens(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
+    """Qwen2-MoE's routed sum and sigmoid-gated shared expert inside the next norm's kernel (TopKRows with a gate):
+    the same greedy tokens as the block mixing them itself (set_fold(False)), decode and chunked prefill."""
+    from moelab.kernels import rms_norm
+    from moelab.models import qwen2_moe
+
+    path = str(tiny_checkpoints["qwen2-moe-shared-e6"])
+    prompts = [[5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [7, 8]]
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    kw = dict(max_model_len=32, block_size=4, max_num_batched_tokens=8, moe_backend="triton", attention="triton")
+    gated = []
+    real = rms_norm.add_rms_norm
+    monkeypatch.setattr(rms_norm, "add_rms_norm", lambda *a, **k: gated.append(k.get("extra_gate") is not None)
+                        or real(*a, **k))
+    folded = LLM(path, **kw).generate(prompts, p)
+    assert any(gated)  # the mix really happened inside the norm
+    qwen2_moe.set_fold(False)
+    try:
+        gated.clear()
+        own = LLM(path, **kw).generate(prompts, p)
+        assert not any(gated)
+    finally:
+        qwen2_moe.set_fold(True)
+    assert [o.outputs[0].token_ids for o in folded] == [o.outputs[0].token_ids for o in own]
 
 
 @pytest.mark.parametrize("name", ["olmoe", "qwen3-moe-gqa-norm", "qwen2-moe-shared-e6", "deepseek-v2-lite"])

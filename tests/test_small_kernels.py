@@ -100,6 +100,17 @@ def test_add_rms_norm_with_the_moe_top_k_sum(dtype, rows, top_k, dim) -> None:
     assert torch.equal(fused[0], two[0]) and torch.equal(fused[1], two[1])
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         add_rms_norm(y, r, w, 1e-6, top_k=0)
+    from moelab.kernels.activation import add_gated
+
+    g = torch.randn(rows, 1, dtype=dtype) * 2  # Qwen2-MoE: (sum + sigmoid(g) * e) + residual, as add_gated rounds
+    fused = add_rms_norm(y, r, w, 1e-6, top_k=top_k, extra=e, extra_gate=g)
+    two = add_rms_norm(add_gated(moe_sum(y, top_k), e, g), r, w, 1e-6)
+    assert torch.equal(fused[0], two[0]) and torch.equal(fused[1], two[1])
+    ref = add_rms_norm_ref(y, r, w, 1e-6, top_k=top_k, extra=e, extra_gate=g)
+    assert torch.allclose(fused[1].float(), ref[1].float(), atol=tol) and not torch.equal(
+        fused[1], add_rms_norm(y, r, w, 1e-6, top_k=top_k, extra=e)[1])  # the gate does scale e
+    with pytest.raises(ValueError, match="extra_gate must be"):
+        add_rms_norm(y, r, w, 1e-6, top_k=top_k, extra_gate=g)
 
 
 @pytest.mark.parametrize("scoring,renorm,scale", [("softmax", False, 1.0), ("sigmoid", True, 2.5)])

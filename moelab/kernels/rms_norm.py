@@ -46,12 +46,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, e_ptr, stride_x, stride_r, stride_y, stride_s,
-                         stride_e, dim, eps, BLOCK: tl.constexpr, TOP_K: tl.constexpr = 1,
-                         HAS_EXTRA: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, e_ptr, g_ptr, stride_x, stride_r, stride_y, stride_s,
+                         stride_e, stride_g, dim, eps, BLOCK: tl.constexpr, TOP_K: tl.constexpr = 1,
+                         HAS_EXTRA: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
+                         USE_PDL: tl.constexpr = False):
     """TOP_K > 1: x holds TOP_K rows per output row (an MoE layer's router-weighted expert rows), summed in float32
     in row order and rounded to x's dtype first, exactly as moe_sum would have written them. HAS_EXTRA: e (e.g. a
-    shared expert's output) is added to that, rounded, before the residual."""
+    shared expert's output) is added to that, rounded, before the residual; HAS_GATE: e times sigmoid(g[row])
+    (Qwen2-MoE's gated shared expert), each step rounded as activation.add_gated rounds it."""
     gdc_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -66,6 +68,10 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, e_ptr, stride_x, str
         x = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
     if HAS_EXTRA:
         e = tl.load(e_ptr + row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            gf = tl.load(g_ptr + row * stride_g).to(tl.float32)
+            sig = (1.0 / (1.0 + tl.exp(-gf))).to(x_ptr.dtype.element_ty).to(tl.float32)
+            e = (sig * e).to(x_ptr.dtype.element_ty).to(tl.float32)
         x = (x + e).to(x_ptr.dtype.element_ty).to(tl.float32)
     r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
     summed = (x + r).to(s_ptr.dtype.element_ty)  # rounded like an eager add, then normalized
@@ -78,11 +84,13 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, e_ptr, stride_x, str
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, top_k: int = 1,
-                 extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 extra: torch.Tensor | None = None, extra_gate: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one kernel; x, residual [rows, dim] of one dtype.
     top_k > 1: x is [rows * top_k, dim] and x + residual means moe_sum(x, top_k) + residual (the MoE layer's
     top-k sum happens here instead of in a kernel of its own). extra [rows, dim]: (x + extra) + residual, each
-    sum rounded as eager adds would be (a shared expert's output added to the routed one)."""
+    sum rounded as eager adds would be (a shared expert's output added to the routed one). extra_gate [rows, 1]
+    logits: (x + sigmoid(extra_gate) * extra) + residual (Qwen2-MoE's gated shared expert; no add_gated launch)."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if x.dim() != 2 or residual.dim() != 2 or x.shape[1] != residual.shape[1] or \
@@ -95,26 +103,33 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     if extra is not None and (extra.shape != residual.shape or extra.dtype != residual.dtype):
         raise ValueError(f"extra must be like residual {tuple(residual.shape)} {residual.dtype}, got "
                          f"{tuple(extra.shape)} {extra.dtype}")
+    if extra_gate is not None and (extra is None or extra_gate.shape != (residual.shape[0], 1)
+                                   or extra_gate.dtype != residual.dtype):
+        raise ValueError(f"extra_gate must be [{residual.shape[0]}, 1] {residual.dtype} logits beside an extra, got "
+                         f"{tuple(extra_gate.shape)} {extra_gate.dtype}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     residual = residual if residual.stride(-1) == 1 else residual.contiguous()
     e = residual if extra is None else extra if extra.stride(-1) == 1 else extra.contiguous()
+    g = residual if extra_gate is None else extra_gate
     y, summed = torch.empty_like(residual, memory_format=torch.contiguous_format), torch.empty_like(
         residual, memory_format=torch.contiguous_format)
     if residual.shape[0]:
         BLOCK = triton.next_power_of_2(dim)
-        _add_rms_norm_kernel[(residual.shape[0],)](x, residual, weight, y, summed, e, x.stride(0), residual.stride(0),
-                                                   y.stride(0), summed.stride(0), e.stride(0), dim, eps, BLOCK=BLOCK,
-                                                   TOP_K=top_k, HAS_EXTRA=extra is not None,
+        _add_rms_norm_kernel[(residual.shape[0],)](x, residual, weight, y, summed, e, g, x.stride(0),
+                                                   residual.stride(0), y.stride(0), summed.stride(0), e.stride(0),
+                                                   g.stride(0), dim, eps, BLOCK=BLOCK, TOP_K=top_k,
+                                                   HAS_EXTRA=extra is not None, HAS_GATE=extra_gate is not None,
                                                    num_warps=4 if BLOCK <= 2048 else 8, **launch_options(x.device))
     return y, summed
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, top_k: int = 1,
-                     extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     extra: torch.Tensor | None = None, extra_gate: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     if top_k > 1:  # moe_sum's rounding: a float32 sum of the k rows, then x's dtype
         x = x.float().view(-1, top_k, x.shape[1]).sum(dim=1).to(x.dtype)
     if extra is not None:
-        x = x + extra
+        x = x + (extra if extra_gate is None else torch.sigmoid(extra_gate) * extra)
     summed = x + residual
     return rms_norm_ref(summed, weight, eps), summed
 

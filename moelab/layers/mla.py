@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from moelab.context import get_forward_context
+from moelab.kernels import mla_decode
 from moelab.layers.attention import causal_sdpa, gather_slots
 from moelab.layers.linear import Linear
 from moelab.layers.norm import RMSNorm
@@ -70,30 +71,47 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx) -> torch.Tensor:
         """q_nope [T, H, nope], q_pe [T, H, rope] -> [T, H, v_dim], attending over the latent cache."""
-        from moelab.kernels.paged_attention import paged_attention
-
-        r = self.kv_lora_rank
         if self.w_uk is None:
             self.split_kv_b()
         q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, H, r]
-        q_full = torch.cat((q_lat, q_pe), dim=-1)
+        return self._attend_latent(torch.cat((q_lat, q_pe), dim=-1), ctx)
+
+    def _attend_latent(self, q_full: torch.Tensor, ctx) -> torch.Tensor:
+        """q_full [T, H, r + rope] (the absorbed query) -> [T, H, v_dim]."""
+        from moelab.kernels.paged_attention import paged_attention
+
+        r = self.kv_lora_rank
         N, bs, _ = self.kv_cache.shape
         k_cache = self.kv_cache.view(N, bs, 1, r + self.rope)
         v_cache = self.kv_cache[..., :r].unsqueeze(2)
         o_lat = paged_attention(q_full, k_cache, v_cache, ctx.cu_seqlens_q, ctx.seq_lens_t, ctx.block_tables,
                                 self.scale, ctx.max_query_len, max_seq_len=ctx.max_seq_len)  # [T, H, r]
+        if o_lat.shape[0] == 1 and mla_decode.enabled("uv") and mla_decode.supports(self.nope, r, self.rope,
+                                                                                     self.v_dim):  # a PDL GEMV
+            return mla_decode.mla_uv(o_lat, self.w_uv_t)
         return torch.bmm(o_lat.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # [T, H, v]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         T, H = x.shape[0], self.num_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        kv = self.kv_a_proj_with_mqa(x)
+        ctx = get_forward_context()
+        cached = self.kv_cache is not None and ctx.has_cache
+        if (cached and self.impl == "triton" and T == 1 and self.rotary.cos is not None and mla_decode.enabled("prep")
+                and mla_decode.supports(self.nope, self.kv_lora_rank, self.rope)):
+            # one token: bmm, cat, rms_norm, rotary and store_kv as one launch (moelab/kernels/mla_decode.py)
+            if self.w_uk is None:
+                self.split_kv_b()
+            norm = self.kv_a_layernorm
+            q_full = mla_decode.mla_prep(q, kv, positions, self.rotary.cos, self.rotary.sin, self.w_uk, norm.weight,
+                                       norm.eps, self.kv_cache.view(-1, self.kv_lora_rank + self.rope),
+                                       ctx.slot_mapping, interleaved=self.rotary.interleaved)
+            return self.o_proj(self._attend_latent(q_full, ctx).reshape(T, H * self.v_dim))
         q_nope, q_pe = q.view(T, H, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :])
         k_pe = k_pe[:, 0]
-        ctx = get_forward_context()
-        cached = self.kv_cache is not None and ctx.has_cache
         if cached and self.impl == "triton":
             from moelab.kernels.store_kv import store_kv
 

@@ -85,7 +85,8 @@ class MoECausalLM(nn.Module):
 
         def add_norm(out: torch.Tensor | TopKRows, residual: torch.Tensor, norm: nn.Module):
             if isinstance(out, TopKRows):  # the MoE's top-k sum inside the norm (no moe_sum launch)
-                return add_rms_norm(out.rows, residual, norm.weight, norm.eps, top_k=out.top_k, extra=out.extra)
+                return add_rms_norm(out.rows, residual, norm.weight, norm.eps, top_k=out.top_k, extra=out.extra,
+                                    extra_gate=out.gate)
             return add_rms_norm(out, residual, norm.weight, norm.eps)
 
         residual, out = h, None
@@ -98,7 +99,7 @@ class MoECausalLM(nn.Module):
                 out = ffn(x, sum_topk=False, routing=(w, ids))
                 continue
             x, residual = add_norm(attn, residual, post)
-            # SparseMoE and its subclasses that take sum_topk (Qwen2-MoE's mix kernel does not)
+            # SparseMoE and its subclasses that take sum_topk
             out = ffn(x, sum_topk=False) if isinstance(ffn, SparseMoE) and ffn.takes_sum_topk else ffn(x)
         if out is None:
             return self.model.norm(h)

@@ -9,14 +9,30 @@ from torch import nn
 from moelab.layers.attention import GQAttention
 from moelab.layers.linear import Linear
 from moelab.layers.mlp import GatedMLP
-from moelab.layers.moe.layer import SparseMoE
+from moelab.layers.moe.layer import SparseMoE, TopKRows
 from moelab.layers.moe.router import RouterConfig
 from moelab.models.decoder import DecoderLayer, MoECausalLM
 from moelab.spec import ModelSpec
 
+_FOLD = True
+
+
+def set_fold(on: bool) -> None:
+    """Off: the block sums its routed output and mixes in the gated shared expert itself (moe_sum and add_gated
+    launches; no router fold), as before the mix moved into the next norm (for A/B timings; CUDA graphs must be
+    recaptured)."""
+    global _FOLD
+    _FOLD = bool(on)
+
 
 class Qwen2MoeBlock(SparseMoE):
-    takes_sum_topk = False  # routed + sigmoid(gate) * shared needs the summed routed output (one kernel of its own)
+    """Routed experts plus sigmoid(x g) * shared_expert(x). With sum_topk=False (the decoder's fused-residual path
+    and a backend that defers the top-k sum) it hands back TopKRows carrying the shared output and the gate logits,
+    so the routed sum, the gated mix and the residual add all happen in the next norm's kernel."""
+
+    @property
+    def takes_sum_topk(self) -> bool:
+        return _FOLD
 
     def __init__(self, spec: ModelSpec, router: RouterConfig, backend: str) -> None:
         super().__init__(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size, router, backend)
@@ -28,9 +44,12 @@ class Qwen2MoeBlock(SparseMoE):
         super().use_fused_routing()
         self.fused_mix = True  # routed + sigmoid(gate) * shared as one kernel (moelab.kernels.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sum_topk: bool = True,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
         gate, shared = self.shared_expert_gate(x), self.shared_expert(x)
-        routed = super().forward(x)
+        routed = super().forward(x, sum_topk, routing)
+        if isinstance(routed, TopKRows):
+            return routed._replace(extra=shared, gate=gate)
         fused = self.fused_mix and routed.dim() == 2
         if fused and (routed.is_cuda or routed.dtype != torch.bfloat16):  # bf16 only checked on the GPU
             from moelab.kernels.activation import add_gated

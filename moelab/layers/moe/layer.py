@@ -57,12 +57,14 @@ class ExpertWeights(nn.Module):
 
 class TopKRows(NamedTuple):
     """An MoE layer's output before its top-k sum: rows [T*K, D] (slot t*K + k, router-weighted), plus an extra
-    [T, D] addend (shared experts) or None, for a caller that sums them inside its next kernel
-    (rms_norm.add_rms_norm(rows, residual, ..., top_k=top_k, extra=extra))."""
+    [T, D] addend (shared experts) or None, scaled by sigmoid(gate) when gate [T, 1] logits are given (Qwen2-MoE),
+    for a caller that sums them inside its next kernel (rms_norm.add_rms_norm(rows, residual, ..., top_k=top_k,
+    extra=extra, extra_gate=gate))."""
 
     rows: torch.Tensor
     top_k: int
     extra: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
 
 
 class SparseMoE(nn.Module):
