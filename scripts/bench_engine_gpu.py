@@ -209,27 +209,44 @@ def profile_decode(llm: LLM, B: int, ctx: int, steps: int, device: str) -> dict:
     return {"kind": "profile", "batch": B, **_categorize(prof, steps, wall)}
 
 
+def _category(name: str) -> str:
+    name = name.lower()
+    return next(cat for cat, keys in CATEGORIES if any(k in name for k in keys))
+
+
 def _categorize(prof, steps: int, wall: float) -> dict:
-    """Kernel time per step by CATEGORIES, GPU busy, wall and the top kernels of a torch profile."""
+    """Kernel time per step by CATEGORIES, GPU busy, wall and the top kernels of a torch profile; and the same
+    as exposed time: with PDL a kernel starts while the one before it runs, so its duration overstates what it
+    adds to the step. Exposed = how far a kernel's end moves the latest end seen so far (kernels in start order);
+    exposed times add up to the busy span, and "idle" is the rest of the wall time."""
     out = {c: 0.0 for c, _ in CATEGORIES}
-    kernels = {}
+    exposed = {c: 0.0 for c, _ in CATEGORIES}
+    kernels, kernels_exposed, spans = {}, {}, []
     for ev in prof.events():
         if ev.device_type.name != "CUDA":
             continue
-        name = ev.name.lower()
         dur = ev.device_time / 1e3 if hasattr(ev, "device_time") else ev.cuda_time / 1e3  # ms
         kernels[ev.name] = kernels.get(ev.name, 0.0) + dur
-        for cat, keys in CATEGORIES:
-            if any(k in name for k in keys):
-                out[cat] += dur
-                break
+        out[_category(ev.name)] += dur
+        spans.append((ev.time_range.start, ev.time_range.end, ev.name))  # us
+    last_end = float("-inf")
+    for start, end, name in sorted(spans):
+        add = max(0.0, end - max(start, last_end)) / 1e3  # ms
+        last_end = max(last_end, end)
+        exposed[_category(name)] += add
+        kernels_exposed[name] = kernels_exposed.get(name, 0.0) + add
     per_step = {k: v / steps for k, v in out.items()}
     gpu = sum(per_step.values())
     per_step["gpu_busy"] = gpu
     per_step["wall"] = wall / steps * 1e3
     per_step["host_overhead_and_idle"] = per_step["wall"] - gpu
+    exp_step = {k: v / steps for k, v in exposed.items()}
+    exp_step["gpu_span"] = sum(exp_step.values())
+    exp_step["idle"] = per_step["wall"] - exp_step["gpu_span"]
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
-    return {"ms_per_step": per_step, "top_kernels_ms_per_step": {k: v / steps for k, v in top}}
+    top_exp = sorted(kernels_exposed.items(), key=lambda kv: -kv[1])[:15]
+    return {"ms_per_step": per_step, "top_kernels_ms_per_step": {k: v / steps for k, v in top},
+            "exposed_ms_per_step": exp_step, "top_kernels_exposed_ms_per_step": {k: v / steps for k, v in top_exp}}
 
 
 def profile_prefill(llm: LLM, B: int, n_in: int, device: str) -> dict:
@@ -368,6 +385,10 @@ def main() -> None:
                 p = {"model": name, **profile_decode(llm, B, 128, 10, device)}
                 rows.append(p)
                 print(f"  profile B={B}: " + ", ".join(f"{k} {v:.3f}" for k, v in p["ms_per_step"].items()))
+                print(f"  exposed B={B}: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                      p["exposed_ms_per_step"].items()))
+                print("    top exposed (us/step): " + "; ".join(f"{k[:40]} {v * 1e3:.1f}" for k, v in
+                                                             list(p["top_kernels_exposed_ms_per_step"].items())[:10]))
             for B in args.profile_prefill:
                 p = {"model": name, **profile_prefill(llm, B, 128, device)}
                 rows.append(p)
