@@ -299,6 +299,8 @@ def main() -> None:
                     help="one-token MLA's value half on a cuBLAS bmm, not mla_uv's GEMV (A/B)")
     ap.add_argument("--no-qwen-mix-fold", action="store_true",
                     help="Qwen2-MoE blocks sum and mix their output themselves, not in the next norm's kernel (A/B)")
+    ap.add_argument("--no-early-residual", action="store_true",
+                    help="norms read the residual after their PDL wait, not before (A/B)")
     ap.add_argument("--no-norm-fold", action="store_true",
                     help="one-row post-attention norm and router as two kernels, not one (A/B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
@@ -333,6 +335,10 @@ def main() -> None:
         from moelab.kernels import moe_gemv
 
         moe_gemv.set_enabled(moe_gemv.enabled(), dense=False)
+    if args.no_early_residual:
+        from moelab.kernels.pdl import set_early_reads
+
+        set_early_reads(False)
     if args.no_norm_fold:
         from moelab.kernels.topk_router import set_norm_fold
 
@@ -351,7 +357,8 @@ def main() -> None:
                          "gemv": not args.no_gemv, "fused_reduce": not args.no_fused_reduce,
                          "norm_fold": not args.no_norm_fold, "moe_gemv": not args.no_moe_gemv,
                          "mlp_gemv": not args.no_mlp_gemv, "mla_prep": not args.no_mla_prep,
-                         "mla_uv": not args.no_mla_uv, "qwen_mix_fold": not args.no_qwen_mix_fold}]
+                         "mla_uv": not args.no_mla_uv, "qwen_mix_fold": not args.no_qwen_mix_fold,
+                         "early_residual": not args.no_early_residual}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:

@@ -132,7 +132,7 @@ def _cases():
     yield "router-topk-add-norm", topk_router._router_gemm_topk_kernel, {
         "part_ptr": "*fp32", "count_ptr": "*i32", "w_ptr": "*fp32", "ids_ptr": "*i64"}, dict(
         K=8, KP=8, BLOCK_T=16, BLOCK_E=64, BLOCK_D=128, SIGMOID=False, RENORM=False, PRECISION="tf32", SPLIT=True,
-        MAX_SPLITS=16, ADD_NORM=True, D_PAD=2048, USE_PDL=True), dict(num_stages=3)
+        MAX_SPLITS=16, ADD_NORM=True, D_PAD=2048, EARLY_R=True, USE_PDL=True), dict(num_stages=3)
     yield "argmax", argmax._argmax_kernel, {"out_ptr": "*i64", "part_v_ptr": "*fp32", "part_i_ptr": "*i32",
                                             "part_n_ptr": "*i32", "count_ptr": "*i32"}, dict(
         BLOCK=2048, SPLITS_PAD=32, USE_PDL=True), {}
@@ -174,7 +174,7 @@ def _cases():
             for dtype, M in (("bfloat16", 1), ("bfloat16", 4096), ("fp8_block", 4096)):
                 yield f"moe-{kernel}-{name}-{dtype}-M{M}", *_moe(kernel, M, dtype, shape)
     yield "add-rms-norm-topk-sum", rms_norm._add_rms_norm_kernel, {}, dict(
-        BLOCK=2048, TOP_K=8, HAS_EXTRA=True, USE_PDL=True), {}
+        BLOCK=2048, TOP_K=8, HAS_EXTRA=True, EARLY_R=True, USE_PDL=True), {}
     from moelab.kernels import decode_inputs, moe_gemv
 
     for name, (I, D) in (("olmoe", (1024, 2048)), ("mixtral", (14336, 4096))):

@@ -86,6 +86,8 @@ def test_add_rms_norm_with_the_moe_top_k_sum(dtype, rows, top_k, dim) -> None:
     two = add_rms_norm(moe_sum(y, top_k), r, w, 1e-6)
     ref = add_rms_norm_ref(y, r, w, 1e-6, top_k=top_k)
     assert torch.equal(fused[0], two[0]) and torch.equal(fused[1], two[1])
+    early = add_rms_norm(y, r, w, 1e-6, top_k=top_k, residual_settled=True)  # residual read before the wait
+    assert torch.equal(early[0], two[0]) and torch.equal(early[1], two[1])
     tol = 1e-5 if dtype == torch.float32 else 2e-3  # torch's sum over k may add in another order
     assert torch.allclose(fused[1].float(), ref[1].float(), atol=tol)
     assert torch.allclose(fused[0].float(), ref[0].float(), atol=tol)
@@ -151,6 +153,11 @@ def test_add_norm_router_topk_is_the_two_kernels(dtype, scoring, renorm, scale, 
     gw2, gids2 = router_topk(y2, w, K, scoring, renorm, scale)
     assert torch.equal(summed, summed2) and torch.equal(y, y2)
     assert torch.equal(gids, gids2) and torch.equal(gw, gw2)
+    # the residual and norm weight read before the PDL wait: the same bits
+    y3, summed3, gw3, gids3 = add_norm_router_topk(x, r, nw, 1e-6, w, K, scoring, renorm, scale,
+                                                   residual_settled=True)
+    assert torch.equal(summed3, summed2) and torch.equal(y3, y2)
+    assert torch.equal(gids3, gids2) and torch.equal(gw3, gw2)
     with pytest.raises(ValueError, match="one row"):
         add_norm_router_topk(torch.cat([x, x]), torch.cat([r, r]), nw, 1e-6, w, K)
     with pytest.raises(ValueError, match="norm weight"):
@@ -187,6 +194,15 @@ def test_qk_rope_store(norm, H, KV, hd, interleaved, dtype) -> None:
     assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
     assert torch.allclose(caches[0].float(), want_c[0].float(), atol=tol, rtol=tol)
     assert torch.equal(caches[1], want_c[1])
+    from moelab.kernels.pdl import set_early_reads
+
+    set_early_reads(False)  # the norm weights read after the PDL wait instead of before: the same bits
+    try:
+        late_c = [c.clone() for c in caches]
+        late = qk_rope_store(qkv, H, KV, pos, cos, sin, late_c[0], late_c[1], slots, norm, qw, kw, 1e-6, interleaved)
+    finally:
+        set_early_reads(True)
+    assert torch.equal(late, got) and torch.equal(late_c[0], caches[0])
     with pytest.raises(ValueError, match="q/k norm"):
         qk_rope_store(qkv, H, KV, pos, cos, sin, caches[0], caches[1], slots, "full", None, None)
 
@@ -235,8 +251,11 @@ def test_add_norm_router_topk_cuda(E, K, D) -> None:
                                                                              dtype=torch.bfloat16)
     nw = torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5
     w = torch.randn(E, D, device="cuda", dtype=torch.bfloat16) * (1.5 / D ** 0.5)
-    y, summed, gw, gids = add_norm_router_topk(x, r, nw, 1e-6, w, K, "softmax", True)
     y2, summed2 = add_rms_norm(x, r, nw, 1e-6)
     gw2, gids2 = router_topk(y2, w, K, "softmax", True)
-    assert torch.equal(summed, summed2) and torch.equal(y, y2)
-    assert torch.equal(gids, gids2) and torch.equal(gw, gw2)
+    for settled in (False, True):  # the residual read after / before the PDL wait
+        y, summed, gw, gids = add_norm_router_topk(x, r, nw, 1e-6, w, K, "softmax", True, residual_settled=settled)
+        assert torch.equal(summed, summed2) and torch.equal(y, y2)
+        assert torch.equal(gids, gids2) and torch.equal(gw, gw2)
+    y3, summed3 = add_rms_norm(x, r, nw, 1e-6, residual_settled=True)
+    assert torch.equal(summed3, summed2) and torch.equal(y3, y2)

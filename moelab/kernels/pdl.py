@@ -10,7 +10,10 @@ read, before it, what no kernel of the step writes: the GEMV its first weight ch
 chunk, `qk_rope_store` the positions, slots and RoPE rows, paged attention the step's metadata (copied in before
 the step, except a decode graph's int32 context lengths, which the graph's first kernel writes: the embedding, a
 torch launch without PDL, runs after it and before any kernel that reads them early, so that order is kept; a change
-that makes the first PDL kernel of the step follow it directly must move those reads after the wait).
+that makes the first PDL kernel of the step follow it directly must move those reads after the wait). One more
+rule allows reads of data written two launches back: the launch in front has passed its own wait before this one
+can start, so everything before that launch is complete (`moe_gemv`'s routing; `add_rms_norm` and the router's
+folded norm read the residual and the norm weight early when the caller says the residual is that old).
 `launch_options(device)`
 gives the launch keyword (empty on the CPU / interpreter and on GPUs before Hopper). `set_enabled(False)` turns it
 off (for A/B timings; CUDA graphs must be recaptured).
@@ -33,9 +36,23 @@ except ImportError:  # a Triton without the CUDA backend
     _LAUNCHER_HAS_PDL = False
 
 
+_EARLY = True
+
+
 def set_enabled(on: bool) -> None:
     global _ENABLED
     _ENABLED = bool(on)
+
+
+def set_early_reads(on: bool) -> None:
+    """Off: kernels that may read a residual written two launches back before their wait read it after (A/B
+    timings; CUDA graphs must be recaptured)."""
+    global _EARLY
+    _EARLY = bool(on)
+
+
+def early_reads() -> bool:
+    return _EARLY
 
 
 @functools.cache

@@ -14,25 +14,44 @@ import torch
 import triton
 import triton.language as tl
 
-from moelab.kernels.pdl import gdc_prologue, launch_options
+from moelab.kernels.pdl import early_reads, gdc_prologue, launch_options
 
 NORM_MODES = {None: 0, "full": 1, "per_head": 2}
 
 
 @triton.jit
-def _norm_rope(x_ptr, w_ptr, c, s, eps, NH: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr,
-               NORM: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Rows [HP, HALF] x 2 of one token's heads (heads >= NH masked): normalized as RMSNorm rounds (cast to the
-    activation dtype, then times the weight), then rotated in float32. Returns the two rotated halves."""
+def _offsets(NH: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Offsets [HP, HALF] of the two rotated halves of each head (heads >= NH masked), the per-head columns and the
+    head mask."""
     h = tl.arange(0, HP)
     i = tl.arange(0, HALF)
     if INTERLEAVED:
         i1, i2 = 2 * i, 2 * i + 1
     else:
         i1, i2 = i, i + HALF
-    hm = (h < NH)[:, None]
-    off1 = h[:, None] * (2 * HALF) + i1[None, :]
-    off2 = h[:, None] * (2 * HALF) + i2[None, :]
+    return h[:, None] * (2 * HALF) + i1[None, :], h[:, None] * (2 * HALF) + i2[None, :], i1, i2, (h < NH)[:, None]
+
+
+@triton.jit
+def _norm_weights(w_ptr, NH: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr,
+                  INTERLEAVED: tl.constexpr):
+    """The norm weight's two halves as _norm_rope multiplies them (no kernel writes them: read before the wait)."""
+    off1, off2, i1, i2, hm = _offsets(NH, HP, HALF, INTERLEAVED)
+    if NORM == 1:  # one norm over all heads: weight [NH * 2 * HALF]
+        return tl.load(w_ptr + off1, mask=hm, other=0.0), tl.load(w_ptr + off2, mask=hm, other=0.0)
+    elif NORM == 2:  # a norm per head: weight [2 * HALF]
+        return tl.load(w_ptr + i1)[None, :], tl.load(w_ptr + i2)[None, :]
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
+def _norm_rope(x_ptr, w1, w2, c, s, eps, NH: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr,
+               NORM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rows [HP, HALF] x 2 of one token's heads (heads >= NH masked): normalized as RMSNorm rounds (cast to the
+    activation dtype, then times the weight halves w1 / w2 from _norm_weights), then rotated in float32. Returns
+    the two rotated halves."""
+    off1, off2, i1, i2, hm = _offsets(NH, HP, HALF, INTERLEAVED)
     x1 = tl.load(x_ptr + off1, mask=hm, other=0.0)
     x2 = tl.load(x_ptr + off2, mask=hm, other=0.0)
     if NORM > 0:
@@ -42,15 +61,11 @@ def _norm_rope(x_ptr, w_ptr, c, s, eps, NH: tl.constexpr, HP: tl.constexpr, HALF
         if NORM == 1:  # one norm over all heads: weight [NH * 2 * HALF]
             ss = tl.sum(tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1), axis=0)
             inv = 1.0 / tl.sqrt(ss / (NH * 2 * HALF) + eps)
-            w1 = tl.load(w_ptr + off1, mask=hm, other=0.0)
-            w2 = tl.load(w_ptr + off2, mask=hm, other=0.0)
             x1 = ((f1 * inv).to(dt) * w1).to(dt)
             x2 = ((f2 * inv).to(dt) * w2).to(dt)
         else:  # a norm per head: weight [2 * HALF]
             ss = tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)
             inv = (1.0 / tl.sqrt(ss / (2 * HALF) + eps))[:, None]
-            w1 = tl.load(w_ptr + i1)[None, :]
-            w2 = tl.load(w_ptr + i2)[None, :]
             x1 = ((f1 * inv).to(dt) * w1).to(dt)
             x2 = ((f2 * inv).to(dt) * w2).to(dt)
     f1 = x1.to(tl.float32)
@@ -63,23 +78,29 @@ def _qk_rope_store_kernel(qkv_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, co
                           stride_t, stride_qo, stride_kc, stride_vc, eps,
                           H: tl.constexpr, KV: tl.constexpr, HP: tl.constexpr, KVP: tl.constexpr,
                           HALF: tl.constexpr, NORM: tl.constexpr, INTERLEAVED: tl.constexpr,
-                          USE_PDL: tl.constexpr = False):
-    # positions, slots (the step's inputs, copied in before any kernel of the step) and the RoPE tables (built once)
-    # are read before waiting for the projection in front: no kernel of the step writes them
+                          EARLY_W: tl.constexpr = True, USE_PDL: tl.constexpr = False):
+    # positions, slots (the step's inputs, copied in before any kernel of the step), the RoPE tables (built once)
+    # and the norm weights are read before waiting for the projection in front: no kernel of the step writes them
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     i = tl.arange(0, HALF)
     c = tl.load(cos_ptr + pos * HALF + i)
     s = tl.load(sin_ptr + pos * HALF + i)
+    if EARLY_W:
+        qw1, qw2 = _norm_weights(qw_ptr, H, HP, HALF, NORM, INTERLEAVED)
+        kw1, kw2 = _norm_weights(kw_ptr, KV, KVP, HALF, NORM, INTERLEAVED)
     gdc_prologue(USE_PDL)
+    if not EARLY_W:  # (pdl.set_early_reads(False): the A/B of reading them early)
+        qw1, qw2 = _norm_weights(qw_ptr, H, HP, HALF, NORM, INTERLEAVED)
+        kw1, kw2 = _norm_weights(kw_ptr, KV, KVP, HALF, NORM, INTERLEAVED)
     row = qkv_ptr + t * stride_t
-    o1, o2, hm, y1, y2 = _norm_rope(row, qw_ptr, c, s, eps, H, HP, HALF, NORM, INTERLEAVED)
+    o1, o2, hm, y1, y2 = _norm_rope(row, qw1, qw2, c, s, eps, H, HP, HALF, NORM, INTERLEAVED)
     q_out = qo_ptr + t * stride_qo
     tl.store(q_out + o1, y1.to(qo_ptr.dtype.element_ty), mask=hm)
     tl.store(q_out + o2, y2.to(qo_ptr.dtype.element_ty), mask=hm)
     k_row = row + H * 2 * HALF
-    o1, o2, hm, y1, y2 = _norm_rope(k_row, kw_ptr, c, s, eps, KV, KVP, HALF, NORM, INTERLEAVED)
+    o1, o2, hm, y1, y2 = _norm_rope(k_row, kw1, kw2, c, s, eps, KV, KVP, HALF, NORM, INTERLEAVED)
     k_out = kc_ptr + slot * stride_kc
     tl.store(k_out + o1, y1.to(kc_ptr.dtype.element_ty), mask=hm)
     tl.store(k_out + o2, y2.to(kc_ptr.dtype.element_ty), mask=hm)
@@ -131,7 +152,8 @@ def qk_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, position
         _qk_rope_store_kernel[(T,)](qkv, q, k_cache, v_cache, positions, slot_mapping, cos, sin, qw, kw,
                                     qkv.stride(0), q.stride(0), k_cache.stride(0), v_cache.stride(0), eps,
                                     H=H, KV=KV, HP=triton.next_power_of_2(H), KVP=triton.next_power_of_2(KV),
-                                    HALF=half, NORM=mode, INTERLEAVED=interleaved, num_warps=4,
+                                    HALF=half, NORM=mode, INTERLEAVED=interleaved, EARLY_W=early_reads(),
+                                    num_warps=4,
                                     **launch_options(qkv.device))
     return q
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moelab.kernels.pdl import gdc_prologue, launch_options
+from moelab.kernels.pdl import early_reads, gdc_prologue, launch_options
 
 
 @triton.jit
@@ -49,15 +49,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, e_ptr, g_ptr, stride_x, stride_r, stride_y, stride_s,
                          stride_e, stride_g, dim, eps, BLOCK: tl.constexpr, TOP_K: tl.constexpr = 1,
                          HAS_EXTRA: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
-                         USE_PDL: tl.constexpr = False):
+                         EARLY_R: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """TOP_K > 1: x holds TOP_K rows per output row (an MoE layer's router-weighted expert rows), summed in float32
     in row order and rounded to x's dtype first, exactly as moe_sum would have written them. HAS_EXTRA: e (e.g. a
     shared expert's output) is added to that, rounded, before the residual; HAS_GATE: e times sigmoid(g[row])
-    (Qwen2-MoE's gated shared expert), each step rounded as activation.add_gated rounds it."""
-    gdc_prologue(USE_PDL)
+    (Qwen2-MoE's gated shared expert), each step rounded as activation.add_gated rounds it. The norm weight (no
+    kernel writes it) is read before the PDL wait; so is r with EARLY_R (the caller's promise that r was written
+    at least two launches earlier: the launch in front has passed its own wait, so everything before it is done)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if EARLY_R:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    gdc_prologue(USE_PDL)
     if TOP_K == 1:
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -73,24 +78,26 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, e_ptr, g_ptr, stride
             sig = (1.0 / (1.0 + tl.exp(-gf))).to(x_ptr.dtype.element_ty).to(tl.float32)
             e = (sig * e).to(x_ptr.dtype.element_ty).to(tl.float32)
         x = (x + e).to(x_ptr.dtype.element_ty).to(tl.float32)
-    r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    if not EARLY_R:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
     summed = (x + r).to(s_ptr.dtype.element_ty)  # rounded like an eager add, then normalized
     tl.store(s_ptr + row * stride_s + cols, summed, mask=mask)
     v = summed.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / dim + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(y_ptr + row * stride_y + cols, ((v * inv).to(y_ptr.dtype.element_ty) * w).to(y_ptr.dtype.element_ty),
              mask=mask)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, top_k: int = 1,
-                 extra: torch.Tensor | None = None, extra_gate: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 extra: torch.Tensor | None = None, extra_gate: torch.Tensor | None = None,
+                 residual_settled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one kernel; x, residual [rows, dim] of one dtype.
     top_k > 1: x is [rows * top_k, dim] and x + residual means moe_sum(x, top_k) + residual (the MoE layer's
     top-k sum happens here instead of in a kernel of its own). extra [rows, dim]: (x + extra) + residual, each
     sum rounded as eager adds would be (a shared expert's output added to the routed one). extra_gate [rows, 1]
-    logits: (x + sigmoid(extra_gate) * extra) + residual (Qwen2-MoE's gated shared expert; no add_gated launch)."""
+    logits: (x + sigmoid(extra_gate) * extra) + residual (Qwen2-MoE's gated shared expert; no add_gated launch).
+    residual_settled: the caller promises residual was written at least two kernel launches before this one; on
+    the GPU it is then read before the PDL wait (same values, read earlier)."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if x.dim() != 2 or residual.dim() != 2 or x.shape[1] != residual.shape[1] or \
@@ -119,6 +126,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                                                    residual.stride(0), y.stride(0), summed.stride(0), e.stride(0),
                                                    g.stride(0), dim, eps, BLOCK=BLOCK, TOP_K=top_k,
                                                    HAS_EXTRA=extra is not None, HAS_GATE=extra_gate is not None,
+                                                   EARLY_R=residual_settled and early_reads(),
                                                    num_warps=4 if BLOCK <= 2048 else 8, **launch_options(x.device))
     return y, summed
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from moelab.kernels.counters import arrival_counters
-from moelab.kernels.pdl import gdc_prologue, launch_options
+from moelab.kernels.pdl import early_reads, gdc_prologue, launch_options
 
 
 @triton.jit
@@ -56,16 +56,25 @@ def _topk_router_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, scale, K: tl.co
 
 
 @triton.jit
-def _x_chunk(x_ptrs, ok, c_off, r_ptr, nw_ptr, y_ptr, s_ptr, inv, ADD_NORM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _r_nw_chunk(x_ptrs, ok, c_off, r_ptr, nw_ptr, BLOCK_D: tl.constexpr):
+    """The residual and norm-weight chunks that _x_chunk adds and multiplies (row 0's columns c_off..)."""
+    d = tl.broadcast_to(c_off + tl.arange(0, BLOCK_D)[None, :], x_ptrs.shape)  # row 0's columns (rows > 0 masked)
+    return tl.load(r_ptr + d, mask=ok, other=0.0), tl.load(nw_ptr + d, mask=ok, other=0.0)
+
+
+@triton.jit
+def _x_chunk(x_ptrs, ok, c_off, r_ptr, nw_ptr, y_ptr, s_ptr, inv, ADD_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+             rv=None, nw=None, HAVE_R: tl.constexpr = False):
     """The [BLOCK_T, BLOCK_D] chunk of the router's input at columns c_off..: x itself, or (ADD_NORM, one row)
-    rms_norm(x + r) computed and rounded as _add_rms_norm_kernel does, its chunk of y and of the sum x + r stored."""
+    rms_norm(x + r) computed and rounded as _add_rms_norm_kernel does, its chunk of y and of the sum x + r stored.
+    HAVE_R: rv and nw are that chunk's residual and norm weight, already loaded."""
     xv = tl.load(x_ptrs, mask=ok, other=0.0)
     if ADD_NORM:
-        d = tl.broadcast_to(c_off + tl.arange(0, BLOCK_D)[None, :], x_ptrs.shape)  # row 0's columns (rows > 0 masked)
-        rv = tl.load(r_ptr + d, mask=ok, other=0.0)
+        d = tl.broadcast_to(c_off + tl.arange(0, BLOCK_D)[None, :], x_ptrs.shape)
+        if not HAVE_R:
+            rv, nw = _r_nw_chunk(x_ptrs, ok, c_off, r_ptr, nw_ptr, BLOCK_D)
         summed = (xv.to(tl.float32) + rv.to(tl.float32)).to(s_ptr.dtype.element_ty)
         tl.store(s_ptr + d, summed, mask=ok)
-        nw = tl.load(nw_ptr + d, mask=ok, other=0.0)
         xv = ((summed.to(tl.float32) * inv).to(y_ptr.dtype.element_ty) * nw).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + d, xv, mask=ok)
     return xv
@@ -78,14 +87,16 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
                              BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                              SIGMOID: tl.constexpr, RENORM: tl.constexpr, PRECISION: tl.constexpr,
                              SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr = 16, ADD_NORM: tl.constexpr = False,
-                             D_PAD: tl.constexpr = 16, USE_PDL: tl.constexpr = False):
+                             D_PAD: tl.constexpr = 16, EARLY_R: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """Program (row block, split): logits of rows t0..t0+BLOCK_T over the split's D chunks, x W^T accumulated in
     float32 (products of bf16/fp16 inputs are exact in float32, so this is the reference's x.float() @
     W.float()^T up to summation order). SPLIT: each split stores its partial logits, and the row block's last
     split to arrive (an acq_rel counter, reset afterwards) sums them in split order and does the top-k, so at
     decode the weight read spreads over num_splits SMs and the result does not depend on timing.
     ADD_NORM (T == 1): the input is rms_norm(x + r) * nw, the add_rms_norm in front folded in; every split
-    computes the row's RMS from the whole row (D_PAD wide) and writes its own chunks of y and of x + r."""
+    computes the row's RMS from the whole row (D_PAD wide) and writes its own chunks of y and of x + r. EARLY_R:
+    r (written at least two launches earlier, the caller promises) and the norm weight of the split's first chunk
+    are read before the PDL wait, the whole residual row too."""
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -99,16 +110,24 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
     # the first weight chunk (a split never starts past D) is read before waiting for the norm in front: no kernel
     # writes the router weight
     w0 = tl.load(w_ptrs, mask=mask[None, :] & (d < D - c0 * BLOCK_D)[:, None], other=0.0)
+    ok0 = t_ok[:, None] & (d < D - c0 * BLOCK_D)[None, :]
+    if ADD_NORM:
+        cols = tl.arange(0, D_PAD)
+    if EARLY_R:
+        ra = tl.load(r_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        rv0, nw0 = _r_nw_chunk(x_ptrs, ok0, c0 * BLOCK_D, r_ptr, nw_ptr, BLOCK_D)
+    else:
+        rv0 = w0
+        nw0 = w0
     gdc_prologue(USE_PDL)
     inv = 1.0
     if ADD_NORM:  # the one row's RMS, summed over the whole row as _add_rms_norm_kernel sums it
-        cols = tl.arange(0, D_PAD)
         xa = tl.load(x_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-        ra = tl.load(r_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        if not EARLY_R:
+            ra = tl.load(r_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
         v = (xa + ra).to(s_ptr.dtype.element_ty).to(tl.float32)
         inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / D + eps)
-    x0 = _x_chunk(x_ptrs, t_ok[:, None] & (d < D - c0 * BLOCK_D)[None, :], c0 * BLOCK_D, r_ptr, nw_ptr, y_ptr, s_ptr,
-                  inv, ADD_NORM, BLOCK_D)
+    x0 = _x_chunk(x_ptrs, ok0, c0 * BLOCK_D, r_ptr, nw_ptr, y_ptr, s_ptr, inv, ADD_NORM, BLOCK_D, rv0, nw0, EARLY_R)
     acc = tl.dot(x0, w0, tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32), input_precision=PRECISION)
     x_ptrs += BLOCK_D
     w_ptrs += BLOCK_D
@@ -176,10 +195,12 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str 
 
 def add_norm_router_topk(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                          weight: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,
-                         scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         scale: float = 1.0, residual_settled: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One row: add_rms_norm(x, residual, norm_weight, eps) and router_topk of its output in one kernel ->
     (y = rms_norm(x + residual) [1, D], x + residual [1, D], weights [1, K], ids [1, K]), each as the two kernels
-    would give them (the decode step's post-attention norm and router at batch 1: one launch fewer per layer)."""
+    would give them (the decode step's post-attention norm and router at batch 1: one launch fewer per layer).
+    residual_settled: as add_rms_norm's (residual written at least two launches before; read before the wait)."""
     if x.shape[0] != 1 or x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"add_norm_router_topk takes one row: x and residual [1, D] of one dtype, got "
                          f"{tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} {residual.dtype}")
@@ -189,12 +210,13 @@ def add_norm_router_topk(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
     y, summed = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         x, memory_format=torch.contiguous_format)
     w, ids = _launch(x, weight, top_k, scoring, renormalize, scale,
-                     (residual.contiguous(), norm_weight.contiguous(), y, summed, eps))
+                     (residual.contiguous(), norm_weight.contiguous(), y, summed, eps),
+                     early_r=residual_settled and early_reads())
     return y, summed, w, ids
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str, renormalize: bool, scale: float,
-            norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            norm: tuple | None = None, early_r: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     T, D = x.shape
     E = weight.shape[0]
     _check_route(scoring, top_k, E)
@@ -224,6 +246,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str, ren
             SIGMOID=scoring == "sigmoid", RENORM=renormalize,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, MAX_SPLITS=MAX_SPLITS,
             ADD_NORM=norm is not None, D_PAD=triton.next_power_of_2(D) if norm is not None else 16,
+            EARLY_R=early_r and norm is not None,
             num_warps=4, num_stages=3,
             **launch_options(x.device))
     return w, ids

@@ -83,11 +83,13 @@ class MoECausalLM(nn.Module):
         from moelab.kernels.rms_norm import add_rms_norm
         from moelab.layers.moe.layer import SparseMoE, TopKRows
 
+        # every residual below was written by the add_norm (or add_norm_route) before an attention or FFN module,
+        # which launches at least two kernels: the norms may read it before their PDL wait (residual_settled)
         def add_norm(out: torch.Tensor | TopKRows, residual: torch.Tensor, norm: nn.Module):
             if isinstance(out, TopKRows):  # the MoE's top-k sum inside the norm (no moe_sum launch)
                 return add_rms_norm(out.rows, residual, norm.weight, norm.eps, top_k=out.top_k, extra=out.extra,
-                                    extra_gate=out.gate)
-            return add_rms_norm(out, residual, norm.weight, norm.eps)
+                                    extra_gate=out.gate, residual_settled=True)
+            return add_rms_norm(out, residual, norm.weight, norm.eps, residual_settled=True)
 
         residual, out = h, None
         for layer in self.model.layers:
@@ -95,7 +97,7 @@ class MoECausalLM(nn.Module):
             x, residual = (norm(h), h) if out is None else add_norm(out, residual, norm)
             attn, post, ffn = layer.self_attn(positions, x), layer.post_attention_layernorm, layer.ffn
             if isinstance(ffn, SparseMoE) and ffn.fold_norm_into_router(attn):  # one row: norm + router, one kernel
-                x, residual, w, ids = ffn.add_norm_route(attn, residual, post)
+                x, residual, w, ids = ffn.add_norm_route(attn, residual, post, residual_settled=True)
                 out = ffn(x, sum_topk=False, routing=(w, ids))
                 continue
             x, residual = add_norm(attn, residual, post)

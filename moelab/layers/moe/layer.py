@@ -122,16 +122,17 @@ class SparseMoE(nn.Module):
                 and x.shape[1] <= 2048 and x.dtype == self.gate.weight.dtype
                 and (x.is_cuda or x.dtype != torch.bfloat16) and norm_fold_enabled())
 
-    def add_norm_route(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module
+    def add_norm_route(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, residual_settled: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One row (see fold_norm_into_router): (norm(x + residual), x + residual, topk_weights, topk_ids) in one
         kernel, the norm in front of this block folded into its router. A method of the block, so that whatever
-        wraps route (the lab's profile ranges) can wrap this too."""
+        wraps route (the lab's profile ranges) can wrap this too. residual_settled: see rms_norm.add_rms_norm."""
         from moelab.kernels.topk_router import add_norm_router_topk
 
         cfg = self.router_config
         return add_norm_router_topk(x, residual, norm.weight, norm.eps, self.gate.weight, cfg.top_k,
-                                    cfg.scoring_func, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+                                    cfg.scoring_func, cfg.norm_topk_prob, cfg.routed_scaling_factor,
+                                    residual_settled=residual_settled)
 
     def forward(self, x: torch.Tensor, sum_topk: bool = True,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
