@@ -177,9 +177,9 @@ def bench_offline(llm: LLM, B: int, n_in: int, n_out: int, c: Ceilings, device: 
 # kernel name fragments per category, checked in this order; the rest is "other"
 CATEGORIES = [("attention", ("paged_attention", "split_reduce", "store_kv", "index_put")),
               ("moe", ("gate_up", "_down_kernel", "_place", "align", "moe")),
-              ("dense_gemv", ("_gemv_kernel",)),  # moelab's one-row projections (moelab.kernels.gemv)
+              ("dense_gemv", ("_gemv_kernel", "_mla_uv")),  # moelab's one-row projections (gemv, mla_decode)
               ("routing", ("topk", "sort", "softmax", "sigmoid", "router", "dot_kernel", "gemv")),
-              ("norm/rope", ("rms_norm", "rotary", "qk_rope_store")),
+              ("norm/rope", ("rms_norm", "rotary", "qk_rope_store", "_mla_prep")),
               ("sampling", ("argmax", "exponential")),  # torch's reduce and moelab's _argmax_kernel
               ("gemm", ("gemm", "nvjet", "cutlass", "sm90", "xmma", "cublas")),
               ("other", ("",))]
