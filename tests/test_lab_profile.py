@@ -15,6 +15,7 @@ from moelab.lab.profile import _Ranges, breakdown, classify_kernel
 MOELAB_KERNELS = {
     "_paged_attention_kernel": "attention", "_split_reduce_kernel": "attention", "_qk_rope_store_kernel": "attention",
     "_store_kv_kernel": "attention", "_rotary_kernel": "attention",
+    "_mla_prep_kernel": "attention", "_mla_uv_kernel": "attention",  # MLA's one-token steps around attention
     "_gate_up_kernel": "expert_gemm", "_down_kernel": "expert_gemm", "_sum_kernel": "expert_gemm",
     "_per_token_quant_kernel": "expert_gemm", "_silu_mul_kernel": "expert_gemm", "_add_gated_kernel": "expert_gemm",
     "_topk_router_kernel": "routing", "_router_gemm_topk_kernel": "routing", "_count_kernel": "routing",
