@@ -334,6 +334,26 @@ def test_mla_one_token_kernels_change_no_token(tiny_checkpoints: dict[str, Path]
     assert got[0].outputs[0].token_ids == off[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
 
 
+@pytest.mark.parametrize("name", ["olmoe", "qwen2-moe-shared-e6", "deepseek-v2-lite"])
+def test_fused_residual_norms_read_settled_residuals(name: str, tiny_checkpoints: dict[str, Path],
+                                                     monkeypatch) -> None:
+    """The decoder's fused-residual forward tells every residual add (add_rms_norm and the router's folded norm)
+    that its residual is two launches old, so they read it before their PDL wait; the tokens do not change."""
+    from moelab.kernels import rms_norm, topk_router
+
+    seen = []
+    for mod, fn in ((rms_norm, "add_rms_norm"), (topk_router, "add_norm_router_topk")):
+        real = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, _r=real, **k: seen.append(k.get("residual_settled")) or _r(*a, **k))
+    path = str(tiny_checkpoints[name])
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    kw = dict(max_model_len=32, block_size=4)
+    got = LLM(path, attention="triton", moe_backend="triton", **kw).generate([[5, 9, 13, 17, 21]], p)
+    assert len(seen) >= 4 and all(seen), seen
+    ref = LLM(path, attention="sdpa", **kw).generate([[5, 9, 13, 17, 21]], p)
+    assert got[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+
+
 def test_graph_staging_pads_decode_batches(olmoe: LLM) -> None:
     """A decode step staged for a graph bucket: padding rows feed token 0 at position 0 of the reserved block 0 with
     one token of context; rows whose token is in flight are fed from the previous step's ids inside the graph."""

@@ -88,6 +88,13 @@ def test_add_rms_norm_with_the_moe_top_k_sum(dtype, rows, top_k, dim) -> None:
     assert torch.equal(fused[0], two[0]) and torch.equal(fused[1], two[1])
     early = add_rms_norm(y, r, w, 1e-6, top_k=top_k, residual_settled=True)  # residual read before the wait
     assert torch.equal(early[0], two[0]) and torch.equal(early[1], two[1])
+    e, g = torch.randn(rows, dim, dtype=dtype), torch.randn(rows, 1, dtype=dtype)
+    for k, rr, kw in ((top_k, r, dict(extra=e)), (top_k, r, dict(extra=e, extra_gate=g)), (1, r, {}),
+                      (top_k, torch.randn(dim, rows, dtype=dtype).T, dict(extra=e))):  # a strided residual: copied
+        xx = y if k == top_k else y[:rows]
+        early = add_rms_norm(xx, rr, w, 1e-6, top_k=k, residual_settled=True, **kw)
+        late = add_rms_norm(xx, rr, w, 1e-6, top_k=k, **kw)
+        assert torch.equal(early[0], late[0]) and torch.equal(early[1], late[1])
     tol = 1e-5 if dtype == torch.float32 else 2e-3  # torch's sum over k may add in another order
     assert torch.allclose(fused[1].float(), ref[1].float(), atol=tol)
     assert torch.allclose(fused[0].float(), ref[0].float(), atol=tol)

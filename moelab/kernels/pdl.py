@@ -13,7 +13,9 @@ torch launch without PDL, runs after it and before any kernel that reads them ea
 that makes the first PDL kernel of the step follow it directly must move those reads after the wait). One more
 rule allows reads of data written two launches back: the launch in front has passed its own wait before this one
 can start, so everything before that launch is complete (`moe_gemv`'s routing; `add_rms_norm` and the router's
-folded norm read the residual and the norm weight early when the caller says the residual is that old).
+folded norm read the residual early when the caller says it is that old, `residual_settled`, and no copy of it was
+launched in between; `add_rms_norm` reads its norm weight early always, the router its norm weight with the
+residual).
 `launch_options(device)`
 gives the launch keyword (empty on the CPU / interpreter and on GPUs before Hopper). `set_enabled(False)` turns it
 off (for A/B timings; CUDA graphs must be recaptured).

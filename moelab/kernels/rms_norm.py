@@ -115,7 +115,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         raise ValueError(f"extra_gate must be [{residual.shape[0]}, 1] {residual.dtype} logits beside an extra, got "
                          f"{tuple(extra_gate.shape)} {extra_gate.dtype}")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+    if residual.stride(-1) != 1:  # a copy launched right in front: no longer two launches old
+        residual, residual_settled = residual.contiguous(), False
     e = residual if extra is None else extra if extra.stride(-1) == 1 else extra.contiguous()
     g = residual if extra_gate is None else extra_gate
     y, summed = torch.empty_like(residual, memory_format=torch.contiguous_format), torch.empty_like(

@@ -209,8 +209,9 @@ def add_norm_router_topk(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
                          f"{norm_weight.device}")
     y, summed = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
         x, memory_format=torch.contiguous_format)
-    w, ids = _launch(x, weight, top_k, scoring, renormalize, scale,
-                     (residual.contiguous(), norm_weight.contiguous(), y, summed, eps),
+    if not (residual.is_contiguous() and norm_weight.is_contiguous()):  # a copy would be the launch in front
+        residual, norm_weight, residual_settled = residual.contiguous(), norm_weight.contiguous(), False
+    w, ids = _launch(x, weight, top_k, scoring, renormalize, scale, (residual, norm_weight, y, summed, eps),
                      early_r=residual_settled and early_reads())
     return y, summed, w, ids
 
