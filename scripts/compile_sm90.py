@@ -185,7 +185,11 @@ def _cases():
         yield f"moe-gemv-down-{name}", moe_gemv._moe_down_gemv_kernel, {
             "h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "wt_ptr": "*fp32", "y_ptr": "*bf16"}, dict(
             BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, USE_PDL=True), dict(num_warps=dn.num_warps)
-    gu = moe_gemv.default_configs(2048, 1408)[0]  # a shared expert's gate and up (gate_up_gemv)
+    gu = moe_gemv.default_configs(2048, 1408)[0]  # Qwen1.5's routed experts, ids settled (read before the wait)
+    yield "moe-gemv-gate-up-early-ids", moe_gemv._moe_gate_up_gemv_kernel, {
+        "x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "h_ptr": "*bf16"}, dict(
+        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, EARLY_IDS=True, USE_PDL=True), dict(num_warps=gu.num_warps)
+    # a shared expert's gate and up (gate_up_gemv)
     yield "gate-up-gemv-dense", moe_gemv._moe_gate_up_gemv_kernel, {
         "x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*bf16", "h_ptr": "*bf16", "s_ptr": "*bf16"}, dict(
         BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, DENSE=True, USE_PDL=True), dict(num_warps=gu.num_warps)

@@ -354,6 +354,28 @@ def test_fused_residual_norms_read_settled_residuals(name: str, tiny_checkpoints
     assert got[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
 
 
+@pytest.mark.parametrize("name", ["qwen2-moe-shared-e6", "deepseek-v2-lite", "olmoe"])
+def test_shared_experts_settle_the_routing(name: str, tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
+    """One-row decode with the norm folded into the router: a block with a shared expert runs it between the
+    router and the routed experts and tells the backend the routing is settled (two launches old); one without
+    does not. The tokens are those of the SDPA / naive reference."""
+    from moelab.layers.moe.backends import triton as tb
+
+    seen = []
+    real = tb.fused_moe
+    monkeypatch.setattr(tb, "fused_moe", lambda x, *a, **k: seen.append((x.shape[0], k.get("routing_settled")))
+                        or real(x, *a, **k))
+    path = str(tiny_checkpoints[name])
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    kw = dict(max_model_len=32, block_size=4)
+    got = LLM(path, attention="triton", moe_backend="triton", **kw).generate([[5, 9, 13, 17, 21]], p)
+    one_row = [settled for rows, settled in seen if rows == 1]
+    assert one_row and all(s == (name != "olmoe") for s in one_row), seen
+    assert not any(settled for rows, settled in seen if rows > 1)
+    ref = LLM(path, attention="sdpa", **kw).generate([[5, 9, 13, 17, 21]], p)
+    assert got[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+
+
 def test_graph_staging_pads_decode_batches(olmoe: LLM) -> None:
     """A decode step staged for a graph bucket: padding rows feed token 0 at position 0 of the reserved block 0 with
     one token of context; rows whose token is in flight are fed from the previous step's ids inside the graph."""

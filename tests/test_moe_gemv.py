@@ -45,6 +45,8 @@ def test_moe_gemv_matches_the_references(dtype, tol, E, K, D, I, configs):
     assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
     summed = fused_moe_ref(x, ids, wts, w13, w2).float()
     assert torch.allclose(got.float().sum(0, keepdim=True), summed, atol=5 * tol, rtol=5 * tol)
+    # expert ids settled two launches back: gate_up reads them (and its first chunk) before the wait, same bits
+    assert torch.equal(moe_gemv(x, ids, wts, w13, w2, configs, routing_settled=True), got)
 
 
 def test_moe_gemv_slots_on_the_same_expert_and_bad_shapes():

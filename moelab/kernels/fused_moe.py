@@ -467,14 +467,15 @@ def quant_config(cfg: MoEConfig, quant: str | None) -> MoEConfig:
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
               w2: torch.Tensor, config: MoEConfig | None = None, quant: str | None = None,
-              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, sum_topk: bool = True
-              ) -> torch.Tensor:
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, sum_topk: bool = True,
+              routing_settled: bool = False) -> torch.Tensor:
     """x [T, D], topk_ids [T, K], topk_weights [T, K], w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I]
     -> [T, D] in x's dtype: sum_k w[t,k] * W2[e] (silu(G[e] x[t]) * (U[e] x[t])), e = topk_ids[t,k].
     quant: a QUANT_FORMATS key; then w13/w2 hold Q (fp8/int8) and W = Q * scale (shapes: module docstring).
     sum_topk=False: the [T*K, D] router-weighted rows (slot t*K + k) before the top-k sum, for a caller that
     sums them inside its next kernel (rms_norm.add_rms_norm(..., top_k=K)). One token on a GPU (bf16/fp16/fp32 or
-    int8_channel weights, unit last strides) runs moe_gemv.py's GEMVs unless a config is given."""
+    int8_channel weights, unit last strides) runs moe_gemv.py's GEMVs unless a config is given; routing_settled
+    (topk_ids written at least two launches before) lets them read the ids before their PDL wait."""
     _check(x, topk_ids, topk_weights, w13, w2, quant)
     if quant is not None:
         _check_scales(quant, w13, w13_scale, w2_scale)
@@ -483,7 +484,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         return x.new_zeros(T if sum_topk else T * K, D)
     if config is None and moe_gemv_applies(x, w13, quant, w2, (w13_scale, w2_scale)):  # one token: the experts as
         # matrix-vector products (moe_gemv.py); an explicit tile config (tuning, benches) asks for the GEMMs
-        y = moe_gemv(x, topk_ids, topk_weights, w13, w2, quant=quant, w13_scale=w13_scale, w2_scale=w2_scale)
+        y = moe_gemv(x, topk_ids, topk_weights, w13, w2, quant=quant, w13_scale=w13_scale, w2_scale=w2_scale,
+                     routing_settled=routing_settled)
         return y if K == 1 or not sum_topk else moe_sum(y, K)
     cfg = quant_config(config or config_for(x, K, w13, quant), quant)
     weights = topk_weights.reshape(-1).contiguous().float()

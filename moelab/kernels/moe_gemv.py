@@ -36,6 +36,14 @@ _ENABLED = True
 
 
 _DENSE = True
+_EARLY_ROUTING = True  # gate_up reads settled expert ids and its first weight chunk before the PDL wait (A/B switch)
+
+
+def set_early_routing(on: bool) -> None:
+    """Off: gate_up reads the expert ids after its PDL wait even when the caller says they are settled (A/B timings;
+    CUDA graphs must be recaptured)."""
+    global _EARLY_ROUTING
+    _EARLY_ROUTING = bool(on)
 
 
 def set_enabled(on: bool, dense: bool | None = None) -> None:
@@ -116,11 +124,14 @@ def _products(w, x_ptr, c, cm, PER: tl.constexpr):
 @triton.jit
 def _moe_gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, s_ptr, I, D, stride_we, stride_wn, stride_h, stride_se,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr = False,
-                             PER: tl.constexpr = 1, DENSE: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                             PER: tl.constexpr = 1, DENSE: tl.constexpr = False, EARLY_IDS: tl.constexpr = False,
+                             USE_PDL: tl.constexpr = False):
     """PER 4: w's strides count int32 words (4 values), D stays in values. SCALED: s [E, 2I] per weight row.
     DENSE: one dense gated MLP (w [2I, D], no ids): the first weight chunk is loaded before the PDL wait, as in the
-    down kernel; with experts the ids come from the kernel just before (the router), so the wait comes first."""
-    if not DENSE:
+    down kernel. With experts the ids usually come from the kernel just before (the router), so the wait comes
+    first; EARLY_IDS: the caller says they were written at least two launches earlier (a shared expert ran in
+    between), so the id and the first weight chunk are read before the wait as well; x always after it."""
+    if not (DENSE or EARLY_IDS):
         gdc_prologue(USE_PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.program_id(1)
@@ -137,7 +148,7 @@ def _moe_gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, h_ptr, s_ptr, I, D, stride_w
     m = cmask[:, None] & cm[None, :]
     g = tl.load(g_rows + offs[None, :], mask=m, other=0.0)
     u = tl.load(u_rows + offs[None, :], mask=m, other=0.0)
-    if DENSE:
+    if DENSE or EARLY_IDS:
         gdc_prologue(USE_PDL)
     acc_g = tl.sum(_products(g, x_ptr, offs, cm, PER), axis=1)
     acc_u = tl.sum(_products(u, x_ptr, offs, cm, PER), axis=1)
@@ -201,12 +212,13 @@ def _packable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
 
 def moe_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
              w2: torch.Tensor, configs: tuple[MoeGemvConfig, MoeGemvConfig] | None = None, quant: str | None = None,
-             w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, packed: bool | None = None
-             ) -> torch.Tensor:
+             w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, packed: bool | None = None,
+             routing_settled: bool = False) -> torch.Tensor:
     """x [1, D], topk_ids [1, K], topk_weights [1, K], w13 [E, 2I, D], w2 [E, D, I] -> the router-weighted slot
     rows [K, D] in x's dtype (fused_moe(..., sum_topk=False) at one token). quant "int8_channel": w13 / w2 hold
     int8 Q and w13_scale [E, 2I] / w2_scale [E, D] float32 S (W = Q * S). packed: int8 weights read as 4-byte
-    words (see _products); None takes it wherever it applies."""
+    words (see _products); None takes it wherever it applies. routing_settled: the caller promises topk_ids was
+    written at least two kernel launches before this call (gate_up then reads it before its PDL wait)."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"moe_gemv takes one token x [1, D], got {tuple(x.shape)}")
     if quant not in (None, QUANT):
@@ -246,7 +258,8 @@ def moe_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     opts = dict(SCALED=quant is not None, PER=per, **launch_options(x.device))
     _moe_gate_up_gemv_kernel[(triton.cdiv(I, gu.block_n), K)](
         x, w13, ids, h, s13, I, D, w13.stride(0) // per, w13.stride(1) // per, h.stride(0), s13.stride(0),
-        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, num_warps=gu.num_warps, **opts)
+        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, EARLY_IDS=routing_settled and _EARLY_ROUTING,
+        num_warps=gu.num_warps, **opts)
     _moe_down_gemv_kernel[(triton.cdiv(D, dn.block_n), K)](
         h, w2, ids, wts, y, s2, D, I, h.stride(0), w2.stride(0) // per, w2.stride(1) // per, y.stride(0),
         s2.stride(0), BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps, **opts)

@@ -23,12 +23,14 @@ class DeepseekMoE(SparseMoE):
 
     def forward(self, x: torch.Tensor, sum_topk: bool = True,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
-        out = super().forward(x, sum_topk, routing)
         if self.shared_experts is None:
-            return out
+            return super().forward(x, sum_topk, routing)
+        # the shared experts first: a given routing is then two launches old when the routed experts read it
+        shared = self.shared_experts(x)
+        out = super().forward(x, sum_topk, routing, routing_settled=routing is not None)
         if isinstance(out, TopKRows):  # the caller adds routed + shared inside its next kernel
-            return out._replace(extra=self.shared_experts(x))
-        return out + self.shared_experts(x)
+            return out._replace(extra=shared)
+        return out + shared
 
 
 class DeepseekV2ForCausalLM(MoECausalLM):

@@ -47,7 +47,8 @@ class Qwen2MoeBlock(SparseMoE):
     def forward(self, x: torch.Tensor, sum_topk: bool = True,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
         gate, shared = self.shared_expert_gate(x), self.shared_expert(x)
-        routed = super().forward(x, sum_topk, routing)
+        # a given routing was written by the router before the shared expert's launches: settled
+        routed = super().forward(x, sum_topk, routing, routing_settled=routing is not None)
         if isinstance(routed, TopKRows):
             return routed._replace(extra=shared, gate=gate)
         fused = self.fused_mix and routed.dim() == 2

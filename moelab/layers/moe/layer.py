@@ -135,16 +135,21 @@ class SparseMoE(nn.Module):
                                     residual_settled=residual_settled)
 
     def forward(self, x: torch.Tensor, sum_topk: bool = True,
-                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None,
+                routing_settled: bool = False) -> torch.Tensor | TopKRows:
         """x [T, D] -> [T, D]; sum_topk=False with a backend that defers_topk_sum: TopKRows instead. routing:
         (topk_weights, topk_ids) already computed for x (see fold_norm_into_router), else route(x); a subclass
-        that overrides forward and keeps takes_sum_topk must take and pass on `routing` too."""
+        that overrides forward and keeps takes_sum_topk must take and pass on `routing` too. routing_settled: the
+        given routing was written at least two kernel launches before this call (a subclass that ran its shared
+        expert in between says so); a backend that `takes_settled_routing` may then read it before its PDL wait."""
         topk_weights, topk_ids = routing if routing is not None else self.route(x)
         if self.routing_counts is not None:
             T, K = topk_ids.shape
             valid = self.routing_valid[:T, None].expand(T, K).reshape(-1)
             self.routing_counts.scatter_add_(0, topk_ids.reshape(-1), valid)
         args = (x, topk_ids, topk_weights, self.experts.w13, self.experts.w2, getattr(self.experts, "scales", None))
+        kw = {"routing_settled": True} if routing_settled and routing is not None and getattr(
+            self.backend, "takes_settled_routing", False) else {}
         if not sum_topk and self.defers_topk_sum:
-            return TopKRows(self.backend(*args, sum_topk=False), topk_ids.shape[1])
-        return self.backend(*args)
+            return TopKRows(self.backend(*args, sum_topk=False, **kw), topk_ids.shape[1])
+        return self.backend(*args, **kw)
