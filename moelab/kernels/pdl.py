@@ -12,7 +12,8 @@ the step, except a decode graph's int32 context lengths, which the graph's first
 torch launch without PDL, runs after it and before any kernel that reads them early, so that order is kept; a change
 that makes the first PDL kernel of the step follow it directly must move those reads after the wait). One more
 rule allows reads of data written two launches back: the launch in front has passed its own wait before this one
-can start, so everything before that launch is complete (`moe_gemv`'s routing; `add_rms_norm` and the router's
+can start, so everything before that launch is complete (`moe_gemv`'s down kernel the routing, its gate_up too
+when a shared expert ran after the router, `routing_settled`; `add_rms_norm` and the router's
 folded norm read the residual early when the caller says it is that old, `residual_settled`, and no copy of it was
 launched in between; `add_rms_norm` reads its norm weight early always, the router its norm weight with the
 residual).
