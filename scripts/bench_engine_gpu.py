@@ -16,6 +16,7 @@ import json
 import os
 import statistics
 import time
+from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -267,6 +268,33 @@ def profile_prefill(llm: LLM, B: int, n_in: int, device: str) -> dict:
     return {"kind": "profile_prefill", "batch": B, "input_len": n_in, **_categorize(prof, 1, wall)}
 
 
+# A/B switches, applied in this order: flag, help, what switches the fast path off, key of the ceilings row
+SWITCHES = [
+    ("no-pdl", "launch without programmatic dependent launch",
+     lambda: import_module("moelab.kernels.pdl").set_enabled(False), None),
+    ("no-gemv", "one-row projections on cuBLAS, not moelab's GEMV",
+     lambda: import_module("moelab.kernels.gemv").set_enabled(False), "gemv"),
+    ("no-fused-reduce", "decode attention's key splits reduced in their own kernel, not in the attention",
+     lambda: import_module("moelab.kernels.paged_attention").set_fused_reduce(False), "fused_reduce"),
+    ("no-moe-gemv", "one-token MoE layers on fused_moe's tensor-core GEMMs, not moe_gemv's GEMVs",
+     lambda: import_module("moelab.kernels.moe_gemv").set_enabled(False), "moe_gemv"),
+    ("no-mla-prep", "one-token MLA as bmm, cat, rms_norm, rotary and store_kv, not mla_prep's one kernel",
+     lambda: import_module("moelab.kernels.mla_decode").set_enabled(False), "mla_prep"),
+    ("no-mla-uv", "one-token MLA's value half on a cuBLAS bmm, not mla_uv's GEMV",
+     lambda: (m := import_module("moelab.kernels.mla_decode")).set_enabled(m.enabled("prep"), uv=False), "mla_uv"),
+    ("no-qwen-mix-fold", "Qwen2-MoE blocks sum and mix their output themselves, not in the next norm's kernel",
+     lambda: import_module("moelab.models.qwen2_moe").set_fold(False), "qwen_mix_fold"),
+    ("no-mlp-gemv", "one-row dense gated MLPs (shared experts) as a GEMV and silu_mul, not gate_up_gemv",
+     lambda: (m := import_module("moelab.kernels.moe_gemv")).set_enabled(m.enabled(), dense=False), "mlp_gemv"),
+    ("no-early-residual", "norms read the residual after their PDL wait, not before",
+     lambda: import_module("moelab.kernels.pdl").set_early_reads(False), "early_residual"),
+    ("no-early-routing", "routed experts after a shared expert read their ids after the PDL wait, not before",
+     lambda: import_module("moelab.kernels.moe_gemv").set_early_routing(False), "early_routing"),
+    ("no-norm-fold", "one-row post-attention norm and router as two kernels, not one",
+     lambda: import_module("moelab.kernels.topk_router").set_norm_fold(False), "norm_fold"),
+]
+
+
 def main() -> None:
     from moelab.layers.moe.backends import BACKENDS
 
@@ -283,70 +311,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--offline-trials", type=int, default=1, help="repeat each offline run (run-to-run spread)")
-    ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch (A/B)")
-    ap.add_argument("--no-gemv", action="store_true", help="one-row projections on cuBLAS, not moelab's GEMV (A/B)")
-    ap.add_argument("--no-fused-reduce", action="store_true",
-                    help="decode attention's key splits reduced in their own kernel, not in the attention (A/B)")
-    ap.add_argument("--no-moe-gemv", action="store_true",
-                    help="one-token MoE layers on fused_moe's tensor-core GEMMs, not moe_gemv's GEMVs (A/B)")
-    ap.add_argument("--no-mlp-gemv", action="store_true",
-                    help="one-row dense gated MLPs (shared experts) as a GEMV and silu_mul, not gate_up_gemv (A/B)")
-    ap.add_argument("--no-mla-prep", action="store_true",
-                    help="one-token MLA as bmm, cat, rms_norm, rotary and store_kv, not mla_prep's one kernel (A/B)")
-    ap.add_argument("--no-mla-uv", action="store_true",
-                    help="one-token MLA's value half on a cuBLAS bmm, not mla_uv's GEMV (A/B)")
-    ap.add_argument("--no-qwen-mix-fold", action="store_true",
-                    help="Qwen2-MoE blocks sum and mix their output themselves, not in the next norm's kernel (A/B)")
-    ap.add_argument("--no-early-residual", action="store_true",
-                    help="norms read the residual after their PDL wait, not before (A/B)")
-    ap.add_argument("--no-early-routing", action="store_true",
-                    help="routed experts after a shared expert read their ids after the PDL wait, not before (A/B)")
-    ap.add_argument("--no-norm-fold", action="store_true",
-                    help="one-row post-attention norm and router as two kernels, not one (A/B)")
+    for flag, help_, _, _ in SWITCHES:
+        ap.add_argument(f"--{flag}", action="store_true", help=help_ + " (A/B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64, 256], help="decode profiles")
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="profile these offline prefills")
     args = ap.parse_args()
-    if args.no_pdl:
-        from moelab.kernels.pdl import set_enabled
-
-        set_enabled(False)
-    if args.no_gemv:
-        from moelab.kernels import gemv
-
-        gemv.set_enabled(False)
-    if args.no_fused_reduce:
-        from moelab.kernels.paged_attention import set_fused_reduce
-
-        set_fused_reduce(False)
-    if args.no_moe_gemv:
-        from moelab.kernels.moe_gemv import set_enabled as set_moe_gemv
-
-        set_moe_gemv(False)
-    if args.no_mla_prep or args.no_mla_uv:
-        from moelab.kernels import mla_decode
-
-        mla_decode.set_enabled(not args.no_mla_prep, uv=not args.no_mla_uv)
-    if args.no_qwen_mix_fold:
-        from moelab.models.qwen2_moe import set_fold
-
-        set_fold(False)
-    if args.no_mlp_gemv:
-        from moelab.kernels import moe_gemv
-
-        moe_gemv.set_enabled(moe_gemv.enabled(), dense=False)
-    if args.no_early_residual:
-        from moelab.kernels.pdl import set_early_reads
-
-        set_early_reads(False)
-    if args.no_early_routing:
-        from moelab.kernels.moe_gemv import set_early_routing
-
-        set_early_routing(False)
-    if args.no_norm_fold:
-        from moelab.kernels.topk_router import set_norm_fold
-
-        set_norm_fold(False)
+    for flag, _, switch_off, _ in SWITCHES:
+        if getattr(args, flag.replace("-", "_")):
+            switch_off()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -358,11 +331,7 @@ def main() -> None:
 
     rows: list[dict] = [{"kind": "ceilings", "bandwidth": c.bandwidth, "matmul": c.matmul, "device": c.name,
                          "torch": torch.__version__, "pdl": use_pdl(torch.device(device)),
-                         "gemv": not args.no_gemv, "fused_reduce": not args.no_fused_reduce,
-                         "norm_fold": not args.no_norm_fold, "moe_gemv": not args.no_moe_gemv,
-                         "mlp_gemv": not args.no_mlp_gemv, "mla_prep": not args.no_mla_prep,
-                         "mla_uv": not args.no_mla_uv, "qwen_mix_fold": not args.no_qwen_mix_fold,
-                         "early_residual": not args.no_early_residual, "early_routing": not args.no_early_routing}]
+                         **{key: not getattr(args, flag.replace("-", "_")) for flag, _, _, key in SWITCHES if key}}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:
