@@ -303,6 +303,8 @@ def main() -> None:
                     help="norms read the residual after their PDL wait, not before (A/B)")
     ap.add_argument("--no-early-routing", action="store_true",
                     help="routed experts after a shared expert read their ids after the PDL wait, not before (A/B)")
+    ap.add_argument("--no-gate-in-router", action="store_true",
+                    help="Qwen2-MoE's shared-expert gate as its own GEMV, not a row of the router kernel (A/B)")
     ap.add_argument("--no-norm-fold", action="store_true",
                     help="one-row post-attention norm and router as two kernels, not one (A/B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
@@ -345,6 +347,10 @@ def main() -> None:
         from moelab.kernels.moe_gemv import set_early_routing
 
         set_early_routing(False)
+    if args.no_gate_in_router:
+        from moelab.models.qwen2_moe import set_gate_in_router
+
+        set_gate_in_router(False)
     if args.no_norm_fold:
         from moelab.kernels.topk_router import set_norm_fold
 
@@ -364,7 +370,8 @@ def main() -> None:
                          "norm_fold": not args.no_norm_fold, "moe_gemv": not args.no_moe_gemv,
                          "mlp_gemv": not args.no_mlp_gemv, "mla_prep": not args.no_mla_prep,
                          "mla_uv": not args.no_mla_uv, "qwen_mix_fold": not args.no_qwen_mix_fold,
-                         "early_residual": not args.no_early_residual, "early_routing": not args.no_early_routing}]
+                         "early_residual": not args.no_early_residual, "early_routing": not args.no_early_routing,
+                         "gate_in_router": not args.no_gate_in_router}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:
