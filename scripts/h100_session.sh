@@ -122,7 +122,10 @@ for section in "$@"; do
         echo "== qwen1.5-moe-a2.7b gate-in-router $v"
         python scripts/bench_engine_gpu.py --out "$OUT/gate-in-router-$v" --models qwen1.5-moe-a2.7b \
           --decode-batches 1 64 --offline-batches --profile-batches --steps 30 $F 2>&1 | grep -E "decode B=|rel err"
-      done ;;
+      done
+      echo "== deepseek-v2-lite bf16 check with the early expert ids (main's v10 change)"
+      python scripts/bench_engine_gpu.py --out "$OUT/dsv2-check" --models deepseek-v2-lite --decode-batches 1 64 \
+        --offline-batches --profile-batches --steps 10 2>&1 | grep -E "decode B=|rel err" ;;
     exposed)  # where a decode step's time goes with PDL on: each kernel's exposed time (OLMoE, B=1 and 64)
       python scripts/bench_engine_gpu.py --out "$OUT/exposed" --models olmoe-1b-7b --decode-batches 1 \
         --offline-batches --profile-batches 1 64 --skip-check --steps 30 2>&1 | grep -E "decode B=|profile|exposed" ;;
