@@ -22,6 +22,7 @@ import torch
 
 from moelab.context import ForwardContext, forward_context
 from moelab.engine.sampling_params import SamplingParams
+from moelab.lab.profile import exposed_times
 from moelab.llm import LLM
 from moelab.roofline import Ceilings, offline_run_floor, step_floor
 
@@ -229,12 +230,9 @@ def _categorize(prof, steps: int, wall: float) -> dict:
         kernels[ev.name] = kernels.get(ev.name, 0.0) + dur
         out[_category(ev.name)] += dur
         spans.append((ev.time_range.start, ev.time_range.end, ev.name))  # us
-    last_end = float("-inf")
-    for start, end, name in sorted(spans):
-        add = max(0.0, end - max(start, last_end)) / 1e3  # ms
-        last_end = max(last_end, end)
-        exposed[_category(name)] += add
-        kernels_exposed[name] = kernels_exposed.get(name, 0.0) + add
+    for (_, _, name), add in zip(spans, exposed_times([(s, e) for s, e, _ in spans])):
+        exposed[_category(name)] += add / 1e3  # ms
+        kernels_exposed[name] = kernels_exposed.get(name, 0.0) + add / 1e3
     per_step = {k: v / steps for k, v in out.items()}
     gpu = sum(per_step.values())
     per_step["gpu_busy"] = gpu

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router exposed
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router moe-profile-pdl exposed
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -86,6 +86,9 @@ for section in "$@"; do
     moe-profile)  # kernel times inside one MoE layer call, bf16 vs fp8 (PDL off so that they add up)
       python scripts/profile_moe_layer_gpu.py olmoe:1,256 mixtral:1,256 qwen3:1 dsv2-lite:1 \
         --dtypes bf16 fp8_channel fp8_block 2>&1 | grep -v -i warn ;;
+    moe-profile-pdl)  # the same with PDL on: what each kernel adds to the layer (exposed time) at the fp8 gaps
+      python scripts/profile_moe_layer_gpu.py olmoe:1,256 qwen3:1 dsv2-lite:1 mixtral:4096 --pdl \
+        --dtypes bf16 fp8_channel fp8_block 2>&1 | grep -v -i warn ;;
     moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
       python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -45 ;;
     moe-gemv)  # one-token experts (bf16, int8) and shared experts as GEMVs: CUDA tests, the layer alone, engine A/Bs
@@ -131,6 +134,6 @@ for section in "$@"; do
         --offline-batches --profile-batches 1 64 --skip-check --steps 30 2>&1 | grep -E "decode B=|profile|exposed" ;;
     grid-sync)  # is a persistent decode kernel worth it: a software grid barrier against a PDL kernel boundary
       timeout 300 python scripts/bench_grid_sync_gpu.py --phases 64 --phase-bytes 0 1e6 8e6 25e6 2>&1 | tail -5 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router exposed" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router moe-profile-pdl exposed" >&2 ;;
   esac
 done

@@ -6,7 +6,8 @@ For each (shape, M, dtype): the layer's graph (moelab.lab.kernel_bench's weights
 `--replays` times under the profiler; prints each kernel's mean us per layer call and the sum next to the
 layer's graph time, and writes the rows to $OUT/profile_moe_layer.json. Programmatic dependent launch is off
 unless --pdl (under it a kernel starts before its predecessor ends and its time includes the wait, so kernel
-times overlap and do not add up).
+times overlap and do not add up); each kernel's exposed time (how far its end moves the latest end before it,
+moelab.lab.profile.exposed_times) is reported beside it and does add up, to the busy time per call.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from moelab.kernels import fused_moe as fm
 from moelab.kernels import pdl
 from moelab.lab import kernel_bench as kb
+from moelab.lab.profile import exposed_times
 
 
 def profile_cell(shape: tuple, M: int, dtype: str, replays: int) -> dict:
@@ -43,11 +45,13 @@ def profile_cell(shape: tuple, M: int, dtype: str, replays: int) -> dict:
             graph.replay()
         torch.cuda.synchronize()
     us: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            us[ev.name[:60]] += ev.device_time / replays
+    exposed: dict[str, float] = defaultdict(float)
+    evs = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    for ev, t in zip(evs, exposed_times([(ev.time_range.start, ev.time_range.end) for ev in evs])):
+        us[ev.name[:60]] += ev.device_time / replays
+        exposed[ev.name[:60]] += t / replays
     return dict(shape=shape, M=M, dtype=dtype, layer_ms=layer_ms, kernels_us=dict(us),
-                sum_us=sum(us.values()))
+                sum_us=sum(us.values()), kernels_exposed_us=dict(exposed), exposed_us=sum(exposed.values()))
 
 
 def main() -> None:
@@ -69,6 +73,9 @@ def main() -> None:
                 tag = " (pdl)" if args.pdl else ""
                 print(f"{name} M={M} {dtype}{tag}: layer {r['layer_ms'] * 1e3:.1f} us (graph), kernels "
                       f"{r['sum_us']:.1f} us: {parts}", flush=True)
+                exp = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["kernels_exposed_us"].items(),
+                                                                 key=lambda kv: -kv[1]))
+                print(f"  exposed {r['exposed_us']:.1f} us: {exp}", flush=True)
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile_moe_layer.json").write_text(json.dumps(rows, indent=1))

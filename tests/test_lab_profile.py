@@ -114,3 +114,26 @@ def test_one_row_routing_with_the_folded_norm_stays_in_the_routing_range(tiny_ch
         ranges.remove()
     names = [e.name for e in prof.events()]
     assert names.count("moelab.routing") == n_moe and names.count("moelab.moe") == n_moe
+
+
+def test_exposed_kernel_time_under_programmatic_dependent_launch():
+    """With PDL a kernel starts before the one in front ends: durations overlap. The exposed breakdown counts each
+    kernel for how far it moves the latest end, so it adds up to the busy span; gaps count for no one."""
+    from moelab.lab.profile import exposed_times
+
+    assert exposed_times([(8.0, 14.0), (0.0, 10.0), (20.0, 30.0), (25.0, 28.0)]) == [4.0, 10.0, 10.0, 0.0]
+    assert exposed_times([]) == []
+
+    def k(id_, name, start, end):
+        return SimpleNamespace(id=id_, name=name, device_type=SimpleNamespace(name="CUDA"), cpu_parent=None,
+                               time_range=SimpleNamespace(start=start, end=end), linked_correlation_id=0,
+                               self_cpu_time_total=0.0)
+
+    events = [k(1, "_gemv_kernel", 0.0, 10.0), k(2, "_paged_attention_kernel", 8.0, 14.0),
+              k(3, "_moe_gate_up_gemv_kernel", 20.0, 30.0), k(4, "_moe_down_gemv_kernel", 25.0, 33.0)]
+    b = breakdown(events)
+    assert b["cuda"]["expert_gemm"] == pytest.approx(18.0 / 1e6)  # 10 + 8, overlapping
+    assert b["cuda_exposed"]["expert_gemm"] == pytest.approx(13.0 / 1e6)  # 10 + 3
+    assert b["cuda_exposed"]["attention"] == pytest.approx(4.0 / 1e6)
+    assert b["cuda_exposed"]["dense_gemm"] == pytest.approx(10.0 / 1e6)
+    assert sum(b["cuda_exposed"].values()) == pytest.approx(27.0 / 1e6)  # the union of the spans

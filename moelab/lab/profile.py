@@ -24,8 +24,11 @@ How time is attributed:
 5. On the engine's fast path the MoE top-k sum runs inside the next layer's norm kernel (a backend that
    defers_topk_sum), outside the expert_gemm range: it counts as other there, where it counted as expert_gemm before.
 
-Reported per category: seconds and % of the category total; plus the profiled wall time. Device time is the
-sum of kernel durations (overlaps counted twice, which a single stream does not have).
+Reported per category: seconds and % of the category total; plus the profiled wall time. "cuda" is the sum of
+kernel durations. On Hopper the engine launches with programmatic dependent launch: a kernel starts while the one
+before it in the stream still runs (and reads its weights meanwhile), so durations overlap and add up to more than
+the GPU was busy. "cuda_exposed" counts each kernel only for how far its end moves the latest end seen so far
+(kernels in start order): what it adds to the critical path. Its categories add up to the busy span.
 """
 
 from __future__ import annotations
@@ -156,10 +159,24 @@ def _ranges_of(ev: Any) -> list[str]:
     return chain[::-1]  # outermost first
 
 
+def exposed_times(spans: list[tuple[float, float]]) -> list[float]:
+    """For kernel spans (start, end) in any order: each one's exposed time, max(0, end - max(start, latest end of
+    the kernels that started before it)), in the order given. They add up to the union of the spans."""
+    out = [0.0] * len(spans)
+    last = float("-inf")
+    for i in sorted(range(len(spans)), key=lambda i: spans[i]):
+        start, end = spans[i]
+        out[i] = max(0.0, end - max(start, last))
+        last = max(last, end)
+    return out
+
+
 def breakdown(events: Any) -> dict[str, dict[str, float]]:
-    """{"cpu": {category: seconds}, "cuda": {category: seconds}} from profiler events (prof.events())."""
+    """{"cpu": {category: seconds}, "cuda": {category: seconds}, "cuda_exposed": {category: seconds}} from
+    profiler events (prof.events()); see the module docstring."""
     cpu: dict[str, float] = defaultdict(float)
     cuda: dict[str, float] = defaultdict(float)
+    kernels: list[tuple[float, float, str]] = []
     by_id: dict[int, Any] = {}
     for ev in events:
         dev = getattr(ev.device_type, "name", str(ev.device_type))
@@ -177,10 +194,16 @@ def breakdown(events: Any) -> dict[str, dict[str, float]]:
             ranges = (_ranges_of(parent) + ([parent.name] if parent.name in RANGE_CATEGORY else [])
                       if parent is not None else [])
             if any(r in RANGE_CATEGORY for r in ranges) and not _COMM.search(ev.name.lower()):
-                cuda[classify_op(parent.name, ranges)] += dur
+                cat = classify_op(parent.name, ranges)
             else:
-                cuda[classify_kernel(ev.name)] += dur
-    return {"cpu": {c: cpu.get(c, 0.0) for c in CATEGORIES}, "cuda": {c: cuda.get(c, 0.0) for c in CATEGORIES}}
+                cat = classify_kernel(ev.name)
+            cuda[cat] += dur
+            kernels.append((ev.time_range.start, ev.time_range.end, cat))
+    exposed: dict[str, float] = defaultdict(float)
+    for (_, _, cat), t in zip(kernels, exposed_times([(s, e) for s, e, _ in kernels])):
+        exposed[cat] += t / 1e6
+    out = {"cpu": cpu, "cuda": cuda, "cuda_exposed": exposed}
+    return {dev: {c: cats.get(c, 0.0) for c in CATEGORIES} for dev, cats in out.items()}
 
 
 def top_ops(events: Any, n: int = 20) -> list[dict[str, Any]]:

@@ -268,7 +268,8 @@ def _profiles(doc: Doc, store: Any) -> None:
     doc.h("Profiles: time per module")
     rows = rows.assign(label=rows["run_id"] + " " + rows["device"], share=rows["value"])
     doc.figure(breakdown_figure(rows, "time breakdown per profile run", "Share of profiled time per category "
-                                "(CPU: operator self time; CUDA: kernel time)."))
+                                "(CPU: operator self time; CUDA: kernel time; CUDA exposed: kernel time not "
+                                "overlapped by an earlier kernel, which under PDL is what a kernel adds)."))
     piv = rows.pivot_table(index="label", columns="category", values="share", aggfunc="sum").round(1).reset_index()
     doc.table(piv)
 

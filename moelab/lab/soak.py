@@ -161,16 +161,16 @@ async def soak(cfg: SoakConfig, log=print) -> dict:
                     await _sample(client, cfg, t0, st)
 
         sampling = asyncio.create_task(sampler())
-        tasks, next_log = set(), cfg.duration / 10
+        tasks, next_log, sent = set(), cfg.duration / 10, 0
         while (now := time.perf_counter() - t0) < cfg.duration:
             task = asyncio.create_task(_one(client, cfg, model, rng, st))
+            sent += 1  # counted here: a finished task leaves `tasks` only when its done callback has run
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             if now >= next_log:
                 log(f"soak: {now:.0f}/{cfg.duration:.0f} s, {st.outcomes}, {len(tasks)} in flight")
                 next_log += cfg.duration / 10
             await asyncio.sleep(rng.expovariate(cfg.rate))
-        sent = sum(st.outcomes.values()) + len(tasks)
         if tasks:
             await asyncio.wait(tasks, timeout=cfg.request_timeout)
         deadline, idle, last = time.perf_counter() + cfg.idle_timeout, False, {}
