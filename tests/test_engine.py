@@ -395,9 +395,19 @@ def test_qwen2_shared_gate_rides_in_the_router(tiny_checkpoints: dict[str, Path]
     llm = LLM(path, attention="triton", moe_backend="triton", **kw)
     blocks = [m for m in llm.engine.model.modules() if isinstance(m, qwen2_moe.Qwen2MoeBlock)]
     assert blocks and all(b.gate_rows is not None for b in blocks)
-    assert all(b.gate.weight.data_ptr() == b.gate_rows.data_ptr() for b in blocks)  # views: no second copy
+    for b in blocks:  # views of one buffer (no second copy), holding what a fresh load holds
+        E = b.gate.weight.shape[0]
+        assert b.gate.weight.data_ptr() == b.gate_rows.data_ptr()
+        assert b.shared_expert_gate.weight.data_ptr() == b.gate_rows[E:].data_ptr()
+    fresh = LLM(path, attention="sdpa", **kw).engine.model.state_dict()
+    for k, v in llm.engine.model.state_dict().items():
+        if "gate" in k and "experts" not in k:
+            assert torch.equal(v, fresh[k]), k
     got = llm.generate(prompts, p)
     assert calls[0] == 0
+    x = torch.randn(3, blocks[0].gate.weight.shape[1])
+    with torch.no_grad():  # the gate's logits from the router kernel are the gate's own
+        torch.testing.assert_close(blocks[0].route(x)[2], blocks[0].shared_expert_gate(x), atol=1e-5, rtol=1e-5)
     qwen2_moe.set_gate_in_router(False)
     try:
         sep = LLM(path, attention="triton", moe_backend="triton", **kw)
@@ -750,3 +760,18 @@ def test_sampled_rows_are_checked_too(tiny_checkpoints: dict[str, Path]) -> None
     ids, fed = sample(logits, b)
     assert ids[1] == -1 and fed[1] == 0 and ids[0] == logits[0].argmax() and 0 <= ids[2] < 50
     assert torch.equal(ids[[0, 2]], fed[[0, 2]])
+
+
+def test_qwen2_shared_gate_stays_apart_without_a_spare_router_column(tiny_checkpoints: dict[str, Path]) -> None:
+    """64 experts fill the router's block: one more row would double it (and change the routing's sums), so the
+    gate keeps its own GEMV there."""
+    from moelab.models import qwen2_moe
+    from moelab.models.loader import load_model
+
+    model = load_model(tiny_checkpoints["qwen2-moe-shared-e6"], moe_backend="triton")
+    block = next(m for m in model.modules() if isinstance(m, qwen2_moe.Qwen2MoeBlock))
+    D = block.gate.weight.shape[1]
+    with torch.no_grad():
+        block.gate.weight = torch.nn.Parameter(torch.randn(64, D), requires_grad=False)
+        block.use_fused_routing()
+    assert block.gate_rows is None and len(block.route(torch.randn(2, D))) == 2

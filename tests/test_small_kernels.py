@@ -269,8 +269,11 @@ def test_add_norm_router_topk_cuda(E, K, D) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,E,K,D", [(1, 60, 4, 700), (5, 60, 4, 96), (3, 63, 2, 300)])
-def test_router_with_an_extra_row(dtype, T, E, K, D) -> None:
+@pytest.mark.parametrize("T,E,K,D,scoring,renorm,scale", [
+    (1, 60, 4, 700, "softmax", False, 1.0), (5, 60, 4, 96, "sigmoid", True, 2.5), (3, 63, 2, 300, "softmax", True, 1.0),
+    (40, 60, 4, 128, "softmax", False, 1.0),  # several 16-row blocks
+])
+def test_router_with_an_extra_row(dtype, T, E, K, D, scoring, renorm, scale) -> None:
     """A weight with one more row than experts (Qwen2-MoE's shared gate): the routing is the experts' alone, bit for
     bit, and the extra row's logits come back in x's dtype (E + 1 = 64 fills the block exactly)."""
     from moelab.kernels.topk_router import add_norm_router_topk, router_topk
@@ -278,8 +281,10 @@ def test_router_with_an_extra_row(dtype, T, E, K, D) -> None:
     g = torch.Generator().manual_seed(T * E + D)
     x = torch.randn(T, D, generator=g).to(dtype)
     rows = (torch.randn(E + 1, D, generator=g) * (1.5 / D ** 0.5)).to(dtype)
-    w, ids, xo = router_topk(x, rows, K, "softmax", False, 1.0, extra_row=True)
-    w2, ids2 = router_topk(x, rows[:E].contiguous(), K, "softmax", False, 1.0)
+    rows[E] *= 50  # a large extra logit must still never be picked
+    w, ids, xo = router_topk(x, rows, K, scoring, renorm, scale, extra_row=True)
+    w2, ids2 = router_topk(x, rows[:E].contiguous(), K, scoring, renorm, scale)
+    assert int(ids.max()) < E
     assert torch.equal(w, w2) and torch.equal(ids, ids2)
     assert xo.shape == (T, 1) and xo.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -311,3 +316,4 @@ def test_router_with_an_extra_row_cuda(T: int) -> None:
         five = add_norm_router_topk(x, r, nw, 1e-6, rows, 4, residual_settled=True, extra_row=True)
         four = add_norm_router_topk(x, r, nw, 1e-6, rows[:60].contiguous(), 4, residual_settled=True)
         assert all(torch.equal(a, b) for a, b in zip(five[:4], four))
+        torch.testing.assert_close(five[4].float(), linear(five[0], rows[60:]).float(), atol=2e-2, rtol=1e-2)

@@ -56,7 +56,11 @@ class Qwen2MoeBlock(SparseMoE):
         super().use_fused_routing()
         self.fused_mix = True  # routed + sigmoid(gate) * shared as one kernel (moelab.kernels.activation)
         g, s = self.gate.weight, self.shared_expert_gate.weight
-        if self.fused_routing and _GATE_IN_ROUTER and self.gate_rows is None and g.dtype == s.dtype \
+        E = g.shape[0]
+        # the router's power-of-two expert block (moelab.kernels.topk_router) has a free column
+        spare = max(16, 1 << E.bit_length()) == max(16, 1 << (E - 1).bit_length())
+        # (E = 64, Qwen2-57B: one more row would double the block and change the routing's summation order)
+        if self.fused_routing and _GATE_IN_ROUTER and spare and self.gate_rows is None and g.dtype == s.dtype \
                 and g.device == s.device:
             rows = torch.cat([g, s])
             self.gate.weight = nn.Parameter(rows[:-1], requires_grad=False)
@@ -66,7 +70,8 @@ class Qwen2MoeBlock(SparseMoE):
     def _gate_rows_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The combined rows when the router kernel takes x (as SparseMoE.route's first branch decides)."""
         rows = self.gate_rows
-        ok = rows is not None and x.dtype == rows.dtype and (x.is_cuda or x.dtype != torch.bfloat16)
+        ok = rows is not None and x.dtype == rows.dtype and x.device == rows.device \
+            and rows.data_ptr() == self.gate.weight.data_ptr() and (x.is_cuda or x.dtype != torch.bfloat16)
         return rows if ok else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
