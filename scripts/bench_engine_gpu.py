@@ -290,6 +290,8 @@ SWITCHES = [
      lambda: import_module("moelab.kernels.pdl").set_early_reads(False), "early_residual"),
     ("no-early-routing", "routed experts after a shared expert read their ids after the PDL wait, not before",
      lambda: import_module("moelab.kernels.moe_gemv").set_early_routing(False), "early_routing"),
+    ("no-gate-in-router", "Qwen2-MoE's shared-expert gate as its own GEMV, not a row of the router kernel",
+     lambda: import_module("moelab.models.qwen2_moe").set_gate_in_router(False), "gate_in_router"),
     ("no-norm-fold", "one-row post-attention norm and router as two kernels, not one",
      lambda: import_module("moelab.kernels.topk_router").set_norm_fold(False), "norm_fold"),
 ]

@@ -133,6 +133,10 @@ def _cases():
         "part_ptr": "*fp32", "count_ptr": "*i32", "w_ptr": "*fp32", "ids_ptr": "*i64"}, dict(
         K=8, KP=8, BLOCK_T=16, BLOCK_E=64, BLOCK_D=128, SIGMOID=False, RENORM=False, PRECISION="tf32", SPLIT=True,
         MAX_SPLITS=16, ADD_NORM=True, D_PAD=2048, EARLY_R=True, USE_PDL=True), dict(num_stages=3)
+    yield "router-topk-add-norm-extra-row", topk_router._router_gemm_topk_kernel, {  # Qwen1.5: 60 experts + gate
+        "part_ptr": "*fp32", "count_ptr": "*i32", "w_ptr": "*fp32", "ids_ptr": "*i64", "xo_ptr": "*bf16"}, dict(
+        K=4, KP=4, BLOCK_T=16, BLOCK_E=64, BLOCK_D=128, SIGMOID=False, RENORM=False, PRECISION="tf32", SPLIT=True,
+        MAX_SPLITS=16, ADD_NORM=True, D_PAD=2048, EARLY_R=True, EXTRA=True, USE_PDL=True), dict(num_stages=3)
     yield "argmax", argmax._argmax_kernel, {"out_ptr": "*i64", "part_v_ptr": "*fp32", "part_i_ptr": "*i32",
                                             "part_n_ptr": "*i32", "count_ptr": "*i32"}, dict(
         BLOCK=2048, SPLITS_PAD=32, USE_PDL=True), {}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing moe-profile-pdl exposed
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router moe-profile-pdl exposed
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -118,11 +118,22 @@ for section in "$@"; do
     early-routing)  # routed experts after a shared expert read their ids before the PDL wait: A/B (Qwen1.5, DeepSeek)
       MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_moe_gemv.py --tb=short 2>&1 | tail -2
       engine_ab early-routing --no-early-routing qwen1.5-moe-a2.7b deepseek-v2-lite ;;
+    gate-in-router)  # exp/qwen-gate-in-router: Qwen2-MoE's shared gate as a row of the router kernel: A/B, B=1 and 64
+      MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_small_kernels.py -k cuda --tb=short 2>&1 | tail -2
+      for v in on off on off; do
+        F=; [ $v = off ] && F=--no-gate-in-router
+        echo "== qwen1.5-moe-a2.7b gate-in-router $v"
+        python scripts/bench_engine_gpu.py --out "$OUT/gate-in-router-$v" --models qwen1.5-moe-a2.7b \
+          --decode-batches 1 64 --offline-batches --profile-batches --steps 30 $F 2>&1 | grep -E "decode B=|rel err"
+      done
+      echo "== deepseek-v2-lite bf16 check with the early expert ids (main's v10 change)"
+      python scripts/bench_engine_gpu.py --out "$OUT/dsv2-check" --models deepseek-v2-lite --decode-batches 1 64 \
+        --offline-batches --profile-batches --steps 10 2>&1 | grep -E "decode B=|rel err" ;;
     exposed)  # where a decode step's time goes with PDL on: each kernel's exposed time (OLMoE, B=1 and 64)
       python scripts/bench_engine_gpu.py --out "$OUT/exposed" --models olmoe-1b-7b --decode-batches 1 \
         --offline-batches --profile-batches 1 64 --skip-check --steps 30 2>&1 | grep -E "decode B=|profile|exposed" ;;
     grid-sync)  # is a persistent decode kernel worth it: a software grid barrier against a PDL kernel boundary
       timeout 300 python scripts/bench_grid_sync_gpu.py --phases 64 --phase-bytes 0 1e6 8e6 25e6 2>&1 | tail -5 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing moe-profile-pdl exposed" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router moe-profile-pdl exposed" >&2 ;;
   esac
 done

@@ -358,7 +358,8 @@ def test_fused_residual_norms_read_settled_residuals(name: str, tiny_checkpoints
 def test_shared_experts_settle_the_routing(name: str, tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
     """One-row decode with the norm folded into the router: a block with a shared expert runs it between the
     router and the routed experts and tells the backend the routing is settled (two launches old); one without
-    does not. The tokens are those of the SDPA / naive reference."""
+    does not. Qwen2-MoE, whose router kernel also gives the shared gate, routes first at any row count. The tokens
+    are those of the SDPA / naive reference."""
     from moelab.layers.moe.backends import triton as tb
 
     seen = []
@@ -371,9 +372,53 @@ def test_shared_experts_settle_the_routing(name: str, tiny_checkpoints: dict[str
     got = LLM(path, attention="triton", moe_backend="triton", **kw).generate([[5, 9, 13, 17, 21]], p)
     one_row = [settled for rows, settled in seen if rows == 1]
     assert one_row and all(s == (name != "olmoe") for s in one_row), seen
-    assert not any(settled for rows, settled in seen if rows > 1)
+    # more rows: Qwen2-MoE routes before its shared expert itself (its gate comes with the routing), the others not
+    assert all(settled == (name.startswith("qwen2")) for rows, settled in seen if rows > 1), seen
     ref = LLM(path, attention="sdpa", **kw).generate([[5, 9, 13, 17, 21]], p)
     assert got[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+
+
+def test_qwen2_shared_gate_rides_in_the_router(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
+    """With the fused routing Qwen2-MoE's shared-expert gate is one more row of the router kernel: its own Linear is
+    not called on the Triton path (prefill and decode), the weights stay what the checkpoint holds, and the tokens
+    equal the separate gate's and the reference's."""
+    from moelab.models import qwen2_moe
+
+    path = str(tiny_checkpoints["qwen2-moe-shared-e6"])
+    p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    kw = dict(max_model_len=32, block_size=4, max_num_batched_tokens=8)
+    prompts = [[5, 9, 13, 17, 21, 25, 29, 33, 37], [7, 8]]
+    calls = [0]
+    real = qwen2_moe.Linear.forward
+    monkeypatch.setattr(qwen2_moe.Linear, "forward", lambda self, x: calls.__setitem__(0, calls[0] + (
+        self.out_features == 1)) or real(self, x))
+    llm = LLM(path, attention="triton", moe_backend="triton", **kw)
+    blocks = [m for m in llm.engine.model.modules() if isinstance(m, qwen2_moe.Qwen2MoeBlock)]
+    assert blocks and all(b.gate_rows is not None for b in blocks)
+    for b in blocks:  # views of one buffer (no second copy), holding what a fresh load holds
+        E = b.gate.weight.shape[0]
+        assert b.gate.weight.data_ptr() == b.gate_rows.data_ptr()
+        assert b.shared_expert_gate.weight.data_ptr() == b.gate_rows[E:].data_ptr()
+    fresh = LLM(path, attention="sdpa", **kw).engine.model.state_dict()
+    for k, v in llm.engine.model.state_dict().items():
+        if "gate" in k and "experts" not in k:
+            assert torch.equal(v, fresh[k]), k
+    got = llm.generate(prompts, p)
+    assert calls[0] == 0
+    x = torch.randn(3, blocks[0].gate.weight.shape[1])
+    with torch.no_grad():  # the gate's logits from the router kernel are the gate's own
+        torch.testing.assert_close(blocks[0].route(x)[2], blocks[0].shared_expert_gate(x), atol=1e-5, rtol=1e-5)
+    qwen2_moe.set_gate_in_router(False)
+    try:
+        sep = LLM(path, attention="triton", moe_backend="triton", **kw)
+        assert all(m.gate_rows is None for m in sep.engine.model.modules() if isinstance(m, qwen2_moe.Qwen2MoeBlock))
+        off = sep.generate(prompts, p)
+        assert calls[0] > 0
+    finally:
+        qwen2_moe.set_gate_in_router(True)
+    ref = LLM(path, attention="sdpa", **kw).generate(prompts, p)
+    tokens = [[o.outputs[0].token_ids for o in outs] for outs in (got, off, ref)]
+    assert tokens[0] == tokens[1] == tokens[2]
 
 
 def test_graph_staging_pads_decode_batches(olmoe: LLM) -> None:
@@ -715,3 +760,18 @@ def test_sampled_rows_are_checked_too(tiny_checkpoints: dict[str, Path]) -> None
     ids, fed = sample(logits, b)
     assert ids[1] == -1 and fed[1] == 0 and ids[0] == logits[0].argmax() and 0 <= ids[2] < 50
     assert torch.equal(ids[[0, 2]], fed[[0, 2]])
+
+
+def test_qwen2_shared_gate_stays_apart_without_a_spare_router_column(tiny_checkpoints: dict[str, Path]) -> None:
+    """64 experts fill the router's block: one more row would double it (and change the routing's sums), so the
+    gate keeps its own GEMV there."""
+    from moelab.models import qwen2_moe
+    from moelab.models.loader import load_model
+
+    model = load_model(tiny_checkpoints["qwen2-moe-shared-e6"], moe_backend="triton")
+    block = next(m for m in model.modules() if isinstance(m, qwen2_moe.Qwen2MoeBlock))
+    D = block.gate.weight.shape[1]
+    with torch.no_grad():
+        block.gate.weight = torch.nn.Parameter(torch.randn(64, D), requires_grad=False)
+        block.use_fused_routing()
+    assert block.gate_rows is None and len(block.route(torch.randn(2, D))) == 2

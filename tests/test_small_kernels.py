@@ -266,3 +266,54 @@ def test_add_norm_router_topk_cuda(E, K, D) -> None:
         assert torch.equal(gids, gids2) and torch.equal(gw, gw2)
     y3, summed3 = add_rms_norm(x, r, nw, 1e-6, residual_settled=True)
     assert torch.equal(summed3, summed2) and torch.equal(y3, y2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,E,K,D,scoring,renorm,scale", [
+    (1, 60, 4, 700, "softmax", False, 1.0), (5, 60, 4, 96, "sigmoid", True, 2.5), (3, 63, 2, 300, "softmax", True, 1.0),
+    (40, 60, 4, 128, "softmax", False, 1.0),  # several 16-row blocks
+])
+def test_router_with_an_extra_row(dtype, T, E, K, D, scoring, renorm, scale) -> None:
+    """A weight with one more row than experts (Qwen2-MoE's shared gate): the routing is the experts' alone, bit for
+    bit, and the extra row's logits come back in x's dtype (E + 1 = 64 fills the block exactly)."""
+    from moelab.kernels.topk_router import add_norm_router_topk, router_topk
+
+    g = torch.Generator().manual_seed(T * E + D)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    rows = (torch.randn(E + 1, D, generator=g) * (1.5 / D ** 0.5)).to(dtype)
+    rows[E] *= 50  # a large extra logit must still never be picked
+    w, ids, xo = router_topk(x, rows, K, scoring, renorm, scale, extra_row=True)
+    w2, ids2 = router_topk(x, rows[:E].contiguous(), K, scoring, renorm, scale)
+    assert int(ids.max()) < E
+    assert torch.equal(w, w2) and torch.equal(ids, ids2)
+    assert xo.shape == (T, 1) and xo.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(xo.float(), (x.float() @ rows[E:].float().T), atol=tol, rtol=tol)
+    if T == 1:
+        r, nw = torch.randn(1, D, generator=g).to(dtype), (torch.rand(D, generator=g) + 0.5).to(dtype)
+        five = add_norm_router_topk(x, r, nw, 1e-6, rows, K, extra_row=True)
+        four = add_norm_router_topk(x, r, nw, 1e-6, rows[:E].contiguous(), K)
+        assert len(five) == 5 and all(torch.equal(a, b) for a, b in zip(five[:4], four))
+        torch.testing.assert_close(five[4].float(), five[0].float() @ rows[E:].float().T, atol=tol, rtol=tol)
+
+
+@needs_gpu
+@pytest.mark.parametrize("T", [1, 64])
+def test_router_with_an_extra_row_cuda(T: int) -> None:
+    """Compiled, bf16, Qwen1.5-MoE's router (60 experts + the shared gate, D=2048): the experts' routing bit for bit,
+    the gate's logits within a bf16 rounding of the separate GEMV's."""
+    from moelab.kernels.topk_router import add_norm_router_topk, router_topk
+    from moelab.layers.linear import linear
+
+    x = torch.randn(T, 2048, device="cuda", dtype=torch.bfloat16)
+    rows = torch.randn(61, 2048, device="cuda", dtype=torch.bfloat16) * (1.5 / 2048 ** 0.5)
+    w, ids, xo = router_topk(x, rows, 4, extra_row=True)
+    w2, ids2 = router_topk(x, rows[:60].contiguous(), 4)
+    assert torch.equal(w, w2) and torch.equal(ids, ids2)
+    torch.testing.assert_close(xo.float(), linear(x, rows[60:]).float(), atol=2e-2, rtol=1e-2)
+    if T == 1:
+        r, nw = torch.randn_like(x), torch.rand(2048, device="cuda", dtype=torch.bfloat16) + 0.5
+        five = add_norm_router_topk(x, r, nw, 1e-6, rows, 4, residual_settled=True, extra_row=True)
+        four = add_norm_router_topk(x, r, nw, 1e-6, rows[:60].contiguous(), 4, residual_settled=True)
+        assert all(torch.equal(a, b) for a, b in zip(five[:4], four))
+        torch.testing.assert_close(five[4].float(), linear(five[0], rows[60:]).float(), atol=2e-2, rtol=1e-2)

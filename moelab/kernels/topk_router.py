@@ -87,7 +87,8 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
                              BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                              SIGMOID: tl.constexpr, RENORM: tl.constexpr, PRECISION: tl.constexpr,
                              SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr = 16, ADD_NORM: tl.constexpr = False,
-                             D_PAD: tl.constexpr = 16, EARLY_R: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                             D_PAD: tl.constexpr = 16, EARLY_R: tl.constexpr = False, EXTRA: tl.constexpr = False,
+                             xo_ptr=None, USE_PDL: tl.constexpr = False):
     """Program (row block, split): logits of rows t0..t0+BLOCK_T over the split's D chunks, x W^T accumulated in
     float32 (products of bf16/fp16 inputs are exact in float32, so this is the reference's x.float() @
     W.float()^T up to summation order). SPLIT: each split stores its partial logits, and the row block's last
@@ -96,20 +97,22 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
     ADD_NORM (T == 1): the input is rms_norm(x + r) * nw, the add_rms_norm in front folded in; every split
     computes the row's RMS from the whole row (D_PAD wide) and writes its own chunks of y and of x + r. EARLY_R:
     r (written at least two launches earlier, the caller promises) and the norm weight of the split's first chunk
-    are read before the PDL wait, the whole residual row too."""
+    are read before the PDL wait, the whole residual row too. EXTRA: rw holds one more row after the E experts' (a
+    shared expert's gate): its product with x (the logit, rounded to x's dtype) goes to xo[t], outside the top-k."""
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     offs = tl.arange(0, BLOCK_E)
     mask = offs < E
+    wmask = offs < E + EXTRA  # the weight rows read: the experts' and the extra one
     d = tl.arange(0, BLOCK_D)
     c0 = split * chunks_per_split
     x_ptrs = x_ptr + t.to(tl.int64)[:, None] * stride_x + c0 * BLOCK_D + d[None, :]
     w_ptrs = rw_ptr + offs[None, :] * stride_rw + c0 * BLOCK_D + d[:, None]
     # the first weight chunk (a split never starts past D) is read before waiting for the norm in front: no kernel
     # writes the router weight
-    w0 = tl.load(w_ptrs, mask=mask[None, :] & (d < D - c0 * BLOCK_D)[:, None], other=0.0)
+    w0 = tl.load(w_ptrs, mask=wmask[None, :] & (d < D - c0 * BLOCK_D)[:, None], other=0.0)
     ok0 = t_ok[:, None] & (d < D - c0 * BLOCK_D)[None, :]
     if ADD_NORM:
         cols = tl.arange(0, D_PAD)
@@ -135,7 +138,7 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
         d_ok = d < D - c * BLOCK_D
         xv = _x_chunk(x_ptrs, t_ok[:, None] & d_ok[None, :], c * BLOCK_D, r_ptr, nw_ptr, y_ptr, s_ptr, inv,
                       ADD_NORM, BLOCK_D)
-        wv = tl.load(w_ptrs, mask=mask[None, :] & d_ok[:, None], other=0.0)
+        wv = tl.load(w_ptrs, mask=wmask[None, :] & d_ok[:, None], other=0.0)
         acc = tl.dot(xv, wv, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
@@ -154,6 +157,9 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
                                cache_modifier=".cg")
             tl.store(count_ptr + pid_t, 0)
     if last:
+        if EXTRA:
+            xo = tl.sum(tl.where(offs[None, :] == E, acc, 0.0), axis=1)
+            tl.store(xo_ptr + t, xo.to(xo_ptr.dtype.element_ty), mask=t_ok)
         acc = tl.where(mask[None, :], acc, -float("inf"))
         wv, iv = _select_topk(acc, offs, mask, K, KP, BLOCK_E, SIGMOID, RENORM)
         kk = tl.arange(0, KP)[None, :]
@@ -187,20 +193,23 @@ def _check_route(scoring: str, top_k: int, E: int) -> None:
 
 
 def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str = "softmax",
-                renormalize: bool = False, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                renormalize: bool = False, scale: float = 1.0, extra_row: bool = False) -> tuple[torch.Tensor, ...]:
     """The router GEMM and the top-k in one kernel: x [T, D], weight [E, D] (same dtype) -> (weights [T, K]
-    float32, ids [T, K] int64), as topk_router(x.float() @ weight.float().T, ...)."""
-    return _launch(x, weight, top_k, scoring, renormalize, scale)
+    float32, ids [T, K] int64), as topk_router(x.float() @ weight.float().T, ...). extra_row: weight is [E + 1, D],
+    its last row outside the routing (Qwen2-MoE's shared-expert gate); its logits x @ row come back third, [T, 1]
+    in x's dtype (one GEMV launch fewer)."""
+    return _launch(x, weight, top_k, scoring, renormalize, scale, extra_row=extra_row)
 
 
 def add_norm_router_topk(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                          weight: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,
-                         scale: float = 1.0, residual_settled: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         scale: float = 1.0, residual_settled: bool = False, extra_row: bool = False
+                         ) -> tuple[torch.Tensor, ...]:
     """One row: add_rms_norm(x, residual, norm_weight, eps) and router_topk of its output in one kernel ->
     (y = rms_norm(x + residual) [1, D], x + residual [1, D], weights [1, K], ids [1, K]), each as the two kernels
     would give them (the decode step's post-attention norm and router at batch 1: one launch fewer per layer).
-    residual_settled: as add_rms_norm's (residual written at least two launches before; read before the wait)."""
+    residual_settled: as add_rms_norm's (residual written at least two launches before; read before the wait).
+    extra_row: as router_topk's; the extra logits [1, 1] come back fifth."""
     if x.shape[0] != 1 or x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"add_norm_router_topk takes one row: x and residual [1, D] of one dtype, got "
                          f"{tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} {residual.dtype}")
@@ -211,15 +220,15 @@ def add_norm_router_topk(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
         x, memory_format=torch.contiguous_format)
     if not (residual.is_contiguous() and norm_weight.is_contiguous()):  # a copy would be the launch in front
         residual, norm_weight, residual_settled = residual.contiguous(), norm_weight.contiguous(), False
-    w, ids = _launch(x, weight, top_k, scoring, renormalize, scale, (residual, norm_weight, y, summed, eps),
-                     early_r=residual_settled and early_reads())
-    return y, summed, w, ids
+    out = _launch(x, weight, top_k, scoring, renormalize, scale, (residual, norm_weight, y, summed, eps),
+                  early_r=residual_settled and early_reads(), extra_row=extra_row)
+    return (y, summed, *out)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str, renormalize: bool, scale: float,
-            norm: tuple | None = None, early_r: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            norm: tuple | None = None, early_r: bool = False, extra_row: bool = False) -> tuple[torch.Tensor, ...]:
     T, D = x.shape
-    E = weight.shape[0]
+    E = weight.shape[0] - extra_row
     _check_route(scoring, top_k, E)
     if weight.shape[1] != D or weight.dtype != x.dtype:
         raise ValueError(f"router weight must be [E, {D}] in {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
@@ -229,8 +238,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str, ren
         weight = weight.contiguous()
     w = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
+    xo = torch.empty(T, 1, dtype=x.dtype, device=x.device) if extra_row else None
     if T:
-        block_e = max(16, triton.next_power_of_2(E))
+        block_e = max(16, triton.next_power_of_2(E + extra_row))
         block_d = max(16, min(128, 8192 // block_e))
         row_blocks, chunks = triton.cdiv(T, 16), triton.cdiv(D, block_d)
         splits = min(MAX_SPLITS, chunks) if row_blocks <= SPLIT_MAX_ROW_BLOCKS else 1
@@ -247,10 +257,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str, ren
             SIGMOID=scoring == "sigmoid", RENORM=renormalize,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, MAX_SPLITS=MAX_SPLITS,
             ADD_NORM=norm is not None, D_PAD=triton.next_power_of_2(D) if norm is not None else 16,
-            EARLY_R=early_r and norm is not None,
+            EARLY_R=early_r and norm is not None, EXTRA=extra_row, xo_ptr=xo,
             num_warps=4, num_stages=3,
             **launch_options(x.device))
-    return w, ids
+    return (w, ids, xo) if extra_row else (w, ids)
 
 
 def topk_router(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = False,

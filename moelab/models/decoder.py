@@ -97,8 +97,8 @@ class MoECausalLM(nn.Module):
             x, residual = (norm(h), h) if out is None else add_norm(out, residual, norm)
             attn, post, ffn = layer.self_attn(positions, x), layer.post_attention_layernorm, layer.ffn
             if isinstance(ffn, SparseMoE) and ffn.fold_norm_into_router(attn):  # one row: norm + router, one kernel
-                x, residual, w, ids = ffn.add_norm_route(attn, residual, post, residual_settled=True)
-                out = ffn(x, sum_topk=False, routing=(w, ids))
+                x, residual, *routing = ffn.add_norm_route(attn, residual, post, residual_settled=True)
+                out = ffn(x, sum_topk=False, routing=tuple(routing))  # (weights, ids[, a block's own extra])
                 continue
             x, residual = add_norm(attn, residual, post)
             # SparseMoE and its subclasses that take sum_topk

@@ -15,6 +15,14 @@ from moelab.models.decoder import DecoderLayer, MoECausalLM
 from moelab.spec import ModelSpec
 
 _FOLD = True
+_GATE_IN_ROUTER = True
+
+
+def set_gate_in_router(on: bool) -> None:
+    """Off: the shared expert's gate is its own GEMV launch instead of one more row of the router kernel (for A/B
+    timings; takes effect at prepare_fast_path; CUDA graphs must be recaptured)."""
+    global _GATE_IN_ROUTER
+    _GATE_IN_ROUTER = bool(on)
 
 
 def set_fold(on: bool) -> None:
@@ -28,7 +36,9 @@ def set_fold(on: bool) -> None:
 class Qwen2MoeBlock(SparseMoE):
     """Routed experts plus sigmoid(x g) * shared_expert(x). With sum_topk=False (the decoder's fused-residual path
     and a backend that defers the top-k sum) it hands back TopKRows carrying the shared output and the gate logits,
-    so the routed sum, the gated mix and the residual add all happen in the next norm's kernel."""
+    so the routed sum, the gated mix and the residual add all happen in the next norm's kernel. With the fused
+    routing the shared expert's gate is one more row of the router's weight (`gate_rows`, the router and gate
+    weights become views of it): the router kernel returns its logits beside the routing, no GEMV of its own."""
 
     @property
     def takes_sum_topk(self) -> bool:
@@ -39,14 +49,61 @@ class Qwen2MoeBlock(SparseMoE):
         self.shared_expert = GatedMLP(spec.hidden_size, spec.shared_intermediate_size)
         self.shared_expert_gate = Linear(spec.hidden_size, 1, bias=False)
         self.fused_mix = False  # set with the fused routing by prepare_fast_path
+        self.gate_rows: torch.Tensor | None = None  # [E + 1, D]: router rows, then the shared gate's
 
+    @torch.no_grad()
     def use_fused_routing(self) -> None:
         super().use_fused_routing()
         self.fused_mix = True  # routed + sigmoid(gate) * shared as one kernel (moelab.kernels.activation)
+        g, s = self.gate.weight, self.shared_expert_gate.weight
+        E = g.shape[0]
+        # the router's power-of-two expert block (moelab.kernels.topk_router) has a free column
+        spare = max(16, 1 << E.bit_length()) == max(16, 1 << (E - 1).bit_length())
+        # (E = 64, Qwen2-57B: one more row would double the block and change the routing's summation order)
+        if self.fused_routing and _GATE_IN_ROUTER and spare and self.gate_rows is None and g.dtype == s.dtype \
+                and g.device == s.device:
+            rows = torch.cat([g, s])
+            self.gate.weight = nn.Parameter(rows[:-1], requires_grad=False)
+            self.shared_expert_gate.weight = nn.Parameter(rows[-1:], requires_grad=False)
+            self.gate_rows = rows
+
+    def _gate_rows_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The combined rows when the router kernel takes x (as SparseMoE.route's first branch decides)."""
+        rows = self.gate_rows
+        ok = rows is not None and x.dtype == rows.dtype and x.device == rows.device \
+            and rows.data_ptr() == self.gate.weight.data_ptr() and (x.is_cuda or x.dtype != torch.bfloat16)
+        return rows if ok else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """SparseMoE.route's (weights, ids), plus the shared gate's logits [T, 1] when the router kernel computed
+        them as its extra row."""
+        rows = self._gate_rows_for(x)
+        if rows is None:
+            return super().route(x)
+        from moelab.kernels.topk_router import router_topk
+
+        cfg = self.router_config
+        return router_topk(x, rows, cfg.top_k, cfg.scoring_func, cfg.norm_topk_prob, cfg.routed_scaling_factor,
+                           extra_row=True)
+
+    def add_norm_route(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
+                       residual_settled: bool = False) -> tuple[torch.Tensor, ...]:
+        rows = self._gate_rows_for(x)
+        if rows is None:
+            return super().add_norm_route(x, residual, norm, residual_settled)
+        from moelab.kernels.topk_router import add_norm_router_topk
+
+        cfg = self.router_config
+        return add_norm_router_topk(x, residual, norm.weight, norm.eps, rows, cfg.top_k, cfg.scoring_func,
+                                    cfg.norm_topk_prob, cfg.routed_scaling_factor, residual_settled=residual_settled,
+                                    extra_row=True)
 
     def forward(self, x: torch.Tensor, sum_topk: bool = True,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
-        gate, shared = self.shared_expert_gate(x), self.shared_expert(x)
+        if routing is None and self._gate_rows_for(x) is not None:
+            routing = self.route(x)  # the shared gate's logits come with it
+        gate = routing[2] if routing is not None and len(routing) > 2 else self.shared_expert_gate(x)
+        shared = self.shared_expert(x)
         # a given routing was written by the router before the shared expert's launches: settled
         routed = super().forward(x, sum_topk, routing, routing_settled=routing is not None)
         if isinstance(routed, TopKRows):

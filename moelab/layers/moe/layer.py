@@ -142,7 +142,7 @@ class SparseMoE(nn.Module):
         that overrides forward and keeps takes_sum_topk must take and pass on `routing` too. routing_settled: the
         given routing was written at least two kernel launches before this call (a subclass that ran its shared
         expert in between says so); a backend that `takes_settled_routing` may then read it before its PDL wait."""
-        topk_weights, topk_ids = routing if routing is not None else self.route(x)
+        topk_weights, topk_ids = (routing if routing is not None else self.route(x))[:2]  # (a third: see Qwen2)
         if self.routing_counts is not None:
             T, K = topk_ids.shape
             valid = self.routing_valid[:T, None].expand(T, K).reshape(-1)
