@@ -301,6 +301,9 @@ def main() -> None:
                     help="norms read the residual after their PDL wait, not before (A/B)")
     ap.add_argument("--no-early-routing", action="store_true",
                     help="routed experts after a shared expert read their ids after the PDL wait, not before (A/B)")
+    ap.add_argument("--norm-warps", type=int, help="warps of add_rms_norm's one-row launches (sweep)")
+    ap.add_argument("--rope-warps", type=int, help="warps of qk_rope_store's programs (sweep)")
+    ap.add_argument("--router-shape", help="SPLITS,WARPS of the router kernel (sweep; default 16,4)")
     ap.add_argument("--no-norm-fold", action="store_true",
                     help="one-row post-attention norm and router as two kernels, not one (A/B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
@@ -343,6 +346,18 @@ def main() -> None:
         from moelab.kernels.moe_gemv import set_early_routing
 
         set_early_routing(False)
+    if args.norm_warps:
+        from moelab.kernels.rms_norm import set_one_row_warps
+
+        set_one_row_warps(args.norm_warps)
+    if args.rope_warps:
+        from moelab.kernels.qk_rope_store import set_num_warps
+
+        set_num_warps(args.rope_warps)
+    if args.router_shape:
+        from moelab.kernels.topk_router import set_split_shape
+
+        set_split_shape(*(int(v) for v in args.router_shape.split(",")))
     if args.no_norm_fold:
         from moelab.kernels.topk_router import set_norm_fold
 
@@ -362,7 +377,9 @@ def main() -> None:
                          "norm_fold": not args.no_norm_fold, "moe_gemv": not args.no_moe_gemv,
                          "mlp_gemv": not args.no_mlp_gemv, "mla_prep": not args.no_mla_prep,
                          "mla_uv": not args.no_mla_uv, "qwen_mix_fold": not args.no_qwen_mix_fold,
-                         "early_residual": not args.no_early_residual, "early_routing": not args.no_early_routing}]
+                         "early_residual": not args.no_early_residual, "early_routing": not args.no_early_routing,
+                         "norm_warps": args.norm_warps, "rope_warps": args.rope_warps,
+                         "router_shape": args.router_shape}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:
