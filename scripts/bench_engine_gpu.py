@@ -315,6 +315,9 @@ def main() -> None:
     ap.add_argument("--offline-trials", type=int, default=1, help="repeat each offline run (run-to-run spread)")
     for flag, help_, _, _ in SWITCHES:
         ap.add_argument(f"--{flag}", action="store_true", help=help_ + " (A/B)")
+    ap.add_argument("--norm-warps", type=int, help="warps of add_rms_norm's one-row launches (sweep)")
+    ap.add_argument("--rope-warps", type=int, help="warps of qk_rope_store's programs (sweep)")
+    ap.add_argument("--router-shape", help="SPLITS,WARPS of the router kernel (sweep; default 16,4)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's token budget per step")
     ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64, 256], help="decode profiles")
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[], help="profile these offline prefills")
@@ -322,6 +325,18 @@ def main() -> None:
     for flag, _, switch_off, _ in SWITCHES:
         if getattr(args, flag.replace("-", "_")):
             switch_off()
+    if args.norm_warps:
+        from moelab.kernels.rms_norm import set_one_row_warps
+
+        set_one_row_warps(args.norm_warps)
+    if args.rope_warps:
+        from moelab.kernels.qk_rope_store import set_num_warps
+
+        set_num_warps(args.rope_warps)
+    if args.router_shape:
+        from moelab.kernels.topk_router import set_split_shape
+
+        set_split_shape(*(int(v) for v in args.router_shape.split(",")))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -333,7 +348,9 @@ def main() -> None:
 
     rows: list[dict] = [{"kind": "ceilings", "bandwidth": c.bandwidth, "matmul": c.matmul, "device": c.name,
                          "torch": torch.__version__, "pdl": use_pdl(torch.device(device)),
-                         **{key: not getattr(args, flag.replace("-", "_")) for flag, _, _, key in SWITCHES if key}}]
+                         **{key: not getattr(args, flag.replace("-", "_")) for flag, _, _, key in SWITCHES if key},
+                         "norm_warps": args.norm_warps, "rope_warps": args.rope_warps,
+                         "router_shape": args.router_shape}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}
     for name in args.models:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router moe-profile-pdl exposed
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes moe-profile-pdl exposed
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -129,11 +129,18 @@ for section in "$@"; do
       echo "== deepseek-v2-lite bf16 check with the early expert ids (main's v10 change)"
       python scripts/bench_engine_gpu.py --out "$OUT/dsv2-check" --models deepseek-v2-lite --decode-batches 1 64 \
         --offline-batches --profile-batches --steps 10 2>&1 | grep -E "decode B=|rel err" ;;
+    small-shapes)  # exp/small-shapes: launch shapes of the batch-1 step's small kernels, in the engine (OLMoE B=1)
+      for F in "" "--norm-warps 8" "--norm-warps 16" "--norm-warps 2" "--rope-warps 2" "--rope-warps 8" \
+          "--router-shape 8,4" "--router-shape 16,2" "--router-shape 16,8" "--router-shape 4,4" ""; do
+        echo "== olmoe-1b-7b small-shapes [$F]"
+        python scripts/bench_engine_gpu.py --out "$OUT/small-shapes" --models olmoe-1b-7b --decode-batches 1 \
+          --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
+      done ;;
     exposed)  # where a decode step's time goes with PDL on: each kernel's exposed time (OLMoE, B=1 and 64)
       python scripts/bench_engine_gpu.py --out "$OUT/exposed" --models olmoe-1b-7b --decode-batches 1 \
         --offline-batches --profile-batches 1 64 --skip-check --steps 30 2>&1 | grep -E "decode B=|profile|exposed" ;;
     grid-sync)  # is a persistent decode kernel worth it: a software grid barrier against a PDL kernel boundary
       timeout 300 python scripts/bench_grid_sync_gpu.py --phases 64 --phase-bytes 0 1e6 8e6 25e6 2>&1 | tail -5 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router moe-profile-pdl exposed" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes moe-profile-pdl exposed" >&2 ;;
   esac
 done

@@ -317,3 +317,35 @@ def test_router_with_an_extra_row_cuda(T: int) -> None:
         four = add_norm_router_topk(x, r, nw, 1e-6, rows[:60].contiguous(), 4, residual_settled=True)
         assert all(torch.equal(a, b) for a, b in zip(five[:4], four))
         torch.testing.assert_close(five[4].float(), linear(five[0], rows[60:]).float(), atol=2e-2, rtol=1e-2)
+
+
+def test_launch_shape_switches_of_the_one_row_kernels() -> None:
+    """The sweep switches (norm / RoPE warps, the router's splits and warps) leave the results right and refuse what
+    the kernels cannot launch."""
+    from moelab.kernels import qk_rope_store as qr
+    from moelab.kernels import rms_norm, topk_router
+
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(1, 700, generator=g), torch.randn(60, 700, generator=g) * 0.05
+    want = topk_router.topk_router_ref(x @ w.T, 4)
+    for splits, warps in ((8, 2), (4, 8), (1, 4)):
+        topk_router.set_split_shape(splits, warps)
+        try:
+            got = topk_router.router_topk(x, w, 4)
+        finally:
+            topk_router.set_split_shape()
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    r, nw = torch.randn(1, 700, generator=g), torch.rand(700, generator=g) + 0.5
+    base = rms_norm.add_rms_norm(x, r, nw, 1e-6)
+    rms_norm.set_one_row_warps(8)
+    qr.set_num_warps(2)
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(rms_norm.add_rms_norm(x, r, nw, 1e-6), base))
+    finally:
+        rms_norm.set_one_row_warps(None)
+        qr.set_num_warps(4)
+    for bad in (lambda: topk_router.set_split_shape(17, 4), lambda: topk_router.set_split_shape(8, 3),
+                lambda: rms_norm.set_one_row_warps(3), lambda: qr.set_num_warps(64)):
+        with pytest.raises(ValueError):
+            bad()

@@ -17,6 +17,15 @@ import triton.language as tl
 from moelab.kernels.pdl import early_reads, gdc_prologue, launch_options
 
 NORM_MODES = {None: 0, "full": 1, "per_head": 2}
+_WARPS = 4
+
+
+def set_num_warps(n: int) -> None:
+    """Warps of each qk_rope_store program (launch-shape sweeps; CUDA graphs must be recaptured)."""
+    global _WARPS
+    if n not in (1, 2, 4, 8, 16):
+        raise ValueError(f"warps must be a power of two in 1..16, got {n}")
+    _WARPS = n
 
 
 @triton.jit
@@ -153,7 +162,7 @@ def qk_rope_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, position
                                     qkv.stride(0), q.stride(0), k_cache.stride(0), v_cache.stride(0), eps,
                                     H=H, KV=KV, HP=triton.next_power_of_2(H), KVP=triton.next_power_of_2(KV),
                                     HALF=half, NORM=mode, INTERLEAVED=interleaved, EARLY_W=early_reads(),
-                                    num_warps=4,
+                                    num_warps=_WARPS,
                                     **launch_options(qkv.device))
     return q
 

@@ -14,6 +14,17 @@ import triton.language as tl
 
 from moelab.kernels.pdl import early_reads, gdc_prologue, launch_options
 
+_ONE_ROW_WARPS: int | None = None  # launch-shape experiments (set_one_row_warps); None: the defaults below
+
+
+def set_one_row_warps(n: int | None) -> None:
+    """Warps of add_rms_norm's one-row launches (a sweep of the batch-1 step; None restores the default; CUDA
+    graphs must be recaptured)."""
+    global _ONE_ROW_WARPS
+    if n is not None and n not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"warps must be a power of two in 1..32, got {n}")
+    _ONE_ROW_WARPS = n
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, dim, eps, BLOCK: tl.constexpr,
@@ -128,7 +139,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                                                    g.stride(0), dim, eps, BLOCK=BLOCK, TOP_K=top_k,
                                                    HAS_EXTRA=extra is not None, HAS_GATE=extra_gate is not None,
                                                    EARLY_R=residual_settled and early_reads(),
-                                                   num_warps=4 if BLOCK <= 2048 else 8, **launch_options(x.device))
+                                                   num_warps=_ONE_ROW_WARPS if _ONE_ROW_WARPS and residual.shape[0] == 1
+                                                   else 4 if BLOCK <= 2048 else 8, **launch_options(x.device))
     return y, summed
 
 

@@ -172,6 +172,15 @@ def _router_gemm_topk_kernel(x_ptr, rw_ptr, part_ptr, count_ptr, w_ptr, ids_ptr,
 _NORM_FOLD = True  # the decoder folds a one-row post-attention norm into the router (add_norm_router_topk)
 MAX_SPLITS = 16
 SPLIT_MAX_ROW_BLOCKS = 32  # split D only while the row blocks alone leave most SMs idle (T <= 512)
+_SHAPE = {"splits": MAX_SPLITS, "warps": 4}  # launch-shape sweeps (set_split_shape)
+
+
+def set_split_shape(splits: int = MAX_SPLITS, warps: int = 4) -> None:
+    """At most `splits` programs over D per row block (1..MAX_SPLITS) and `warps` warps each (launch-shape sweeps;
+    CUDA graphs must be recaptured)."""
+    if not 1 <= splits <= MAX_SPLITS or warps not in (1, 2, 4, 8):
+        raise ValueError(f"splits must be in 1..{MAX_SPLITS} and warps in 1, 2, 4, 8; got {splits}, {warps}")
+    _SHAPE.update(splits=splits, warps=warps)
 
 
 def set_norm_fold(on: bool) -> None:
@@ -243,7 +252,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str, ren
         block_e = max(16, triton.next_power_of_2(E + extra_row))
         block_d = max(16, min(128, 8192 // block_e))
         row_blocks, chunks = triton.cdiv(T, 16), triton.cdiv(D, block_d)
-        splits = min(MAX_SPLITS, chunks) if row_blocks <= SPLIT_MAX_ROW_BLOCKS else 1
+        splits = min(_SHAPE["splits"], chunks) if row_blocks <= SPLIT_MAX_ROW_BLOCKS else 1
         per = triton.cdiv(chunks, splits)
         splits = triton.cdiv(chunks, per)  # no empty split
         part = torch.empty(splits * row_blocks * 16 * block_e if splits > 1 else 1, dtype=torch.float32,
@@ -258,7 +267,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, top_k: int, scoring: str, ren
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, MAX_SPLITS=MAX_SPLITS,
             ADD_NORM=norm is not None, D_PAD=triton.next_power_of_2(D) if norm is not None else 16,
             EARLY_R=early_r and norm is not None, EXTRA=extra_row, xo_ptr=xo,
-            num_warps=4, num_stages=3,
+            num_warps=_SHAPE["warps"], num_stages=3,
             **launch_options(x.device))
     return (w, ids, xo) if extra_row else (w, ids)
 
