@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes moe-profile-pdl exposed
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-profile-pdl exposed
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -136,11 +136,30 @@ for section in "$@"; do
         python scripts/bench_engine_gpu.py --out "$OUT/small-shapes" --models olmoe-1b-7b --decode-batches 1 \
           --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
       done ;;
+    s13-ab)  # session 13: one-row add_rms_norm at 16 warps (3 models), router 16,8, gate-in-router only above one row
+      for m in olmoe-1b-7b qwen1.5-moe-a2.7b deepseek-v2-lite; do
+        for F in "--norm-warps 16" "" "--norm-warps 16" ""; do
+          echo "== $m [$F]"
+          python scripts/bench_engine_gpu.py --out "$OUT/s13-$m" --models $m --decode-batches 1 \
+            --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
+        done
+      done
+      for F in "--norm-warps 16 --router-shape 16,8" "--norm-warps 16" "--norm-warps 16 --router-shape 16,8" \
+          "--norm-warps 16"; do
+        echo "== olmoe-1b-7b [$F]"
+        python scripts/bench_engine_gpu.py --out "$OUT/s13-router" --models olmoe-1b-7b --decode-batches 1 \
+          --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
+      done
+      for F in "" --no-gate-in-router "" --no-gate-in-router; do
+        echo "== qwen1.5-moe-a2.7b gate-in-router above one row [$F]"
+        python scripts/bench_engine_gpu.py --out "$OUT/s13-gate" --models qwen1.5-moe-a2.7b --decode-batches 1 64 \
+          --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
+      done ;;
     exposed)  # where a decode step's time goes with PDL on: each kernel's exposed time (OLMoE, B=1 and 64)
       python scripts/bench_engine_gpu.py --out "$OUT/exposed" --models olmoe-1b-7b --decode-batches 1 \
         --offline-batches --profile-batches 1 64 --skip-check --steps 30 2>&1 | grep -E "decode B=|profile|exposed" ;;
     grid-sync)  # is a persistent decode kernel worth it: a software grid barrier against a PDL kernel boundary
       timeout 300 python scripts/bench_grid_sync_gpu.py --phases 64 --phase-bytes 0 1e6 8e6 25e6 2>&1 | tail -5 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes moe-profile-pdl exposed" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-profile-pdl exposed" >&2 ;;
   esac
 done

@@ -380,8 +380,9 @@ def test_shared_experts_settle_the_routing(name: str, tiny_checkpoints: dict[str
 
 def test_qwen2_shared_gate_rides_in_the_router(tiny_checkpoints: dict[str, Path], monkeypatch) -> None:
     """With the fused routing Qwen2-MoE's shared-expert gate is one more row of the router kernel: its own Linear is
-    not called on the Triton path (prefill and decode), the weights stay what the checkpoint holds, and the tokens
-    equal the separate gate's and the reference's."""
+    not called on the Triton path where the block routes itself (prefill, decode of two rows), it is at one row (the
+    norm-and-router kernel keeps the gate apart there, measured faster), the weights stay what the checkpoint holds,
+    and the tokens equal the separate gate's and the reference's."""
     from moelab.models import qwen2_moe
 
     path = str(tiny_checkpoints["qwen2-moe-shared-e6"])
@@ -405,6 +406,9 @@ def test_qwen2_shared_gate_rides_in_the_router(tiny_checkpoints: dict[str, Path]
             assert torch.equal(v, fresh[k]), k
     got = llm.generate(prompts, p)
     assert calls[0] == 0
+    one = llm.generate(prompts[:1], p)
+    assert calls[0] > 0  # one-row decode steps: the gate's own GEMV
+    calls[0] = 0
     x = torch.randn(3, blocks[0].gate.weight.shape[1])
     with torch.no_grad():  # the gate's logits from the router kernel are the gate's own
         torch.testing.assert_close(blocks[0].route(x)[2], blocks[0].shared_expert_gate(x), atol=1e-5, rtol=1e-5)
@@ -419,6 +423,7 @@ def test_qwen2_shared_gate_rides_in_the_router(tiny_checkpoints: dict[str, Path]
     ref = LLM(path, attention="sdpa", **kw).generate(prompts, p)
     tokens = [[o.outputs[0].token_ids for o in outs] for outs in (got, off, ref)]
     assert tokens[0] == tokens[1] == tokens[2]
+    assert one[0].outputs[0].token_ids == tokens[2][0]
 
 
 def test_graph_staging_pads_decode_batches(olmoe: LLM) -> None:

@@ -38,7 +38,10 @@ class Qwen2MoeBlock(SparseMoE):
     and a backend that defers the top-k sum) it hands back TopKRows carrying the shared output and the gate logits,
     so the routed sum, the gated mix and the residual add all happen in the next norm's kernel. With the fused
     routing the shared expert's gate is one more row of the router's weight (`gate_rows`, the router and gate
-    weights become views of it): the router kernel returns its logits beside the routing, no GEMV of its own."""
+    weights become views of it): the router kernel returns its logits beside the routing, no GEMV of its own. Only
+    where the block routes itself (more than one row): the one-row step's norm-and-router kernel keeps the gate apart,
+    because there the extra row cost +0.09 ms a Qwen1.5-MoE step on the H200 (the router kernel's exposed time
+    5.8 -> 8.7 us a layer, docs/perf/engine.md v11) while it saved 0.17 ms at 64 rows."""
 
     @property
     def takes_sum_topk(self) -> bool:
@@ -85,18 +88,6 @@ class Qwen2MoeBlock(SparseMoE):
         cfg = self.router_config
         return router_topk(x, rows, cfg.top_k, cfg.scoring_func, cfg.norm_topk_prob, cfg.routed_scaling_factor,
                            extra_row=True)
-
-    def add_norm_route(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
-                       residual_settled: bool = False) -> tuple[torch.Tensor, ...]:
-        rows = self._gate_rows_for(x)
-        if rows is None:
-            return super().add_norm_route(x, residual, norm, residual_settled)
-        from moelab.kernels.topk_router import add_norm_router_topk
-
-        cfg = self.router_config
-        return add_norm_router_topk(x, residual, norm.weight, norm.eps, rows, cfg.top_k, cfg.scoring_func,
-                                    cfg.norm_topk_prob, cfg.routed_scaling_factor, residual_settled=residual_settled,
-                                    extra_row=True)
 
     def forward(self, x: torch.Tensor, sum_topk: bool = True,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKRows:
