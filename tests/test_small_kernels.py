@@ -258,14 +258,23 @@ def test_add_norm_router_topk_cuda(E, K, D) -> None:
                                                                              dtype=torch.bfloat16)
     nw = torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5
     w = torch.randn(E, D, device="cuda", dtype=torch.bfloat16) * (1.5 / D ** 0.5)
-    y2, summed2 = add_rms_norm(x, r, nw, 1e-6)
+    from moelab.kernels import rms_norm
+
+    rms_norm.set_one_row_warps(4)  # the router kernel's launch shape: its RMS sums in the same order
+    try:
+        y2, summed2 = add_rms_norm(x, r, nw, 1e-6)
+        y3, summed3 = add_rms_norm(x, r, nw, 1e-6, residual_settled=True)
+    finally:
+        rms_norm.set_one_row_warps(None)
     gw2, gids2 = router_topk(y2, w, K, "softmax", True)
     for settled in (False, True):  # the residual read after / before the PDL wait
         y, summed, gw, gids = add_norm_router_topk(x, r, nw, 1e-6, w, K, "softmax", True, residual_settled=settled)
         assert torch.equal(summed, summed2) and torch.equal(y, y2)
         assert torch.equal(gids, gids2) and torch.equal(gw, gw2)
-    y3, summed3 = add_rms_norm(x, r, nw, 1e-6, residual_settled=True)
     assert torch.equal(summed3, summed2) and torch.equal(y3, y2)
+    y16, summed16 = add_rms_norm(x, r, nw, 1e-6)  # the default one-row shape (16 warps): another summation order
+    assert torch.equal(summed16, summed2)
+    torch.testing.assert_close(y16, y2, atol=0, rtol=2 ** -7)  # at most a bf16 rounding apart
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

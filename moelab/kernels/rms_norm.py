@@ -14,7 +14,7 @@ import triton.language as tl
 
 from moelab.kernels.pdl import early_reads, gdc_prologue, launch_options
 
-_ONE_ROW_WARPS: int | None = None  # launch-shape experiments (set_one_row_warps); None: the defaults below
+_ONE_ROW_WARPS: int | None = None  # launch-shape experiments (set_one_row_warps); None: _warps's rule
 
 
 def set_one_row_warps(n: int | None) -> None:
@@ -139,9 +139,18 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
                                                    g.stride(0), dim, eps, BLOCK=BLOCK, TOP_K=top_k,
                                                    HAS_EXTRA=extra is not None, HAS_GATE=extra_gate is not None,
                                                    EARLY_R=residual_settled and early_reads(),
-                                                   num_warps=_ONE_ROW_WARPS if _ONE_ROW_WARPS and residual.shape[0] == 1
-                                                   else 4 if BLOCK <= 2048 else 8, **launch_options(x.device))
+                                                   num_warps=_warps(BLOCK, residual.shape[0]),
+                                                   **launch_options(x.device))
     return y, summed
+
+
+def _warps(block: int, rows: int) -> int:
+    """add_rms_norm's warps a program. One row of 2048 or more: 16 (its row is the batch-1 step's critical path: 4
+    elements a thread instead of 16; OLMoE-1B-7B's step -0.018 ms on the H200, docs/perf/engine.md v11); more rows:
+    4, or 8 past 2048 columns."""
+    if rows == 1 and (_ONE_ROW_WARPS or block >= 2048):
+        return _ONE_ROW_WARPS or 16
+    return 4 if block <= 2048 else 8
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, top_k: int = 1,
