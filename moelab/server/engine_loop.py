@@ -186,6 +186,9 @@ class EngineLoop:
                             declared_hung = self._dead is not None
                     if declared_hung:  # its requests have ended already: the step's tokens go nowhere
                         return
+                    # the gauges first: a client that got its last token and then scrapes /metrics must not see its
+                    # request still running
+                    self.stats = dict(engine.stats())
                     self._publish(out)
                     del out  # the last step's sequences are not kept alive while the loop waits for work
                 self.stats = dict(engine.stats())
