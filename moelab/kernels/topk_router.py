@@ -218,7 +218,8 @@ def add_norm_router_topk(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
     (y = rms_norm(x + residual) [1, D], x + residual [1, D], weights [1, K], ids [1, K]), each as the two kernels
     would give them (the decode step's post-attention norm and router at batch 1: one launch fewer per layer).
     residual_settled: as add_rms_norm's (residual written at least two launches before; read before the wait).
-    extra_row: as router_topk's; the extra logits [1, 1] come back fifth."""
+    extra_row: as router_topk's; the extra logits [1, 1] come back fifth. (The engine's Qwen2-MoE one-row step does
+    not use it: there it measured slower than the gate's own GEMV, docs/perf/engine.md v11.)"""
     if x.shape[0] != 1 or x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"add_norm_router_topk takes one row: x and residual [1, D] of one dtype, got "
                          f"{tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} {residual.dtype}")
