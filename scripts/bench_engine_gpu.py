@@ -325,11 +325,11 @@ def main() -> None:
     for flag, _, switch_off, _ in SWITCHES:
         if getattr(args, flag.replace("-", "_")):
             switch_off()
-    if args.norm_warps:
+    if args.norm_warps is not None:
         from moelab.kernels.rms_norm import set_one_row_warps
 
         set_one_row_warps(args.norm_warps)
-    if args.rope_warps:
+    if args.rope_warps is not None:
         from moelab.kernels.qk_rope_store import set_num_warps
 
         set_num_warps(args.rope_warps)
@@ -349,7 +349,8 @@ def main() -> None:
     rows: list[dict] = [{"kind": "ceilings", "bandwidth": c.bandwidth, "matmul": c.matmul, "device": c.name,
                          "torch": torch.__version__, "pdl": use_pdl(torch.device(device)),
                          **{key: not getattr(args, flag.replace("-", "_")) for flag, _, _, key in SWITCHES if key},
-                         "norm_warps": args.norm_warps, "rope_warps": args.rope_warps,
+                         "norm_warps": import_module("moelab.kernels.rms_norm")._warps(2048, 1),  # one row of 2048
+                         "rope_warps": import_module("moelab.kernels.qk_rope_store")._WARPS,
                          "router_shape": args.router_shape}]
     print(f"ceilings: copy {c.bandwidth / 1e12:.2f} TB/s, bf16 matmul {c.matmul / 1e12:.0f} TFLOP/s ({c.name})")
     overrides = TINY if args.tiny else {}

@@ -130,15 +130,15 @@ for section in "$@"; do
       python scripts/bench_engine_gpu.py --out "$OUT/dsv2-check" --models deepseek-v2-lite --decode-batches 1 64 \
         --offline-batches --profile-batches --steps 10 2>&1 | grep -E "decode B=|rel err" ;;
     small-shapes)  # exp/small-shapes: launch shapes of the batch-1 step's small kernels, in the engine (OLMoE B=1)
-      for F in "" "--norm-warps 8" "--norm-warps 16" "--norm-warps 2" "--rope-warps 2" "--rope-warps 8" \
-          "--router-shape 8,4" "--router-shape 16,2" "--router-shape 16,8" "--router-shape 4,4" ""; do
+      for F in "--norm-warps 4" "--norm-warps 8" "--norm-warps 16" "--norm-warps 2" "--rope-warps 2" "--rope-warps 8" \
+          "--router-shape 8,4" "--router-shape 16,2" "--router-shape 16,8" "--router-shape 4,4" "--norm-warps 4"; do
         echo "== olmoe-1b-7b small-shapes [$F]"
         python scripts/bench_engine_gpu.py --out "$OUT/small-shapes" --models olmoe-1b-7b --decode-batches 1 \
           --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="
       done ;;
     s13-ab)  # session 13: one-row add_rms_norm at 16 warps (3 models), router 16,8, gate-in-router only above one row
       for m in olmoe-1b-7b qwen1.5-moe-a2.7b deepseek-v2-lite; do
-        for F in "--norm-warps 16" "" "--norm-warps 16" ""; do
+        for F in "--norm-warps 16" "--norm-warps 4" "--norm-warps 16" "--norm-warps 4"; do  # (4: the v10 default)
           echo "== $m [$F]"
           python scripts/bench_engine_gpu.py --out "$OUT/s13-$m" --models $m --decode-batches 1 \
             --offline-batches --profile-batches --skip-check --steps 30 $F 2>&1 | grep -E "decode B="

@@ -412,7 +412,15 @@ def test_qwen2_shared_gate_rides_in_the_router(tiny_checkpoints: dict[str, Path]
     x = torch.randn(3, blocks[0].gate.weight.shape[1])
     with torch.no_grad():  # the gate's logits from the router kernel are the gate's own
         torch.testing.assert_close(blocks[0].route(x)[2], blocks[0].shared_expert_gate(x), atol=1e-5, rtol=1e-5)
+        assert len(blocks[0].route(x[:1])) == 2  # one row: the gate apart
+        # a replaced shared-gate weight (assign=True loads, direct assignment) is seen: the router no longer uses
+        # the old row
+        b = blocks[-1]
+        new = torch.randn_like(b.shared_expert_gate.weight)
+        b.shared_expert_gate.weight = torch.nn.Parameter(new, requires_grad=False)
+        assert len(b.route(x)) == 2 and torch.equal(b.shared_expert_gate.weight, new)
     qwen2_moe.set_gate_in_router(False)
+    calls[0] = 0
     try:
         sep = LLM(path, attention="triton", moe_backend="triton", **kw)
         assert all(m.gate_rows is None for m in sep.engine.model.modules() if isinstance(m, qwen2_moe.Qwen2MoeBlock))

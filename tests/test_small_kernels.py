@@ -347,10 +347,21 @@ def test_launch_shape_switches_of_the_one_row_kernels() -> None:
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     r, nw = torch.randn(1, 700, generator=g), torch.rand(700, generator=g) + 0.5
     base = rms_norm.add_rms_norm(x, r, nw, 1e-6)
+    assert rms_norm._warps(2048, 1) == 16 and rms_norm._warps(1024, 1) == 4 and rms_norm._warps(2048, 2) == 4
+    H, KV, hd, T = 4, 2, 16, 3  # (the interpreter ignores warps: these check the launches and their results)
+    qkv = torch.randn(T, (H + 2 * KV) * hd, generator=g)
+    f = torch.arange(8).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+    rope = (torch.tensor([1, 5, 7]), f.cos().contiguous(), f.sin().contiguous())
+    want_q = qr.qk_rope_store_ref(qkv, H, KV, *rope, torch.zeros(8, KV * hd), torch.zeros(8, KV * hd),
+                                  torch.tensor([0, 2, 4]), None, None, None)
     rms_norm.set_one_row_warps(8)
     qr.set_num_warps(2)
     try:
+        assert rms_norm._warps(2048, 1) == 8 and rms_norm._warps(512, 1) == 8
         assert all(torch.equal(a, b) for a, b in zip(rms_norm.add_rms_norm(x, r, nw, 1e-6), base))
+        got_q = qr.qk_rope_store(qkv, H, KV, *rope, torch.zeros(8, KV * hd), torch.zeros(8, KV * hd),
+                                 torch.tensor([0, 2, 4]), None, None, None)
+        torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
     finally:
         rms_norm.set_one_row_warps(None)
         qr.set_num_warps(4)

@@ -216,7 +216,9 @@ def add_norm_router_topk(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
                          ) -> tuple[torch.Tensor, ...]:
     """One row: add_rms_norm(x, residual, norm_weight, eps) and router_topk of its output in one kernel ->
     (y = rms_norm(x + residual) [1, D], x + residual [1, D], weights [1, K], ids [1, K]), each as the two kernels
-    would give them (the decode step's post-attention norm and router at batch 1: one launch fewer per layer).
+    would give them at the same launch shape (add_rms_norm's one-row default of 16 warps sums the squares in another
+    order: y within a bf16 rounding); the decode step's post-attention norm and router at batch 1, one launch fewer
+    per layer.
     residual_settled: as add_rms_norm's (residual written at least two launches before; read before the wait).
     extra_row: as router_topk's; the extra logits [1, 1] come back fifth. (The engine's Qwen2-MoE one-row step does
     not use it: there it measured slower than the gate's own GEMV, docs/perf/engine.md v11.)"""

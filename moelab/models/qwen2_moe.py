@@ -39,7 +39,7 @@ class Qwen2MoeBlock(SparseMoE):
     so the routed sum, the gated mix and the residual add all happen in the next norm's kernel. With the fused
     routing the shared expert's gate is one more row of the router's weight (`gate_rows`, the router and gate
     weights become views of it): the router kernel returns its logits beside the routing, no GEMV of its own. Only
-    where the block routes itself (more than one row): the one-row step's norm-and-router kernel keeps the gate apart,
+    at more than one row: a one-row step (the norm-and-router kernel, or the router alone) keeps the gate apart,
     because there the extra row cost +0.09 ms a Qwen1.5-MoE step on the H200 (the router kernel's exposed time
     5.8 -> 8.7 us a layer, docs/perf/engine.md v11) while it saved 0.17 ms at 64 rows."""
 
@@ -71,10 +71,15 @@ class Qwen2MoeBlock(SparseMoE):
             self.gate_rows = rows
 
     def _gate_rows_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The combined rows when the router kernel takes x (as SparseMoE.route's first branch decides)."""
+        """The combined rows when the router kernel takes x (as SparseMoE.route's first branch decides), x has more
+        than one row (where it was measured faster) and both weights still view the rows (a replaced or moved
+        weight falls back to the separate gate)."""
         rows = self.gate_rows
-        ok = rows is not None and x.dtype == rows.dtype and x.device == rows.device \
-            and rows.data_ptr() == self.gate.weight.data_ptr() and (x.is_cuda or x.dtype != torch.bfloat16)
+        if rows is None or x.shape[0] <= 1 or not self.fused_routing:
+            return None
+        ok = x.dtype == rows.dtype and x.device == rows.device and rows.data_ptr() == self.gate.weight.data_ptr() \
+            and self.shared_expert_gate.weight.data_ptr() == rows[-1:].data_ptr() \
+            and (x.is_cuda or x.dtype != torch.bfloat16)
         return rows if ok else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
