@@ -124,6 +124,17 @@ def test_exposed_kernel_time_under_programmatic_dependent_launch():
     assert exposed_times([(8.0, 14.0), (0.0, 10.0), (20.0, 30.0), (25.0, 28.0)]) == [4.0, 10.0, 10.0, 0.0]
     assert exposed_times([]) == []
 
+
+def test_idle_before_each_kernel() -> None:
+    """The gaps with no kernel running, charged to the kernel that ends them; with the exposed times they add up to
+    the span from the first start to the last end."""
+    from moelab.lab.profile import exposed_times, idle_before
+
+    spans = [(8.0, 14.0), (0.0, 10.0), (20.0, 30.0), (25.0, 28.0), (31.5, 32.0)]
+    assert idle_before(spans) == [0.0, 0.0, 6.0, 0.0, 1.5]
+    assert sum(idle_before(spans)) + sum(exposed_times(spans)) == 32.0 - 0.0
+    assert idle_before([]) == [] and idle_before([(3.0, 4.0)]) == [0.0]
+
     def k(id_, name, start, end):
         return SimpleNamespace(id=id_, name=name, device_type=SimpleNamespace(name="CUDA"), cpu_parent=None,
                                time_range=SimpleNamespace(start=start, end=end), linked_correlation_id=0,

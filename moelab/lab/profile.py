@@ -171,6 +171,19 @@ def exposed_times(spans: list[tuple[float, float]]) -> list[float]:
     return out
 
 
+def idle_before(spans: list[tuple[float, float]]) -> list[float]:
+    """For kernel spans (start, end) in any order: how long the device sat with no kernel before each one started,
+    max(0, start - latest end of the kernels that started before it), in the order given (0 for the first). With
+    exposed_times they add up to the whole span from the first start to the last end."""
+    out = [0.0] * len(spans)
+    last = None
+    for i in sorted(range(len(spans)), key=lambda i: spans[i]):
+        start, end = spans[i]
+        out[i] = 0.0 if last is None else max(0.0, start - last)
+        last = end if last is None else max(last, end)
+    return out
+
+
 def breakdown(events: Any) -> dict[str, dict[str, float]]:
     """{"cpu": {category: seconds}, "cuda": {category: seconds}, "cuda_exposed": {category: seconds}} from
     profiler events (prof.events()); see the module docstring."""
