@@ -9,9 +9,12 @@ the best into $OUT/configs/ (copy them to moelab/kernels/configs/).
     PYTHONPATH=. python scripts/bench_moe_gpu.py --no-check --rounds 3   # every cell timed in 3 interleaved rounds
 
 --rounds N: time every (shape, M) cell N times, round after round over all cells, and report the median per cell
-with the spread of the rounds. The compute-bound cells run at a clock the power limit sets, which moves with what
-ran just before (the same config measured 5.21 and 5.45 ms at Mixtral M=4096 one after the other on an H100,
-runs/moe-h100-bf16-v11-retuned.log), so one timing per cell moves the 28-cell geomean by about 1 %.
+with the spread of the rounds. --cooldown S: leave the GPU idle S seconds before each timed cell. The SM clock
+under load is set by the power and thermal limits and carries over from what ran before: on an H100
+(runs/moe-h100-bf16-v11-retuned.json, clock read after each timing) the same config measured 5.21 and 5.45 ms at
+Mixtral M=4096 back to back, and the one-token Qwen3 and DeepSeek-V2-Lite cells, timed right after Mixtral's
+M=16384, ran at 1395-1470 MHz where OLMoE's ran at 1980. So one timing per cell, in a fixed order, moves the
+28-cell geomean by about 1 % and penalises the cells that follow the heavy ones.
 
 Writes $OUT/bench_moe.json (default ./out): ceilings, check rows, tuning rows, timing rows. Prints a table last.
 """
@@ -57,6 +60,7 @@ from moelab.layers.moe.backends import BACKENDS, naive_moe  # noqa: E402
 SHAPES, MS, REFERENCE_MS, DRY_SHAPES = kb.SHAPES, kb.MS, kb.REFERENCE_MS, kb.TINY_SHAPES
 DRY_MS = (1, 5, 40)
 ROTATE, REL_ERR_MAX = kb.ROTATE, kb.REL_ERR_MAX
+COOLDOWN_S = 0.0  # idle seconds before each timed cell (--cooldown)
 SMEM_BYTES = 227 * 1024
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per BLOCK_M, each tried with and without TMA; group_m is refined
@@ -308,6 +312,8 @@ def floor_ms(shape: tuple, M: int, ceilings: dict) -> tuple[float, float, float]
 def time_cell(name: str, shape: tuple, M: int, w13, w2, inputs: list, cfg: MoEConfig | None, label: str,
               ceilings: dict, dev) -> dict:
     """Whole layer (align + gate_up + down + top-k sum) of the triton backend, graph replay over ROTATE sets."""
+    if COOLDOWN_S and dev.type == "cuda":
+        time.sleep(COOLDOWN_S)
     if cfg is None:
         fn = BACKENDS["triton"]
         ms, outs = graph_ms(lambda i: fn(*inputs[i], w13, w2, None), ROTATE, dev)
@@ -616,6 +622,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quant", action="store_true", help="bf16 vs fp8_tensor/channel/block and int8_channel")
     p.add_argument("--rounds", type=int, default=1, help="time every cell this many times, round after round; "
                                                          "the tables report the median (not with --quant)")
+    p.add_argument("--cooldown", type=float, default=0.0, help="idle seconds before each timed cell (the clock "
+                                                              "recovers from the cell before)")
     p.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     p.add_argument("--formats", default="", help="with --quant: a comma list of quantized formats (default all)")
     p.add_argument("--act-quant", default="fused", choices=("fused", "separate"),
@@ -625,11 +633,15 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.rounds < 1 or (args.quant and args.rounds != 1):
         p.error(f"--rounds must be a positive count, and 1 with --quant (got {args.rounds})")
+    if not 0 <= args.cooldown <= 60 or (args.quant and args.cooldown):
+        p.error(f"--cooldown must be 0 to 60 seconds, and 0 with --quant (got {args.cooldown})")
     return args
 
 
 def main() -> None:
     args, t0 = parse_args(), time.time()
+    global COOLDOWN_S
+    COOLDOWN_S = args.cooldown
     dev = torch.device("cpu" if args.dry else "cuda")
     all_shapes = DRY_SHAPES if args.dry else SHAPES
     shapes = {k: all_shapes[k] for k in (args.shapes.split(",") if args.shapes else all_shapes)}
