@@ -8,13 +8,14 @@ the best into $OUT/configs/ (copy them to moelab/kernels/configs/).
     PYTHONPATH=. python scripts/bench_moe_gpu.py --quant [--dry]  # quantized formats vs bf16 (moelab.lab.kernel_bench)
     PYTHONPATH=. python scripts/bench_moe_gpu.py --no-check --rounds 3   # every cell timed in 3 interleaved rounds
 
---rounds N: time every (shape, M) cell N times, round after round over all cells, and report the median per cell
-with the spread of the rounds. --cooldown S: leave the GPU idle S seconds before each timed cell. The SM clock
-under load is set by the power and thermal limits and carries over from what ran before: on an H100
-(runs/moe-h100-bf16-v11-retuned.json, clock read after each timing) the same config measured 5.21 and 5.45 ms at
-Mixtral M=4096 back to back, and the one-token Qwen3 and DeepSeek-V2-Lite cells, timed right after Mixtral's
-M=16384, ran at 1395-1470 MHz where OLMoE's ran at 1980. So one timing per cell, in a fixed order, moves the
-28-cell geomean by about 1 % and penalises the cells that follow the heavy ones.
+--rounds N: time every (shape, M) cell N times, round after round over all cells (odd rounds in the reverse order
+of shapes, token counts and configs), and report the median per cell with the spread of the rounds (also in the
+JSON, "medians"). --cooldown S: leave the GPU idle S seconds before each timing. The SM clock under load is set by
+the power and thermal limits and carries over from what ran before: on an H100 (runs/moe-h100-bf16-v11-retuned.json,
+clock read after each timing) the same config measured 5.21 and 5.45 ms at Mixtral M=4096 back to back, and the
+one-token Qwen3 and DeepSeek-V2-Lite cells, timed right after the M=16384 cells of Mixtral and of Qwen3, ran at
+1395-1470 MHz where OLMoE's ran at 1980. So one timing per cell, in a fixed order, moves the 28-cell geomean by
+about 1 % and penalises the cells that follow the heavy ones.
 
 Writes $OUT/bench_moe.json (default ./out): ceilings, check rows, tuning rows, timing rows. Prints a table last.
 """
@@ -60,7 +61,7 @@ from moelab.layers.moe.backends import BACKENDS, naive_moe  # noqa: E402
 SHAPES, MS, REFERENCE_MS, DRY_SHAPES = kb.SHAPES, kb.MS, kb.REFERENCE_MS, kb.TINY_SHAPES
 DRY_MS = (1, 5, 40)
 ROTATE, REL_ERR_MAX = kb.ROTATE, kb.REL_ERR_MAX
-COOLDOWN_S = 0.0  # idle seconds before each timed cell (--cooldown)
+COOLDOWN_S = 0.0  # idle seconds before each timing of a layer (--cooldown)
 SMEM_BYTES = 227 * 1024
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per BLOCK_M, each tried with and without TMA; group_m is refined
@@ -447,13 +448,18 @@ def check_shape(name: str, shape: tuple, ms: tuple, dev: torch.device) -> list[d
     return rows
 
 
-def bench_shape(name: str, shape: tuple, ms: tuple, tune: bool, result: dict, out: Path, dev, failed: set) -> None:
-    """Per M: tune (optional), then time the tuned, heuristic and shipped configs; write tuned configs."""
+def bench_shape(name: str, shape: tuple, ms: tuple, tune: bool, result: dict, out: Path, dev, failed: set,
+                rnd: int = 0) -> None:
+    """Per M: tune (optional), then time the tuned, shipped and heuristic configs; write tuned configs. Rows are
+    tagged with the round rnd; odd rounds take the token counts from the largest down and the heuristic before the
+    shipped config, so that no cell always follows the same one."""
     E, K, D, I = shape
+    flip = rnd % 2 == 1
     g = torch.Generator(device=dev).manual_seed(1 + zlib.crc32(name.encode()) % 1000)
     w13, w2 = make_weights(E, D, I, dev, g)
     tuned, rows, ceil = {}, result["rows"], result["ceilings"]
-    for M in ms:
+    for M in ms[::-1] if flip else ms:
+        start = len(rows)
         inputs = [make_inputs(M, E, K, D, dev, g) for _ in range(ROTATE)]
         msg = f"{name} M={M}:"
         if tune:  # the faster whole layer of the two best BLOCK_M choices
@@ -467,13 +473,18 @@ def bench_shape(name: str, shape: tuple, ms: tuple, tune: bool, result: dict, ou
             msg += f" tuned {r['ms']:.4f} ms ({r['pct_floor']:.0f}% floor, {r['speedup'] or 0:.2f}x);"
             if M >= 1024 and dev.type == "cuda":
                 rows.append(breakdown(name, M, w13, w2, inputs, tuned[M], dev))
-        rows.append(time_cell(name, shape, M, w13, w2, inputs, None, "shipped", ceil, dev))
-        r = rows[-1]
-        msg += f" shipped {r['ms']:.4f} ms ({r['pct_floor']:.0f}% floor, {r['speedup'] or 0:.2f}x)"
         heur = heuristic_config(M, E, K, I, D, "bfloat16", dev.type)
-        rows.append(time_cell(name, shape, M, w13, w2, inputs, heur, "heuristic", ceil, dev))
-        diffs = [r["graph_vs_eager_maxdiff"] for r in rows[-2:] if r["kind"] == "time"]
-        log(msg + f"; heuristic {rows[-1]['ms']:.4f} ms" + (f"; GRAPH != EAGER {diffs}" if max(diffs) > 0 else ""))
+        pair = [(None, "shipped"), (heur, "heuristic")]
+        timed = {label: time_cell(name, shape, M, w13, w2, inputs, c, label, ceil, dev)
+                 for c, label in (pair[::-1] if flip else pair)}
+        rows += list(timed.values())  # in the order they ran
+        r = timed["shipped"]
+        msg += f" shipped {r['ms']:.4f} ms ({r['pct_floor']:.0f}% floor, {r['speedup'] or 0:.2f}x)"
+        diffs = [r["graph_vs_eager_maxdiff"] for r in timed.values()]
+        log(msg + f"; heuristic {timed['heuristic']['ms']:.4f} ms" +
+            (f"; GRAPH != EAGER {diffs}" if max(diffs) > 0 else ""))
+        for r in rows[start:]:
+            r["round"] = rnd
         save(out, result)
     if tune:
         dev_name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
@@ -520,9 +531,9 @@ def run_sweeps(result: dict, dev: torch.device) -> None:
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
-    """The timing rows of several rounds merged per (label, shape, M): the median round's time (the lower middle
-    one of an even count, so that the row is a measured one), its derived figures rescaled to it, the rounds' times
-    and spread kept beside it. Other rows pass through."""
+    """The timing rows of several rounds merged per (label, shape, M): the row of the median round (the lower
+    middle one of an even count, so that the row is a measured one) with its own figures, and the rounds' times
+    and spread beside it. Other rows pass through."""
     groups: dict[tuple, list[dict]] = {}
     out = []
     for r in rows:
@@ -546,8 +557,9 @@ def report(result: dict, t0: float) -> None:
         print_table(timed, label)
     spreads = [r["spread_pct"] for r in timed if "spread_pct" in r]
     if spreads:
-        print(f"rounds: {len(timed[0].get('rounds_ms', [1])) if timed else 0} per cell, median taken; spread between "
-              f"rounds median {sorted(spreads)[len(spreads) // 2]:.1f} %, max {max(spreads):.1f} %", flush=True)
+        rounds = max(len(r["rounds_ms"]) for r in timed if "rounds_ms" in r)
+        print(f"rounds: {rounds} per cell, median taken; spread between rounds median "
+              f"{sorted(spreads)[len(spreads) // 2]:.1f} %, max {max(spreads):.1f} %", flush=True)
     for r in result["rows"]:
         if r["kind"] == "breakdown":
             print(f"breakdown {r['shape']:10s} {r['M']:6d}: align {r['align_ms'] * 1e3:7.1f} us, gate_up "
@@ -622,8 +634,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quant", action="store_true", help="bf16 vs fp8_tensor/channel/block and int8_channel")
     p.add_argument("--rounds", type=int, default=1, help="time every cell this many times, round after round; "
                                                          "the tables report the median (not with --quant)")
-    p.add_argument("--cooldown", type=float, default=0.0, help="idle seconds before each timed cell (the clock "
-                                                              "recovers from the cell before)")
+    p.add_argument("--cooldown", type=float, default=0.0, help="idle seconds before each timing (the clock "
+                                                              "recovers from the one before)")
     p.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     p.add_argument("--formats", default="", help="with --quant: a comma list of quantized formats (default all)")
     p.add_argument("--act-quant", default="fused", choices=("fused", "separate"),
@@ -631,8 +643,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-swap-ab", action="store_true",
                    help="with --quant: fp8 GEMMs never transposed (fused_moe.swap_ab), for A/B timings")
     args = p.parse_args()
-    if args.rounds < 1 or (args.quant and args.rounds != 1):
-        p.error(f"--rounds must be a positive count, and 1 with --quant (got {args.rounds})")
+    if args.rounds < 1 or (args.rounds != 1 and (args.quant or args.tune)):
+        p.error(f"--rounds must be a positive count, and 1 with --quant or --tune (got {args.rounds})")
     if not 0 <= args.cooldown <= 60 or (args.quant and args.cooldown):
         p.error(f"--cooldown must be 0 to 60 seconds, and 0 with --quant (got {args.cooldown})")
     return args
@@ -676,12 +688,12 @@ def main() -> None:
     if args.tune and dev.type == "cuda":
         run_sweeps(result, dev)
     failed: set = set()
-    for rnd in range(args.rounds):  # round after round over all cells (tuning, if asked, in the first)
-        for name, shape in shapes.items():
-            start = len(result["rows"])
-            bench_shape(name, shape, ms, args.tune and rnd == 0, result, out, dev, failed)
-            for r in result["rows"][start:]:
-                r["round"] = rnd
+    for rnd in range(args.rounds):  # round after round over all cells; odd rounds in the reverse order
+        items = list(shapes.items())
+        for name, shape in items[::-1] if rnd % 2 else items:
+            bench_shape(name, shape, ms, args.tune, result, out, dev, failed, rnd)
+    if args.rounds > 1:  # the medians the tables print, with each cell's rounds and spread
+        result["medians"] = [r for r in median_rows(result["rows"]) if r.get("kind") == "time"]
     if dev.type == "cuda":
         result["ceilings_end"] = measure_ceilings(dev)
         save_cache(out)

@@ -90,7 +90,7 @@ for section in "$@"; do
       python scripts/profile_moe_layer_gpu.py olmoe:1,256 qwen3:1 dsv2-lite:1 mixtral:4096 --pdl \
         --dtypes bf16 fp8_channel fp8_block 2>&1 | grep -v -i warn ;;
     moe)  # fused MoE kernel bf16: 4 shapes x 7 M against the floor and the published (H100) reference
-      python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -45 ;;
+      python scripts/bench_moe_gpu.py ${MOE_ARGS:-} 2>&1 | grep -v -i warn | tail -80 ;;
     moe-gemv)  # one-token experts (bf16, int8) and shared experts as GEMVs: CUDA tests, the layer alone, engine A/Bs
       MOELAB_TEST_GPU=1 python -m pytest -q -p no:cacheprovider tests/test_moe_gemv.py --tb=short 2>&1 | tail -3
       python scripts/bench_moe_gemv_gpu.py --quant --budget-s 150 2>&1 | grep -E "kind=(check|layer|quant)"
