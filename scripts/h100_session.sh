@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -158,11 +158,20 @@ for section in "$@"; do
     moe-gaps)  # where an fp8 layer at M=1 sits idle between its kernels (v11 profile: 18.3 us busy, 21.8 us a call)
       python scripts/profile_moe_layer_gpu.py olmoe:1 qwen3:1 dsv2-lite:1 --pdl --calls 8 \
         --dtypes bf16 fp8_channel fp8_block 2>&1 | grep -v -i warn ;;
+    s15)  # session 15's first call: bf16 cells in rounds after idle, the fp8 table twice, the engine on the retuned tables
+      python scripts/bench_moe_gpu.py --no-check --rounds 3 --cooldown 1 2>&1 | grep -E "^shipped|^heuristic|^rounds|geomean|^[a-z0-9-]+ +[0-9]+ " | tail -70
+      for t in 1 2; do  # was session 14's fp8_block slowdown the machine or the inputs? same command twice
+        echo "== quant $t"
+        OUT="$OUT/quant-$t" python scripts/bench_moe_gpu.py --quant --formats fp8_block,fp8_channel \
+          --ms 1,1024,4096,16384 2>&1 | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|checks ok"
+      done
+      python scripts/bench_engine_gpu.py --out "$OUT/engine" --models olmoe-1b-7b --decode-batches 1 64 256 \
+        --offline-batches 256 --profile-batches --skip-check --steps 30 2>&1 | grep -E "decode B=|offline B=" ;;
     exposed)  # where a decode step's time goes with PDL on: each kernel's exposed time (OLMoE, B=1 and 64)
       python scripts/bench_engine_gpu.py --out "$OUT/exposed" --models olmoe-1b-7b --decode-batches 1 \
         --offline-batches --profile-batches 1 64 --skip-check --steps 30 2>&1 | grep -E "decode B=|profile|exposed" ;;
     grid-sync)  # is a persistent decode kernel worth it: a software grid barrier against a PDL kernel boundary
       timeout 300 python scripts/bench_grid_sync_gpu.py --phases 64 --phase-bytes 0 1e6 8e6 25e6 2>&1 | tail -5 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15" >&2 ;;
   esac
 done
