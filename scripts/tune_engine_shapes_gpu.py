@@ -7,6 +7,8 @@ as this GPU's own file in moelab/kernels/configs/ (and copied to $OUT), so the e
     PYTHONPATH=. python scripts/tune_engine_shapes_gpu.py olmoe:64,256 qwen1.5:256
     PYTHONPATH=. python scripts/tune_engine_shapes_gpu.py --dtype fp8_channel olmoe:1,256,4096 qwen3:4096
 
+--group-m-only: keep each entry's tiles and time only its row-block groupings (moelab.lab.kernel_bench's
+GROUP_M_CANDIDATES, where an expert gets enough rows for them to matter).
 --dtype: bf16 (default) or a quantized format of moelab.kernels.fused_moe.QUANT_FORMATS, whose table is named by
 the format (dtype=fp8_channel). --deadline S: skip the shapes that would start after S seconds (the device's
 per-call limit), so the tables already tuned are written and copied.
@@ -41,6 +43,8 @@ def main() -> None:
     ap.add_argument("cells", nargs="+", help="shape:M1,M2,... (shapes: " + ", ".join({**SHAPES, **EXTRA}) + ")")
     ap.add_argument("--dtype", default="bf16", choices=DTYPES)
     ap.add_argument("--deadline", type=float, default=float("inf"))
+    ap.add_argument("--group-m-only", action="store_true",
+                    help="keep the tiles of the table in use and tune only each GEMM's row-block grouping")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
                     help="processes that compile the candidates before the timings")
     args = ap.parse_args()
@@ -60,7 +64,8 @@ def main() -> None:
         if not table:  # nothing tuned for this family: start from the heuristic at the usual token counts
             table = {m: heuristic_config(m, E, K, I, D, dt) for m in (1, 16, 64, 256, 1024, 4096, 16384)}
         before = {m: get_config(m, E, K, I, D, dt, "cuda", name) for m in map(int, ms.split(","))}
-        best = tune(shape, tuple(before), args.dtype, "cuda", baseline=before, workers=args.workers)
+        best = tune(shape, tuple(before), args.dtype, "cuda", baseline=before, workers=args.workers,
+                    tiles=not args.group_m_only)
         for m, c in best.items():
             print(f"{key} M={m}: {'kept' if c == before[m] else 'changed'} {c.to_dict()}", flush=True)
         table.update(best)

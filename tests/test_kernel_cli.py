@@ -38,6 +38,31 @@ def test_tune_kernels_writes_named_config(tmp_path, capsys) -> None:
     assert path.is_file() and set(load_config_file(path)) == {3}
 
 
+def test_tune_tries_row_block_groupings_where_experts_are_large(monkeypatch) -> None:
+    """After the tiles, tune() times group_m on each GEMM of the best config (a layer time that favours 8 on
+    gate_up and 16 on down picks exactly those), and only where an expert gets >= GROUP_M_MIN_ROWS rows."""
+    seen = []
+
+    def fake_ms(c, **_):
+        seen.append(c)
+        return 1.0 + abs(c.gate_up.group_m - 8) / 100 + abs(c.down.group_m - 16) / 1000 + (c.block_m != 64) / 10
+
+    monkeypatch.setattr(kb, "_layer_ms", fake_ms)
+    E, K = 4, 2
+    big = kb.GROUP_M_MIN_ROWS * E // K  # tokens that give each expert GROUP_M_MIN_ROWS rows
+    best = kb.tune((E, K, 16, 16), (big, big - 1), "fp32", "cpu", log=lambda _: None)
+    assert (best[big].gate_up.group_m, best[big].down.group_m) == (8, 16)
+    assert best[big - 1].gate_up.group_m == best[big - 1].down.group_m == 1  # below the threshold: not tried
+    assert {c.gate_up.group_m for c in seen} == set(kb.GROUP_M_CANDIDATES)
+    seen.clear()  # tiles=False: the groupings of the baseline's tiles only
+    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
+
+    base = {big: MoEConfig(64, GemmConfig(32, 64), GemmConfig(16, 32))}
+    best = kb.tune((E, K, 16, 16), (big,), "fp32", "cpu", log=lambda _: None, baseline=base, tiles=False)
+    assert best[big] == MoEConfig(64, GemmConfig(32, 64, group_m=8), GemmConfig(16, 32, group_m=16))
+    assert {(c.block_m, c.gate_up.block_n, c.down.block_n) for c in seen[2:]} == {(64, 32, 16)}  # after heur, base
+
+
 @pytest.mark.parametrize("argv,msg", [(["bench", "kernels", "--shape", "4,2,16"], "E,K,D,I"),
                                       (["bench", "kernels", "--shape", "4,2,16,16", "--dtype", "fp4"], "fp4"),
                                       (["bench", "kernels", "--shape", "4,2,16,16", "--backends", "cutlass"],

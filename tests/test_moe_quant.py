@@ -226,6 +226,41 @@ def test_fp8_swapped_products_equal_unswapped(fmt, T, tma, monkeypatch) -> None:
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("bn,bk", [(32, 64), (64, 128)])
+def test_gate_up_merged_equals_separate(bn, bk, monkeypatch) -> None:
+    """gate_up with gate and up as one dot operand (merge_gate_up, block scales loaded one K-tile ahead) gives the
+    two-operand kernel's layer: 128x128 scale blocks of ranges six decades apart (gate against up rows, and
+    within each), N = I not a multiple of BLOCK_N (136), K = D not a multiple of BLOCK_K (264), an expert with no
+    token; and the flag sends block scales with pointer tiles, and nothing else, to the merged loop."""
+    from test_fused_moe import routing
+
+    from moelab.kernels import fused_moe as fm
+    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
+
+    E, K, T, D, I, fmt = 5, 2, 40, 264, 136, "fp8_block"
+    x, w = torch.randn(T, D), torch.rand(T, K)
+    w13, w2 = weights(E, D, I)
+    w13[:, :128, :128] *= 1e3  # gate block (0, 0)
+    w13[:, I:I + 128, 128:256] *= 1e-3  # up block (0, 1)
+    w13[:, 128:I, 256:] *= 30.0  # gate rows of the second block, last (short) K block
+    q13, q2, s = quantize_experts(w13, w2, fmt)
+    ids = routing(T, E, K, "skew")
+    ids[ids == 3] = 4  # expert 3 gets no token
+    cfg = MoEConfig(64, GemmConfig(bn, bk, group_m=2), GemmConfig(64, 64))
+    args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
+    kw = dict(config=cfg, quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(fm, "MERGE_GU_BLOCK", on)
+        outs[on] = fm.fused_moe(*args, **kw).cpu()
+    assert rel(outs[True], outs[False]) < (1e-6 if DEV == "cpu" else 1e-3), rel(outs[True], outs[False])
+    assert rel(outs[True], naive_moe(x, ids, w, q13, q2, s)) < ORACLE_TOL
+    assert fm.merge_gate_up(3, tma=False, swap=False)
+    assert not fm.merge_gate_up(3, tma=True, swap=False) and not fm.merge_gate_up(3, tma=False, swap=True)
+    assert not fm.merge_gate_up(2, tma=False, swap=False)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 def test_per_token_quant_kernel_matches_ref() -> None:
     from moelab.kernels.per_token_quant import per_token_quant, per_token_quant_ref
 

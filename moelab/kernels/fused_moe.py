@@ -52,6 +52,7 @@ from moelab.kernels.per_token_quant import per_token_quant
 NAIVE_BLOCK_M = 16
 ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
 SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
+MERGE_GU_BLOCK = True  # see merge_gate_up(); False only for A/B timings
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
 QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
@@ -86,6 +87,45 @@ def _rows(pid_m, sorted_ids_ptr, expert_ids_ptr, topk_ids_ptr, num_slots, BLOCK_
 _RUNTIME_INTS = ["num_slots", "top_k", "num_pid_m", "group_m"]  # no recompile per value
 
 
+@triton.jit
+def _gate_up_merged(a_ptrs, w_ptr, s_base, live, offs_k, pid_n, N, K, stride_wn, stride_wk, stride_sn, stride_sk,
+                    up_scale_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, W_INT8: tl.constexpr, W_SCALE: tl.constexpr):
+    """(acc_g, acc_u) [BLOCK_M, BLOCK_N] of _gate_up_kernel's K loop with the gate and up tiles as one operand:
+    column j < BLOCK_N of the [BLOCK_K, 2 * BLOCK_N] tile is gate row n0 + j, column BLOCK_N + j up row N + n0 + j.
+    With block scales each K-tile's product is scaled before it is added (one product a K-tile instead of two,
+    so one wait on the tensor cores instead of two), the scales loaded one K-tile ahead."""
+    j = tl.arange(0, 2 * BLOCK_N)
+    is_up = j >= BLOCK_N
+    col = (pid_n * BLOCK_N + tl.where(is_up, j - BLOCK_N, j)) % N  # past N: re-read valid rows, stores mask them
+    w_rows = col.to(tl.int64) + tl.where(is_up, N, 0)
+    w_ptrs = w_ptr + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    num_k = tl.cdiv(K, BLOCK_K)
+    if W_SCALE == 3:
+        s_ptrs = s_base + tl.where(is_up, up_scale_row + col // 128, col // 128) * stride_sn
+        s_next = tl.load(s_ptrs)
+    for k in range(0, num_k):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if W_INT8:
+            w = w.to(a.dtype)
+        if W_SCALE == 3:
+            s = s_next
+            s_next = tl.load(s_ptrs + (tl.minimum(k + 1, num_k - 1) * BLOCK_K) // 128 * stride_sk)
+            acc += tl.dot(a, w, input_precision=PRECISION) * s[None, :]
+        else:
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr, topk_ids_ptr,
                     a_scale_ptr, w_scale_ptr, num_slots, top_k, num_pid_m, group_m, N, K, stride_xt, stride_we,
@@ -93,13 +133,15 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr,
                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr,
                     A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False,
-                    USE_PDL: tl.constexpr = False):
+                    MERGE_GU: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """h[rows, n-tile] = silu(A G^T) * (A U^T), A = x[slot // top_k] gathered; N = I, K = D.
     USE_TMA: w_ptr is a TMA descriptor over w13 viewed [E * 2N, K] with [BLOCK_N, BLOCK_K] boxes.
     Quantized (see the module docstring): W_INT8 converts weight tiles to x's dtype; A_SCALE multiplies row r by
     a_scale[token]; W_SCALE 1/2/3 = per expert / per channel / 128x128 block, the up rows' scales starting at
     scale row up_scale_row (N for channels, the gate's block-row count for blocks).
-    SWAP_AB: the products computed transposed, W-tile [BLOCK_N, BLOCK_K] x A-tile^T (see swap_ab())."""
+    SWAP_AB: the products computed transposed, W-tile [BLOCK_N, BLOCK_K] x A-tile^T (see swap_ab()).
+    MERGE_GU (pointer loads, not SWAP_AB): the gate and up tiles as one [BLOCK_K, 2 * BLOCK_N] operand, one dot a
+    K-tile (see merge_gate_up()); block scales of the next K-tile are loaded one iteration ahead."""
     gdc_prologue(USE_PDL)
     pid_m, pid_n = _tile(num_pid_m, tl.cdiv(N, BLOCK_N), group_m)
     if NAIVE:
@@ -131,7 +173,11 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if W_SCALE > 0:
         s_base = w_scale_ptr + expert * stride_se
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    if MERGE_GU:
+        acc_g, acc_u = _gate_up_merged(a_ptrs, w_ptr + expert * stride_we, s_base, live, offs_k, pid_n, N, K,
+                                       stride_wn, stride_wk, stride_sn, stride_sk, up_scale_row, BLOCK_M, BLOCK_N,
+                                       BLOCK_K, EVEN_K, PRECISION, W_INT8, W_SCALE)
+    for k in range(0, 0 if MERGE_GU else tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
         if EVEN_K:
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
@@ -372,6 +418,14 @@ def swap_ab(block_m: int, cfg: GemmConfig, dtype: torch.dtype) -> bool:
     return SWAP_AB_FP8 and dtype == torch.float8_e4m3fn and block_m < 64 and cfg.block_n >= 64
 
 
+def merge_gate_up(w_scale: int, tma: bool, swap: bool) -> bool:
+    """Run gate_up's gate and up tiles as one dot operand (_gate_up_merged) with 128x128 block scales: each
+    K-tile's product must be scaled before it is added, so Triton waits for the tensor cores after every dot; one
+    dot of twice the width halves those waits. Pointer loads only (two TMA boxes cannot form one operand) and not
+    transposed (decode row blocks, where the weight stream, not the waits, sets the time)."""
+    return MERGE_GU_BLOCK and w_scale == 3 and not tma and not swap
+
+
 def _launch_args(r: Routing, cfg: GemmConfig, K: int, dtype: torch.dtype, tma: bool) -> dict:
     """dtype: the dot operands' dtype (fp32: exact "ieee" dots; fp8: the default precision)."""
     precision = "ieee" if dtype == torch.float32 else None if dtype == torch.float8_e4m3fn else "tf32"
@@ -422,10 +476,12 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, r: Routing, cfg: GemmConfig, q: 
     qargs, qflags = _quant_args(w13, q)
     code = qflags["W_SCALE"]
     up_row = I if code == 2 else q.w_scale.shape[1] // 2 if code == 3 else 0  # scale row of the first up row
+    largs = _launch_args(r, cfg, D, x.dtype, tma)
     _gate_up_kernel[(r.num_pid_m * triton.cdiv(I, cfg.block_n),)](
         x, w, h, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], r.ids.numel(), r.top_k,
         r.num_pid_m, cfg.group_m, I, D, x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
-        *qargs[2:], up_row, **_launch_args(r, cfg, D, x.dtype, tma), **qflags, **launch_options(x.device))
+        *qargs[2:], up_row, **largs, **qflags, MERGE_GU=merge_gate_up(code, tma, largs["SWAP_AB"]),
+        **launch_options(x.device))
     return h
 
 

@@ -317,6 +317,13 @@ def gemm_candidates(device: str, dtype: str = "bf16", per_expert: float | None =
     return [(bn, bk, w, s, tma) for tma in (False, True) for bn, bk, w, s in tiles]
 
 
+# After the tiles, tune() tries these row-block groupings (fused_moe._tile) on each GEMM of the best config, where
+# an expert has at least GROUP_M_MIN_ROWS rows: consecutive programs then share weight tiles in L2 instead of
+# streaming them again for every row block (large experts at large M, e.g. Mixtral's 117 MB fp8 gate_up per expert).
+GROUP_M_CANDIDATES = (1, 4, 8, 16, 32)
+GROUP_M_MIN_ROWS = 512
+
+
 def block_m_candidates(M: int, K: int, E: int) -> list[int]:
     per_expert = M * K / E
     return [16] if per_expert <= 8 else [16, 32] if per_expert <= 24 else [32, 64] if per_expert <= 96 else \
@@ -435,17 +442,19 @@ def precompile_in_use(shapes: dict, ms: tuple[int, ...], dtypes: tuple[str, ...]
 
 
 def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int = 0,
-         log: Callable[[str], None] = print, baseline: dict | None = None, workers: int = 1) -> dict:
+         log: Callable[[str], None] = print, baseline: dict | None = None, workers: int = 1,
+         tiles: bool = True) -> dict:
     """{M: best MoEConfig} by whole-layer graph time: per BLOCK_M, the gate_up tile (down at the heuristic),
-    then the down tile; configs that fail to compile or run are skipped. baseline {M: MoEConfig} (e.g. the table
-    in use) competes too, so a re-tune never replaces a faster config. workers > 1 (GPU): compile every candidate
-    in that many processes first."""
+    then the down tile, then the row-block grouping of each GEMM (GROUP_M_CANDIDATES); configs that fail to
+    compile or run are skipped. baseline {M: MoEConfig} (e.g. the table in use) competes too, so a re-tune never
+    replaces a faster config. workers > 1 (GPU): compile every candidate in that many processes first.
+    tiles=False: only the grouping, starting from the baseline (or the heuristic) config."""
     from moelab.kernels.fused_moe import quant_config
     from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, heuristic_config
 
     E, K, D, I = shape
     fmt = dtype if dtype not in FLOAT_DTYPES else None
-    if workers > 1 and device != "cpu":
+    if workers > 1 and device != "cpu" and tiles:
         try:
             precompile(shape, ms, dtype, device, workers, baseline, log)
         except Exception as exc:  # only a head start: the timings compile what is missing
@@ -464,12 +473,19 @@ def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int =
         if baseline and M in baseline:
             trials.append((layer_ms(quant_config(baseline[M], fmt)), quant_config(baseline[M], fmt)))
         cands = [GemmConfig(bn, bk, 1, w, s, tma) for bn, bk, w, s, tma in gemm_candidates(device, dtype, M * K / E)]
-        for bm in block_m_candidates(M, K, E):
+        for bm in block_m_candidates(M, K, E) if tiles else ():
             c = replace(heur, block_m=bm)
             ups = [(layer_ms(replace(c, gate_up=up)), up) for up in cands]
             c = replace(c, gate_up=min(ups, key=lambda t: t[0])[1])
             downs = [(layer_ms(replace(c, down=d)), d) for d in cands]
             trials.append(min(((t, replace(c, down=d)) for t, d in downs), key=lambda t: t[0]))
+        t_best, c = min(trials, key=lambda t: t[0])
+        for gemm in ("gate_up", "down") if M * K / E >= GROUP_M_MIN_ROWS else ():  # then the row-block grouping
+            for gm in GROUP_M_CANDIDATES:
+                cg = replace(c, **{gemm: replace(getattr(c, gemm), group_m=gm)})
+                if cg != c:
+                    trials.append((layer_ms(cg), cg))
+            t_best, c = min(trials, key=lambda t: t[0])
         ms_best, best[M] = min(trials, key=lambda t: t[0])
         log(f"tune {shape} {dtype} M={M}: {ms_best:.4f} ms (heuristic {trials[0][0]:.4f} ms) {best[M].to_dict()} "
             f"[{time.perf_counter() - t0:.0f} s]")
