@@ -34,21 +34,31 @@ FLOATS = {"eps", "scale", "qk_scale"}
 H100_SHARED = 227 * 1024
 
 
-def compile_sm90(fn, ptrs: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+def compile_sm90(fn, ptrs: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                 div16: tuple[str, ...] = ()):
+    """As a launch specializes: pointers 16-byte aligned (torch's allocations are), the integers named in div16
+    multiples of 16; an integer the launch passes as 1 (a unit stride) belongs in constexprs. Without these Triton
+    cannot prove a tile's rows contiguous and aligned, and compiles an unpipelined loop with synchronous loads
+    (a fraction of the shared memory the GPU's kernel uses)."""
     spec = inspect.signature(fn.fn).parameters
     params = list(spec)
     # constexprs the case leaves out take their defaults (as a launch that does not pass them)
     constexprs = {**{p: v.default for p, v in spec.items() if "constexpr" in str(v.annotation)
                      and v.default is not inspect.Parameter.empty}, "USE_PDL": True, **constexprs}
-    sig = {}
-    for p in params:
+    sig, attrs = {}, {}
+    for i, p in enumerate(params):
         if p in constexprs:
             sig[p] = "constexpr"
         elif p.endswith("_ptr"):
             sig[p] = ptrs.get(p, "*bf16")
+            if sig[p].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[p] = "fp32" if p in FLOATS else "i32"
-    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+            if p in div16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -107,12 +117,18 @@ def _moe(kernel: str, M: int, dtype: str, shape: tuple[int, int, int, int] = (64
              USE_TMA=g.tma, W_INT8=int8, A_SCALE=fp8,
              W_SCALE={"fp8_channel": 2, "fp8_block": 3, "int8_channel": 2}.get(dtype, 0),
              SWAP_AB=fp8 and fm.SWAP_AB_FP8 and cfg.block_m < 64 and g.block_n >= 64, USE_PDL=True)
+    if kernel == "gate_up":
+        c["MERGE_GU"] = fm.merge_gate_up(c["W_SCALE"], g.tma, c["SWAP_AB"])
     if g.tma:  # descriptors over w [E * rows, K] (and, for down, h [P, K]) with the kernel's boxes
         ptrs["w_ptr"] = f"tensordesc<{wel[1:]}[{g.block_n}, {g.block_k}]>"
         if kernel == "down":
             ptrs["h_ptr"] = f"tensordesc<{el[1:]}[{cfg.block_m}, {g.block_k}]>"
+    # contiguous tensors: unit last strides (a launch passes them as the constant 1), the rest multiples of 16 at
+    # these shapes, as are N and K; the scales' last stride is 1 only with block scales (a [E, rows, K/128] tensor)
+    c.update(stride_wk=1, **({"stride_sk": 1} if c["W_SCALE"] == 3 else {"stride_sn": 1} if c["W_SCALE"] == 2 else {}))
+    div16 = ("N", "K", "stride_xt", "stride_we", "stride_wn", "stride_hr", "stride_ys")
     fn = fm._gate_up_kernel if kernel == "gate_up" else fm._down_kernel
-    return fn, ptrs, c, dict(num_warps=g.num_warps, num_stages=g.num_stages)
+    return fn, ptrs, c, dict(num_warps=g.num_warps, num_stages=g.num_stages, div16=div16)
 
 
 def _cases():
