@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 block-merge group-m quant-big
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 block-merge group-m group-m-bf16 quant-big
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -179,6 +179,9 @@ for section in "$@"; do
         olmoe:4096,16384 qwen3:4096,16384 dsv2-lite:4096,16384 2>&1 | grep -E "^tune|kept|changed|wrote"
       timeout 170 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_block mixtral:1024,4096,16384 \
         olmoe:4096,16384 qwen3:4096,16384 dsv2-lite:4096,16384 2>&1 | grep -E "^tune|kept|changed|wrote" ;;
+    group-m-bf16)  # the same for the bf16 tables (this GPU's own, else its family's)
+      timeout 200 python scripts/tune_engine_shapes_gpu.py --group-m-only mixtral:1024,4096,16384 \
+        olmoe:1024,4096,16384 qwen3:1024,4096,16384 dsv2-lite:1024,4096,16384 2>&1 | grep -E "^tune|kept|changed|wrote" ;;
     quant-big)  # the fp8 formats at M >= 1024 on the tables as they are now
       python scripts/bench_moe_gpu.py --quant --formats fp8_channel,fp8_block --ms 1024,4096,16384 2>&1 \
         | grep -E "^quant: [a-z0-9-]+ +[0-9]+ |checks" ;;
@@ -187,6 +190,6 @@ for section in "$@"; do
         --offline-batches --profile-batches 1 64 --skip-check --steps 30 2>&1 | grep -E "decode B=|profile|exposed" ;;
     grid-sync)  # is a persistent decode kernel worth it: a software grid barrier against a PDL kernel boundary
       timeout 300 python scripts/bench_grid_sync_gpu.py --phases 64 --phase-bytes 0 1e6 8e6 25e6 2>&1 | tail -5 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 block-merge group-m quant-big" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 block-merge group-m group-m-bf16 quant-big" >&2 ;;
   esac
 done
