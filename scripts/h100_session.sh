@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 block-merge group-m group-m-bf16 quant-big
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b block-merge group-m group-m-bf16 quant-big
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -167,6 +167,17 @@ for section in "$@"; do
       done
       python scripts/bench_engine_gpu.py --out "$OUT/engine" --models olmoe-1b-7b --decode-batches 1 64 256 \
         --offline-batches 256 --profile-batches --skip-check --steps 30 2>&1 | grep -E "decode B=|offline B=" ;;
+    s15b)  # one call for all of issue 4's open cells: bf16 in rounds, fp8_block merged against not, Mixtral's fp8 grouping
+      OUT="$OUT/bf16-rounds" timeout 260 python scripts/bench_moe_gpu.py --no-check --rounds 3 --cooldown 1 2>&1 \
+        | grep -E "^shipped|^heuristic|^rounds|geomean|^[a-z0-9-]+ +[0-9]+ " | tail -70
+      for v in on off; do
+        F=; [ $v = off ] && F=--no-merge-gu
+        echo "== merge $v"
+        OUT="$OUT/merge-$v" timeout 100 python scripts/bench_moe_gpu.py --quant --formats fp8_block --ms 4096,16384 \
+          --no-check $F 2>&1 | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
+      done
+      timeout 80 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel mixtral:4096,16384 2>&1 \
+        | grep -E "^tune|kept|changed|wrote" ;;
     block-merge)  # fp8_block gate_up with gate and up as one dot operand, against two (same tables), M >= 4096
       for v in on off; do
         F=; [ $v = off ] && F=--no-merge-gu
@@ -190,6 +201,6 @@ for section in "$@"; do
         --offline-batches --profile-batches 1 64 --skip-check --steps 30 2>&1 | grep -E "decode B=|profile|exposed" ;;
     grid-sync)  # is a persistent decode kernel worth it: a software grid barrier against a PDL kernel boundary
       timeout 300 python scripts/bench_grid_sync_gpu.py --phases 64 --phase-bytes 0 1e6 8e6 25e6 2>&1 | tail -5 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 block-merge group-m group-m-bf16 quant-big" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b block-merge group-m group-m-bf16 quant-big" >&2 ;;
   esac
 done
