@@ -168,13 +168,15 @@ for section in "$@"; do
       python scripts/bench_engine_gpu.py --out "$OUT/engine" --models olmoe-1b-7b --decode-batches 1 64 256 \
         --offline-batches 256 --profile-batches --skip-check --steps 30 2>&1 | grep -E "decode B=|offline B=" ;;
     s15b)  # one call for all of issue 4's open cells: bf16 in rounds, fp8_block merged against not, Mixtral's fp8 grouping
+      mkdir -p "$OUT/bf16-rounds"
       OUT="$OUT/bf16-rounds" timeout 260 python scripts/bench_moe_gpu.py --no-check --rounds 3 --cooldown 1 2>&1 \
-        | grep -E "^shipped|^heuristic|^rounds|geomean|^[a-z0-9-]+ +[0-9]+ " | tail -70
+        | tee "$OUT/bf16-rounds/log.txt" | grep -E "^shipped|^heuristic|^rounds|geomean|^[a-z0-9-]+ +[0-9]+ " | tail -70
       for v in on off; do
         F=; [ $v = off ] && F=--no-merge-gu
         echo "== merge $v"
+        mkdir -p "$OUT/merge-$v"
         OUT="$OUT/merge-$v" timeout 100 python scripts/bench_moe_gpu.py --quant --formats fp8_block --ms 4096,16384 \
-          --no-check $F 2>&1 | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
+          --no-check $F 2>&1 | tee "$OUT/merge-$v/log.txt" | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
       done
       timeout 80 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel mixtral:4096,16384 2>&1 \
         | grep -E "^tune|kept|changed|wrote" ;;
