@@ -174,53 +174,54 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_pad
     if W_SCALE > 0:
         s_base = w_scale_ptr + expert * stride_se
     if MERGE_GU:
-        acc_g, acc_u = _gate_up_merged(a_ptrs, w_ptr + expert * stride_we, s_base, live, offs_k, pid_n, N, K,
-                                       stride_wn, stride_wk, stride_sn, stride_sk, up_scale_row, BLOCK_M, BLOCK_N,
-                                       BLOCK_K, EVEN_K, PRECISION, W_INT8, W_SCALE)
-    for k in range(0, 0 if MERGE_GU else tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
-        if USE_TMA:
-            g = w_ptr.load([g_row, k * BLOCK_K])
-            u = w_ptr.load([g_row + N, k * BLOCK_K])
-            if not SWAP_AB:
-                g = g.T
-                u = u.T
-        elif EVEN_K:
-            g = tl.load(g_ptrs)
-            u = tl.load(u_ptrs)
-        elif SWAP_AB:
-            g = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
-        else:
-            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-        if W_INT8:
-            g = g.to(a.dtype)
-            u = u.to(a.dtype)
-        if W_SCALE == 3:  # this K-tile lies in one 128-column block: scale its partial products per column
-            kb = (k * BLOCK_K) // 128 * stride_sk
-            sg = tl.load(s_base + (w_rows // 128) * stride_sn + kb)
-            su = tl.load(s_base + (up_scale_row + w_rows // 128) * stride_sn + kb)
-            if SWAP_AB:
-                acc_g += tl.dot(g, tl.trans(a), input_precision=PRECISION) * sg[:, None]
-                acc_u += tl.dot(u, tl.trans(a), input_precision=PRECISION) * su[:, None]
+        acc_g, acc_u = _gate_up_merged(a_ptrs, w_ptr + expert * stride_we, w_scale_ptr + expert * stride_se, live,
+                                       offs_k, pid_n, N, K, stride_wn, stride_wk, stride_sn, stride_sk, up_scale_row,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION, W_INT8, W_SCALE)
+    else:
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - k * BLOCK_K
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
             else:
-                acc_g += tl.dot(a, g, input_precision=PRECISION) * sg[None, :]
-                acc_u += tl.dot(a, u, input_precision=PRECISION) * su[None, :]
-        elif SWAP_AB:
-            acc_g = tl.dot(g, tl.trans(a), acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(u, tl.trans(a), acc_u, input_precision=PRECISION)
-        else:
-            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        if not USE_TMA:
-            g_ptrs += BLOCK_K * stride_wk
-            u_ptrs += BLOCK_K * stride_wk
+                a = tl.load(a_ptrs, mask=live[:, None] & k_ok[None, :], other=0.0)
+            if USE_TMA:
+                g = w_ptr.load([g_row, k * BLOCK_K])
+                u = w_ptr.load([g_row + N, k * BLOCK_K])
+                if not SWAP_AB:
+                    g = g.T
+                    u = u.T
+            elif EVEN_K:
+                g = tl.load(g_ptrs)
+                u = tl.load(u_ptrs)
+            elif SWAP_AB:
+                g = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
+            else:
+                g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+            if W_INT8:
+                g = g.to(a.dtype)
+                u = u.to(a.dtype)
+            if W_SCALE == 3:  # this K-tile lies in one 128-column block: scale its partial products per column
+                kb = (k * BLOCK_K) // 128 * stride_sk
+                sg = tl.load(s_base + (w_rows // 128) * stride_sn + kb)
+                su = tl.load(s_base + (up_scale_row + w_rows // 128) * stride_sn + kb)
+                if SWAP_AB:
+                    acc_g += tl.dot(g, tl.trans(a), input_precision=PRECISION) * sg[:, None]
+                    acc_u += tl.dot(u, tl.trans(a), input_precision=PRECISION) * su[:, None]
+                else:
+                    acc_g += tl.dot(a, g, input_precision=PRECISION) * sg[None, :]
+                    acc_u += tl.dot(a, u, input_precision=PRECISION) * su[None, :]
+            elif SWAP_AB:
+                acc_g = tl.dot(g, tl.trans(a), acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(u, tl.trans(a), acc_u, input_precision=PRECISION)
+            else:
+                acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            if not USE_TMA:
+                g_ptrs += BLOCK_K * stride_wk
+                u_ptrs += BLOCK_K * stride_wk
     if SWAP_AB:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
