@@ -606,13 +606,14 @@ def quant_main(args: argparse.Namespace, dev: torch.device, out: Path) -> None:
     dtypes = ("fp32" if args.dry else "bf16",) + formats
     fm.set_act_quant(args.act_quant)
     fm.SWAP_AB_FP8 = not args.no_swap_ab
-    fm.MERGE_GU_BLOCK = not args.no_merge_gu
+    if args.merge_gu:
+        fm.MERGE_GU_BLOCK = args.merge_gu == "on"
     log(f"fp8 activations quantized: {fm.ACT_QUANT}; swapped products below 64 rows: {fm.SWAP_AB_FP8}; block-scale "
         f"gate and up as one operand: {fm.MERGE_GU_BLOCK}")
     cfg = kb.KernelBenchConfig(shapes=shapes, ms=ms, dtypes=dtypes, backends=("naive", "triton"),
                                device=dev.type)
     if dev.type == "cuda" and args.workers > 1 and args.act_quant == "fused" and not args.no_swap_ab \
-            and not args.no_merge_gu:
+            and args.merge_gu != "on":  # (the workers compile the module's default, two-operand gate_up)
         try:  # (the worker processes compile the default variants only)
             kb.precompile_in_use(shapes, ms, dtypes, "cuda", args.workers, log=log)
         except Exception as exc:  # only a head start: the run compiles what is missing as it goes
@@ -645,8 +646,9 @@ def parse_args() -> argparse.Namespace:
                    help="with --quant: where W8A8 layers quantize activations (moelab/kernels/fused_moe.py)")
     p.add_argument("--no-swap-ab", action="store_true",
                    help="with --quant: fp8 GEMMs never transposed (fused_moe.swap_ab), for A/B timings")
-    p.add_argument("--no-merge-gu", action="store_true",
-                   help="with --quant: fp8_block gate_up with two dot operands (fused_moe.merge_gate_up), for A/B")
+    p.add_argument("--merge-gu", choices=("on", "off"), default=None,
+                   help="with --quant: fp8_block gate_up with gate and up as one dot operand or two "
+                        "(fused_moe.merge_gate_up; default: the module's setting), for A/B timings")
     args = p.parse_args()
     if args.rounds < 1 or (args.rounds != 1 and (args.quant or args.tune)):
         p.error(f"--rounds must be a positive count, and 1 with --quant or --tune (got {args.rounds})")

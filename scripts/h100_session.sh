@@ -171,20 +171,19 @@ for section in "$@"; do
       mkdir -p "$OUT/bf16-rounds"
       OUT="$OUT/bf16-rounds" timeout 260 python scripts/bench_moe_gpu.py --no-check --rounds 3 --cooldown 1 2>&1 \
         | tee "$OUT/bf16-rounds/log.txt" | grep -E "^shipped|^heuristic|^rounds|geomean|^[a-z0-9-]+ +[0-9]+ " | tail -70
-      for v in on off; do
-        F=; [ $v = off ] && F=--no-merge-gu
+      for v in off on; do  # off first: its precompile leaves every kernel but the merged gate_ups in the cache
         echo "== merge $v"
         mkdir -p "$OUT/merge-$v"
         OUT="$OUT/merge-$v" timeout 100 python scripts/bench_moe_gpu.py --quant --formats fp8_block --ms 4096,16384 \
-          --no-check $F 2>&1 | tee "$OUT/merge-$v/log.txt" | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
+          --no-check --merge-gu $v 2>&1 | tee "$OUT/merge-$v/log.txt" | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
       done
       timeout 80 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel mixtral:4096,16384 2>&1 \
         | grep -E "^tune|kept|changed|wrote" ;;
     block-merge)  # fp8_block gate_up with gate and up as one dot operand, against two (same tables), M >= 4096
-      for v in on off; do
-        F=; [ $v = off ] && F=--no-merge-gu
+      for v in off on; do  # off first: its precompile leaves every kernel but the merged gate_ups in the cache
         echo "== merge $v"
-        OUT="$OUT/merge-$v" python scripts/bench_moe_gpu.py --quant --formats fp8_block --ms 4096,16384 --no-check $F \
+        OUT="$OUT/merge-$v" python scripts/bench_moe_gpu.py --quant --formats fp8_block --ms 4096,16384 --no-check \
+          --merge-gu $v \
           2>&1 | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
       done ;;
     group-m)  # row-block groupings of the tables in use at large M (fp8 first: Mixtral's 117 MB expert tiles)

@@ -52,7 +52,7 @@ from moelab.kernels.per_token_quant import per_token_quant
 NAIVE_BLOCK_M = 16
 ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
 SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
-MERGE_GU_BLOCK = True  # see merge_gate_up(); False only for A/B timings
+MERGE_GU_BLOCK = False  # see merge_gate_up(); off until measured on a GPU (docs/perf/moe_kernels.md, session 15)
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
 QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
