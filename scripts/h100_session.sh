@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c block-merge group-m group-m-bf16 quant-big
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c s15d block-merge group-m group-m-bf16 quant-big
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -188,6 +188,14 @@ for section in "$@"; do
       done
       timeout 70 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel mixtral:16384 2>&1 \
         | tee "$OUT/group-m.log" | grep -E "^tune|kept|changed|wrote" ;;
+    s15d)  # the least of it: fp8_block merged or not at M=16384 on two shapes
+      for v in off on; do
+        echo "== merge $v"
+        mkdir -p "$OUT/merge-$v"
+        OUT="$OUT/merge-$v" timeout 90 python scripts/bench_moe_gpu.py --quant --formats fp8_block --ms 16384 \
+          --shapes olmoe,mixtral --no-check --merge-gu $v 2>&1 | tee "$OUT/merge-$v/log.txt" \
+          | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
+      done ;;
     block-merge)  # fp8_block gate_up with gate and up as one dot operand, against two (same tables), M >= 4096
       for v in off on; do  # off first: its precompile leaves every kernel but the merged gate_ups in the cache
         echo "== merge $v"
@@ -211,6 +219,6 @@ for section in "$@"; do
         --offline-batches --profile-batches 1 64 --skip-check --steps 30 2>&1 | grep -E "decode B=|profile|exposed" ;;
     grid-sync)  # is a persistent decode kernel worth it: a software grid barrier against a PDL kernel boundary
       timeout 300 python scripts/bench_grid_sync_gpu.py --phases 64 --phase-bytes 0 1e6 8e6 25e6 2>&1 | tail -5 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c block-merge group-m group-m-bf16 quant-big" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c s15d block-merge group-m group-m-bf16 quant-big" >&2 ;;
   esac
 done
