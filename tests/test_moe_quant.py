@@ -227,6 +227,7 @@ def test_fp8_swapped_products_equal_unswapped(fmt, T, tma, monkeypatch) -> None:
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 @pytest.mark.parametrize("bn,bk", [(32, 64), (64, 128)])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # silu of the 1e3-scaled gate rows: exactly 0
 def test_gate_up_merged_equals_separate(bn, bk, monkeypatch) -> None:
     """gate_up with gate and up as one dot operand (merge_gate_up, block scales loaded one K-tile ahead) gives the
     two-operand kernel's layer: 128x128 scale blocks of ranges six decades apart (gate against up rows, and
