@@ -246,6 +246,8 @@ def main() -> None:
             ptx = k.asm["ptx"]
             report[name] = dict(ok=True, kernel=fn.fn.__name__, pdl_waits=ptx.count("griddepcontrol.wait"),
                                 wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+                                async_loads=sum(ptx.count(f"cp.async.{op}") for op in ("cg.shared", "ca.shared",
+                                                                                        "bulk.tensor")),
                                 shared_bytes=k.metadata.shared, local_bytes=local_bytes(k.asm["cubin"]))
         except Exception as e:  # noqa: BLE001 (one case failing must not hide the others)
             report[name] = dict(ok=False, kernel=fn.fn.__name__, error=f"{type(e).__name__}: {str(e)[:2000]}")
