@@ -608,12 +608,14 @@ def quant_main(args: argparse.Namespace, dev: torch.device, out: Path) -> None:
     fm.SWAP_AB_FP8 = not args.no_swap_ab
     if args.merge_gu:
         fm.MERGE_GU_BLOCK = args.merge_gu == "on"
+    if args.warp_spec_down:
+        fm.WARP_SPEC_DOWN = args.warp_spec_down == "on"
     log(f"fp8 activations quantized: {fm.ACT_QUANT}; swapped products below 64 rows: {fm.SWAP_AB_FP8}; block-scale "
-        f"gate and up as one operand: {fm.MERGE_GU_BLOCK}")
+        f"gate and up as one operand: {fm.MERGE_GU_BLOCK}; down warp-specialized: {fm.WARP_SPEC_DOWN}")
     cfg = kb.KernelBenchConfig(shapes=shapes, ms=ms, dtypes=dtypes, backends=("naive", "triton"),
                                device=dev.type)
     if dev.type == "cuda" and args.workers > 1 and args.act_quant == "fused" and not args.no_swap_ab \
-            and args.merge_gu != "on":  # (the workers compile the module's default, two-operand gate_up)
+            and args.merge_gu != "on" and args.warp_spec_down != "on":  # (the workers compile the defaults)
         try:  # (the worker processes compile the default variants only)
             kb.precompile_in_use(shapes, ms, dtypes, "cuda", args.workers, log=log)
         except Exception as exc:  # only a head start: the run compiles what is missing as it goes
@@ -649,6 +651,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--merge-gu", choices=("on", "off"), default=None,
                    help="with --quant: fp8_block gate_up with gate and up as one dot operand or two "
                         "(fused_moe.merge_gate_up; default: the module's setting), for A/B timings")
+    p.add_argument("--warp-spec-down", choices=("on", "off"), default=None,
+                   help="with --quant: the down GEMM warp-specialized where Triton can (fused_moe.warp_spec_down; "
+                        "default: the module's setting), for A/B timings")
     args = p.parse_args()
     if args.rounds < 1 or (args.rounds != 1 and (args.quant or args.tune)):
         p.error(f"--rounds must be a positive count, and 1 with --quant or --tune (got {args.rounds})")

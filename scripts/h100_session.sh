@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c s15d block-merge group-m group-m-bf16 quant-big
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c s15d ws-down block-merge group-m group-m-bf16 quant-big
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -196,6 +196,14 @@ for section in "$@"; do
           --shapes olmoe,mixtral --no-check --merge-gu $v 2>&1 | tee "$OUT/merge-$v/log.txt" \
           | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
       done ;;
+    ws-down)  # the down GEMM warp-specialized by Triton (TMA tiles, 4 warps) or not: bf16 and fp8 at M >= 1024
+      for v in off on; do  # off first: its precompile leaves every kernel but the specialized downs in the cache
+        echo "== warp-spec-down $v"
+        mkdir -p "$OUT/ws-down-$v"
+        OUT="$OUT/ws-down-$v" timeout 200 python scripts/bench_moe_gpu.py --quant --formats fp8_channel,fp8_block \
+          --ms 1024,4096,16384 --no-check --warp-spec-down $v 2>&1 | tee "$OUT/ws-down-$v/log.txt" \
+          | grep -E "^quant: [a-z0-9-]+ +[0-9]+ |warp"
+      done ;;
     block-merge)  # fp8_block gate_up with gate and up as one dot operand, against two (same tables), M >= 4096
       for v in off on; do  # off first: its precompile leaves every kernel but the merged gate_ups in the cache
         echo "== merge $v"
@@ -219,6 +227,6 @@ for section in "$@"; do
         --offline-batches --profile-batches 1 64 --skip-check --steps 30 2>&1 | grep -E "decode B=|profile|exposed" ;;
     grid-sync)  # is a persistent decode kernel worth it: a software grid barrier against a PDL kernel boundary
       timeout 300 python scripts/bench_grid_sync_gpu.py --phases 64 --phase-bytes 0 1e6 8e6 25e6 2>&1 | tail -5 ;;
-    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c s15d block-merge group-m group-m-bf16 quant-big" >&2 ;;
+    *) echo "unknown section $section; allowed: gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c s15d ws-down block-merge group-m group-m-bf16 quant-big" >&2 ;;
   esac
 done

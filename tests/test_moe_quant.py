@@ -262,6 +262,52 @@ def test_gate_up_merged_equals_separate(bn, bk, monkeypatch) -> None:
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
+@pytest.mark.parametrize("fmt", [None, "fp8_block"])
+def test_down_warp_specialized_equals_plain(fmt, monkeypatch) -> None:
+    """The down GEMM in its warp-specialized form (warp_spec_down: no early return; row blocks past the padded
+    count take no K step and store nothing) gives the plain kernel's layer, with TMA tiles and 4 warps, row blocks
+    past the padded rows (the grid is sized for the worst routing), an expert with no token; and the flag asks
+    for it only where Triton can do it."""
+    from test_fused_moe import routing
+
+    from moelab.kernels import fused_moe as fm
+    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
+
+    E, K, T, D, I = 6, 2, 24, 64, 144
+    x, w = torch.randn(T, D), torch.rand(T, K)
+    w13, w2 = weights(E, D, I)
+    ids = routing(T, E, K, "skew")
+    ids[ids == 2] = 3  # expert 2 gets no token
+    cfg = MoEConfig(16, GemmConfig(32, 64), GemmConfig(32, 64, num_warps=4, tma=True))
+    if fmt:
+        q13, q2, s = quantize_experts(w13, w2, fmt)
+        kw = dict(quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
+        ref = naive_moe(x, ids, w, q13, q2, s)
+    else:
+        q13, q2, kw, ref = w13, w2, {}, dense_moe(x, ids, w, w13, w2)
+    assert fm._tma_ok(q2) and not fm.swap_ab(16, cfg.down, torch.float8_e4m3fn)  # 32-wide tiles: not transposed
+    args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
+    empty = torch.empty
+
+    def poisoned(*a, **k):  # unwritten routing entries name slot 0 and expert 0, unwritten rows hold NaN
+        t = empty(*a, **k)
+        return t.fill_(0 if not (t.is_floating_point() or t.is_complex()) else float("nan"))
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(fm, "WARP_SPEC_DOWN", on)
+        outs[on] = fm.fused_moe(*args, config=cfg, **kw).cpu()
+    monkeypatch.setattr(torch, "empty", empty)
+    assert torch.equal(outs[True], outs[False]) if DEV == "cpu" else rel(outs[True], outs[False]) < 1e-3
+    assert rel(outs[True], ref) < (ORACLE_TOL if fmt else 1e-5 if DEV == "cpu" else 2e-2)
+    assert fm.warp_spec_down(tma=True, num_warps=4, swap=False)
+    assert not fm.warp_spec_down(tma=False, num_warps=4, swap=False)
+    assert not fm.warp_spec_down(tma=True, num_warps=8, swap=False)
+    assert not fm.warp_spec_down(tma=True, num_warps=4, swap=True)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 def test_per_token_quant_kernel_matches_ref() -> None:
     from moelab.kernels.per_token_quant import per_token_quant, per_token_quant_ref
 

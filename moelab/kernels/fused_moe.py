@@ -53,6 +53,7 @@ NAIVE_BLOCK_M = 16
 ACT_QUANT = "fused"  # or "separate" (see the module docstring; set_act_quant)
 SWAP_AB_FP8 = True  # see swap_ab(); False only for A/B timings
 MERGE_GU_BLOCK = False  # see merge_gate_up(); off until measured on a GPU (docs/perf/moe_kernels.md, session 15)
+WARP_SPEC_DOWN = False  # see warp_spec_down(); off until measured on a GPU (docs/perf/moe_kernels.md, session 15)
 # quantized formats (moelab/layers/moe/quant.py): the kernels' W_SCALE code (1 per expert, 2 per output channel,
 # 3 per 128x128 block) and the weight dtype
 QUANT_FORMATS = {"fp8_tensor": (1, torch.float8_e4m3fn), "fp8_channel": (2, torch.float8_e4m3fn),
@@ -248,8 +249,10 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
                  stride_wn, stride_wk, stride_ys, stride_se, stride_sn, stride_sk, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NAIVE: tl.constexpr, EVEN_K: tl.constexpr,
                  PRECISION: tl.constexpr, USE_TMA: tl.constexpr, W_INT8: tl.constexpr, A_SCALE: tl.constexpr,
-                 W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+                 W_SCALE: tl.constexpr, SWAP_AB: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
+                 USE_PDL: tl.constexpr = False):
     """y[slot, n-tile] = w[slot] * (h[rows] W2^T); N = D, K = I.
+    WARP_SPEC: the K loop warp-specialized by Triton (producer warps for the TMA loads; see warp_spec_down()).
     USE_TMA: h_ptr and w_ptr are TMA descriptors over h [P, K] ([BLOCK_M, BLOCK_K] boxes) and w2 viewed
     [E * N, K] ([BLOCK_N, BLOCK_K] boxes); zero fill past K replaces the masks.
     Quantized: as _gate_up_kernel, with a_scale per h row. SWAP_AB: as _gate_up_kernel."""
@@ -259,9 +262,16 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
         num_rows = num_pid_m * BLOCK_M
     else:
         num_rows = tl.load(num_padded_ptr)
-    if pid_m * BLOCK_M >= num_rows:  # past the padded rows of this routing
-        return
+    valid = pid_m * BLOCK_M < num_rows  # else past the padded rows of this routing
+    if not WARP_SPEC:
+        if not valid:
+            return
     expert, slots = _rows(pid_m, sorted_ids_ptr, expert_ids_ptr, topk_ids_ptr, num_slots, BLOCK_M, NAIVE)
+    num_k = tl.cdiv(K, BLOCK_K)
+    if WARP_SPEC:  # an early return breaks Triton's warp specialization: past the padded rows, no K step, no store
+        expert = tl.where(valid, expert, 0)
+        slots = tl.where(valid, slots, num_slots)
+        num_k = tl.where(valid, num_k, 0)
     live = slots < num_slots
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -281,7 +291,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, topk_weights_ptr, sorted_ids_ptr, expert_i
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in tl.range(0, num_k, warp_specialize=WARP_SPEC):
         k_ok = offs_k < K - k * BLOCK_K
         if USE_TMA:
             a = h_ptr.load([pid_m * BLOCK_M, k * BLOCK_K])
@@ -427,6 +437,14 @@ def merge_gate_up(w_scale: int, tma: bool, swap: bool) -> bool:
     return MERGE_GU_BLOCK and w_scale == 3 and not tma and not swap
 
 
+def warp_spec_down(tma: bool, num_warps: int, swap: bool) -> bool:
+    """Let Triton warp-specialize the down GEMM's K loop (producer warps issuing the TMA loads while one consumer
+    warpgroup runs the products). Triton 3.6 does so on sm_90 only where every tile comes by TMA and a program has
+    4 warps; with pointer loads its pass fails, with 8 warps it leaves the loop as it is (docs/perf/moe_kernels.md,
+    session 15). The down GEMM is the one whose both operands are TMA tiles (h rows in sorted order)."""
+    return WARP_SPEC_DOWN and tma and num_warps == 4 and not swap
+
+
 def _launch_args(r: Routing, cfg: GemmConfig, K: int, dtype: torch.dtype, tma: bool) -> dict:
     """dtype: the dot operands' dtype (fp32: exact "ieee" dots; fp8: the default precision)."""
     precision = "ieee" if dtype == torch.float32 else None if dtype == torch.float8_e4m3fn else "tf32"
@@ -496,10 +514,12 @@ def down(h: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, r: Routi
     a = _desc(h, h.shape[0], [r.block_m, cfg.block_k]) if tma else h
     w = _desc(w2, E * D, [cfg.block_n, cfg.block_k]) if tma else w2
     qargs, qflags = _quant_args(w2, q)
+    largs = _launch_args(r, cfg, I, h.dtype, tma)
     _down_kernel[(r.num_pid_m * triton.cdiv(D, cfg.block_n),)](
         a, w, y, topk_weights, r.sorted_ids, r.expert_ids, r.num_padded, r.ids, qargs[0], qargs[1], r.ids.numel(),
         r.num_pid_m, cfg.group_m, D, I, h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
-        *qargs[2:], **_launch_args(r, cfg, I, h.dtype, tma), **qflags, **launch_options(h.device))
+        *qargs[2:], **largs, **qflags, WARP_SPEC=warp_spec_down(tma, cfg.num_warps, largs["SWAP_AB"]),
+        **launch_options(h.device))
     return y
 
 
