@@ -27,6 +27,16 @@ engine_ab() {  # engine_ab TAG FLAG MODEL...: batch-1 decode of each model, on /
     done
   done
 }
+flag_ab() {  # flag_ab FLAG TAG TIMEOUT BENCH_ARG...: bench_moe_gpu.py --quant with --FLAG off, then on (off first: its
+  local flag=$1 tag=$2 limit=$3 v  # precompile leaves every kernel but the flagged variants in the cache), logs kept
+  shift 3
+  for v in off on; do
+    echo "== $tag $v"
+    mkdir -p "$OUT/$tag-$v"
+    OUT="$OUT/$tag-$v" timeout "$limit" python scripts/bench_moe_gpu.py --quant --no-check "$@" "--$flag" $v 2>&1 \
+      | tee "$OUT/$tag-$v/log.txt" | grep -E "^quant: [a-z0-9-]+ +[0-9]+ (fp8|int8)|block-scale"
+  done
+}
 for section in "$@"; do
   echo "== $section $(date +%T)"
   case "$section" in
@@ -171,46 +181,19 @@ for section in "$@"; do
       mkdir -p "$OUT/bf16-rounds"
       OUT="$OUT/bf16-rounds" timeout 260 python scripts/bench_moe_gpu.py --no-check --rounds 3 --cooldown 1 2>&1 \
         | tee "$OUT/bf16-rounds/log.txt" | grep -E "^shipped|^heuristic|^rounds|geomean|^[a-z0-9-]+ +[0-9]+ " | tail -70
-      for v in off on; do  # off first: its precompile leaves every kernel but the merged gate_ups in the cache
-        echo "== merge $v"
-        mkdir -p "$OUT/merge-$v"
-        OUT="$OUT/merge-$v" timeout 100 python scripts/bench_moe_gpu.py --quant --formats fp8_block --ms 4096,16384 \
-          --no-check --merge-gu $v 2>&1 | tee "$OUT/merge-$v/log.txt" | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
-      done
+      flag_ab merge-gu merge 100 --formats fp8_block --ms 4096,16384
       timeout 80 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel mixtral:4096,16384 2>&1 \
         | grep -E "^tune|kept|changed|wrote" ;;
     s15c)  # the short form of s15b for what device time is left: fp8_block merged or not, Mixtral's fp8 grouping
-      for v in off on; do
-        echo "== merge $v"
-        mkdir -p "$OUT/merge-$v"
-        OUT="$OUT/merge-$v" timeout 110 python scripts/bench_moe_gpu.py --quant --formats fp8_block --ms 4096,16384 \
-          --no-check --merge-gu $v 2>&1 | tee "$OUT/merge-$v/log.txt" | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
-      done
+      flag_ab merge-gu merge 110 --formats fp8_block --ms 4096,16384
       timeout 70 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel mixtral:16384 2>&1 \
         | tee "$OUT/group-m.log" | grep -E "^tune|kept|changed|wrote" ;;
     s15d)  # the least of it: fp8_block merged or not at M=16384 on two shapes
-      for v in off on; do
-        echo "== merge $v"
-        mkdir -p "$OUT/merge-$v"
-        OUT="$OUT/merge-$v" timeout 90 python scripts/bench_moe_gpu.py --quant --formats fp8_block --ms 16384 \
-          --shapes olmoe,mixtral --no-check --merge-gu $v 2>&1 | tee "$OUT/merge-$v/log.txt" \
-          | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
-      done ;;
+      flag_ab merge-gu merge 90 --formats fp8_block --ms 16384 --shapes olmoe,mixtral ;;
     ws-down)  # the down GEMM warp-specialized by Triton (TMA tiles, 4 warps) or not: bf16 and fp8 at M >= 1024
-      for v in off on; do  # off first: its precompile leaves every kernel but the specialized downs in the cache
-        echo "== warp-spec-down $v"
-        mkdir -p "$OUT/ws-down-$v"
-        OUT="$OUT/ws-down-$v" timeout 200 python scripts/bench_moe_gpu.py --quant --formats fp8_channel,fp8_block \
-          --ms 1024,4096,16384 --no-check --warp-spec-down $v 2>&1 | tee "$OUT/ws-down-$v/log.txt" \
-          | grep -E "^quant: [a-z0-9-]+ +[0-9]+ |warp"
-      done ;;
+      flag_ab warp-spec-down ws-down 200 --formats fp8_channel,fp8_block --ms 1024,4096,16384 ;;
     block-merge)  # fp8_block gate_up with gate and up as one dot operand, against two (same tables), M >= 4096
-      for v in off on; do  # off first: its precompile leaves every kernel but the merged gate_ups in the cache
-        echo "== merge $v"
-        OUT="$OUT/merge-$v" python scripts/bench_moe_gpu.py --quant --formats fp8_block --ms 4096,16384 --no-check \
-          --merge-gu $v \
-          2>&1 | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|block-scale"
-      done ;;
+      flag_ab merge-gu merge 300 --formats fp8_block --ms 4096,16384 ;;
     group-m)  # row-block groupings of the tables in use at large M (fp8 first: Mixtral's 117 MB expert tiles)
       timeout 170 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel mixtral:1024,4096,16384 \
         olmoe:4096,16384 qwen3:4096,16384 dsv2-lite:4096,16384 2>&1 | grep -E "^tune|kept|changed|wrote"

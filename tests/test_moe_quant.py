@@ -41,6 +41,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def flag_ab(monkeypatch, flag: str, args: list, **kw) -> dict[bool, torch.Tensor]:
+    """{False: layer, True: layer}: fused_moe with the fused_moe module flag off and on."""
+    from moelab.kernels import fused_moe as fm
+
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(fm, flag, on)
+        outs[on] = fm.fused_moe(*args, **kw).cpu()
+    return outs
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("D,I", [(64, 32), (200, 136)])  # 136, 200: blocks cut short at the edges
 def test_round_trip(fmt, D, I) -> None:
@@ -216,10 +227,7 @@ def test_fp8_swapped_products_equal_unswapped(fmt, T, tma, monkeypatch) -> None:
     assert fm._tma_ok(q13) and fm._tma_ok(q2)  # the tma=True cases take the descriptor path
     args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
     kw = dict(config=cfg, quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(fm, "SWAP_AB_FP8", on)
-        outs[on] = fm.fused_moe(*args, **kw).cpu()
+    outs = flag_ab(monkeypatch, "SWAP_AB_FP8", args, **kw)
     # (on the GPU the two run on different instructions: fp8 wgmma against fp16 mma after a conversion)
     assert rel(outs[True], outs[False]) < (1e-6 if DEV == "cpu" else ORACLE_TOL)
     assert rel(outs[True], naive_moe(x, ids, w, q13, q2, s)) < ORACLE_TOL
@@ -250,10 +258,7 @@ def test_gate_up_merged_equals_separate(bn, bk, monkeypatch) -> None:
     cfg = MoEConfig(64, GemmConfig(bn, bk, group_m=2), GemmConfig(64, 64))
     args = [t.to(DEV) for t in (x, ids, w, q13, q2)]
     kw = dict(config=cfg, quant=fmt, w13_scale=s.w13_scale.to(DEV), w2_scale=s.w2_scale.to(DEV))
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(fm, "MERGE_GU_BLOCK", on)
-        outs[on] = fm.fused_moe(*args, **kw).cpu()
+    outs = flag_ab(monkeypatch, "MERGE_GU_BLOCK", args, **kw)
     assert rel(outs[True], outs[False]) < (1e-6 if DEV == "cpu" else 1e-3), rel(outs[True], outs[False])
     assert rel(outs[True], naive_moe(x, ids, w, q13, q2, s)) < ORACLE_TOL
     assert fm.merge_gate_up(3, tma=False, swap=False)
@@ -294,10 +299,7 @@ def test_down_warp_specialized_equals_plain(fmt, monkeypatch) -> None:
         return t.fill_(0 if not (t.is_floating_point() or t.is_complex()) else float("nan"))
 
     monkeypatch.setattr(torch, "empty", poisoned)
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(fm, "WARP_SPEC_DOWN", on)
-        outs[on] = fm.fused_moe(*args, config=cfg, **kw).cpu()
+    outs = flag_ab(monkeypatch, "WARP_SPEC_DOWN", args, config=cfg, **kw)
     monkeypatch.setattr(torch, "empty", empty)
     assert torch.equal(outs[True], outs[False]) if DEV == "cpu" else rel(outs[True], outs[False]) < 1e-3
     assert rel(outs[True], ref) < (ORACLE_TOL if fmt else 1e-5 if DEV == "cpu" else 2e-2)

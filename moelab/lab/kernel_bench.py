@@ -479,13 +479,10 @@ def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int =
             c = replace(c, gate_up=min(ups, key=lambda t: t[0])[1])
             downs = [(layer_ms(replace(c, down=d)), d) for d in cands]
             trials.append(min(((t, replace(c, down=d)) for t, d in downs), key=lambda t: t[0]))
-        t_best, c = min(trials, key=lambda t: t[0])
         for gemm in ("gate_up", "down") if M * K / E >= GROUP_M_MIN_ROWS else ():  # then the row-block grouping
-            for gm in GROUP_M_CANDIDATES:
-                cg = replace(c, **{gemm: replace(getattr(c, gemm), group_m=gm)})
-                if cg != c:
-                    trials.append((layer_ms(cg), cg))
-            t_best, c = min(trials, key=lambda t: t[0])
+            c = min(trials, key=lambda t: t[0])[1]
+            trials += [(layer_ms(cg), cg) for gm in GROUP_M_CANDIDATES
+                       if (cg := replace(c, **{gemm: replace(getattr(c, gemm), group_m=gm)})) != c]
         ms_best, best[M] = min(trials, key=lambda t: t[0])
         log(f"tune {shape} {dtype} M={M}: {ms_best:.4f} ms (heuristic {trials[0][0]:.4f} ms) {best[M].to_dict()} "
             f"[{time.perf_counter() - t0:.0f} s]")
