@@ -25,6 +25,19 @@ def test_probs_match_reference() -> None:
     assert (out[1] > 0).sum() == 5 and (out[3] > 0).sum() == 1
 
 
+def test_a_top_p_that_rounds_to_zero_keeps_the_top_token() -> None:
+    """top_p = 1e-300 passes the API's "> 0" check and is 0.0 in float32: every token has mass >= 0 before it, so
+    without the rule "the top token always stays" the row would be all zeros and sample NaN."""
+    logits = torch.randn(3, 40) * 2
+    ps = [1e-300, 0.0, 1e-12]
+    out = sampling_probs(logits, batch([1.0] * 3, [0] * 3, ps))
+    ref = sampling_probs_ref(logits, [1.0] * 3, [0] * 3, ps)
+    want = torch.nn.functional.one_hot(logits.argmax(-1), 40).float()
+    assert torch.equal(out, want) and torch.equal(ref, want)
+    ids = sample(logits, batch([1.0] * 3, [0] * 3, ps), torch.Generator().manual_seed(0))[0]
+    assert torch.equal(ids, logits.argmax(-1))
+
+
 def test_samples_follow_the_distribution() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -5.0]]).repeat(20000, 1)
     b = batch([1.0] * 20000, [0] * 20000, [1.0] * 20000)

@@ -53,8 +53,10 @@ def sampling_probs(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(rank >= k[:, None], float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     if b.any_top_p:
-        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token; the top token always stays
-        probs = probs.masked_fill(before >= b.top_p[:, None], 0.0)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+        cut = before >= b.top_p[:, None]
+        cut[:, 0] = False  # the top token always stays (a top_p that rounds to 0 in float32 is greedy, not NaN)
+        probs = probs.masked_fill(cut, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return torch.empty_like(probs).scatter_(1, order, probs)
 
@@ -73,7 +75,7 @@ def sampling_probs_ref(logits: torch.Tensor, temperature: list[float], top_k: li
             while n < len(keep) and cum < top_p[i]:
                 cum += kept[n].item()
                 n += 1
-            keep = keep[:n]
+            keep = keep[:max(n, 1)]  # the top token always stays
         q = torch.zeros_like(p)
         q[keep] = p[keep]
         out[i] = q / q.sum()
