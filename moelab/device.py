@@ -8,12 +8,32 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def check_device_name(device: str) -> str:
+    """auto, cpu, cuda or cuda:N; a clear error for anything else (whether the GPU is there: check_device)."""
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+        raise ValueError(f"device {device!r}; allowed: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def check_device(device: str) -> str:
+    """A device name a run can take here: check_device_name, and a CUDA device must exist on this machine."""
+    check_device_name(device)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA GPU on this machine (use cpu or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 @functools.cache

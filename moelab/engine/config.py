@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
+MOE_BACKEND_NAMES = ("auto", "naive", "grouped", "triton")  # moelab.layers.moe.backends (triton where installed)
+ATTENTION_NAMES = ("auto", "sdpa", "triton")  # moelab.layers.attention.ATTENTION_IMPLS
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,14 @@ class EngineConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from moelab.device import check_device_name
+
+        check_device_name(self.device)
         checks = [
             (self.dtype in DTYPE_NAMES, f"dtype {self.dtype!r}; allowed: {', '.join(DTYPE_NAMES)}"),
+            (self.moe_backend in MOE_BACKEND_NAMES,
+             f"moe_backend {self.moe_backend!r}; allowed: {', '.join(MOE_BACKEND_NAMES)}"),
+            (self.attention in ATTENTION_NAMES, f"attention {self.attention!r}; allowed: {', '.join(ATTENTION_NAMES)}"),
             (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
             (self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got "
                                                f"{self.max_num_batched_tokens}"),

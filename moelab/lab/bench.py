@@ -25,7 +25,7 @@ import numpy as np
 
 from moelab.lab.calibrate import ceilings
 from moelab.lab.floors import RunFloors, run_floors
-from moelab.lab.metrics import RequestTimes, latency_stats, throughput
+from moelab.lab.metrics import RequestTimes, latency_stats, summarize, throughput
 from moelab.lab.workload import Workload, make_requests
 
 MODES = ("throughput", "latency")
@@ -52,6 +52,22 @@ class BenchConfig:
     gpu_memory_utilization: float = 0.90
     seed: int = 0
     record_routing: bool = False  # floors from the observed routing instead of the uniform expectation
+
+    def __post_init__(self) -> None:
+        """The engine's own checks, before any point runs (a bad flag is an error, not a failed point)."""
+        from pathlib import Path
+
+        from moelab.engine.config import EngineConfig
+
+        EngineConfig(model=self.model, dtype=self.dtype, device=self.device, moe_backend=self.moe_backend,
+                     attention=self.attention, top_k=self.top_k, max_num_batched_tokens=self.max_num_batched_tokens,
+                     gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs or 1,
+                     max_model_len=self.max_model_len)
+        if not (is_preset(self.model) or Path(self.model).is_dir()):
+            from moelab.presets import PRESETS
+
+            raise ValueError(f"model {self.model!r} is neither a checkpoint directory nor a preset; presets: "
+                             f"{', '.join(PRESETS)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -178,16 +194,28 @@ def throughput_rows(trial: int, in_lens: list[int], out_lens: list[int], wall: f
     return rows
 
 
+def latency_floors(f: RunFloors) -> dict[str, dict[str, float]]:
+    """{metric: {stat: floor s}} for the statistics each floor bounds (moelab.lab.floors' docstring); a stat
+    without an entry has no floor."""
+    out: dict[str, dict[str, float]] = {"ttft": {}, "tpot": {}, "itl": {}, "e2e": {}}
+    if f.ttft:
+        out["ttft"] = {k: v for k, v in summarize(f.ttft).items() if k != "std"}
+    if f.decode_step_seconds > 0:
+        out["tpot"]["mean"] = out["itl"]["mean"] = f.decode_step_seconds
+    out["e2e"]["max"] = f.total.seconds
+    return out
+
+
 def latency_rows(trial: int, reqs: list[RequestTimes], f: RunFloors) -> list[dict]:
-    floors = {"ttft": f.prefill.seconds, "tpot": f.decode_step_seconds, "itl": f.decode_step_seconds,
-              "e2e": f.total.seconds}
+    floors = latency_floors(f)
     rows = []
     for metric, stats in latency_stats(reqs).items():
         for stat, v in stats.items():
-            timed = stat != "std" and floors[metric] > 0
+            fl = floors[metric].get(stat)
+            timed = fl is not None and fl > 0
             rows.append({"metric": metric, "value": v, "unit": "s", "stat": stat, "trial": trial,
-                         "floor": floors[metric] if timed else None,
-                         "pct_of_floor": _pct(floors[metric], v) if timed and v == v else None})
+                         "floor": fl if timed else None,
+                         "pct_of_floor": _pct(fl, v) if timed and v == v else None})
     return rows
 
 

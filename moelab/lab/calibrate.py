@@ -64,15 +64,14 @@ def device_key(device: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    import torch
 
     from moelab.device import default_device
 
     if device == "auto":
         return default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-    return device
+    from moelab.device import check_device
+
+    return check_device(device)
 
 
 def _median_time(fn: Callable[[], Any], iters: int, cuda: bool) -> float:
@@ -190,10 +189,19 @@ def latest(store: ResultsStore, key: str) -> dict[str, Any] | None:
 
 
 def get_calibration(store: ResultsStore, device: str, fresh: bool = False) -> dict[str, Any]:
-    """The latest calibration of `device` (or a new one, measured and recorded, when none or fresh)."""
+    """The latest calibration of `device` (or a new one, measured and recorded, when none or fresh). A GPU is
+    always measured afresh (MEASURING.md: the ceilings of the same call; a GPU of one name can be another card,
+    clocked otherwise, since); the caller memoizes per process. The calibration a run cites is always in the
+    run's own store: one taken from the JSON cache is recorded there first, under its own measured_at."""
     device = resolve_device(device)
+    fresh = fresh or device.startswith("cuda")
     cal = None if fresh else latest(store, device_key(device))
     if cal is None:
+        cal = measure(device)
+        cal["run_id"] = record(store, cal)
+    elif cal.get("store") != str(store.path) and all(k in cal for k in ("sizes", "iters", "device")):
+        cal = {**cal, "run_id": record(store, cal)}
+    elif cal.get("store") != str(store.path):  # a cache entry without what a record needs: measure instead
         cal = measure(device)
         cal["run_id"] = record(store, cal)
     return cal

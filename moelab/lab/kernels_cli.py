@@ -9,15 +9,20 @@ import os
 from moelab.lab.cli import add_store_arg
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _ints(text: str, what: str = "--m") -> tuple[int, ...]:
+    """"1,16,64" -> (1, 16, 64): positive integers, no empty items."""
+    items = [v.strip() for v in text.split(",")]
     try:
-        return tuple(int(v) for v in text.split(",") if v)
+        values = tuple(int(v) for v in items)
     except ValueError:
-        raise ValueError(f"want comma-separated integers, got {text!r}") from None
+        raise ValueError(f"{what} {text!r}: want comma-separated positive integers, e.g. 1,16,64") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{what} {text!r}: want comma-separated positive integers, e.g. 1,16,64")
+    return values
 
 
 def _names(text: str, allowed, what: str) -> tuple[str, ...]:
-    names = tuple(v for v in text.split(",") if v)
+    names = tuple(v.strip() for v in text.split(","))
     bad = [n for n in names if n not in allowed]
     if bad or not names:
         raise ValueError(f"unknown {what} {bad or text!r}; available: {', '.join(allowed)}")
@@ -35,11 +40,11 @@ def _shapes(args: argparse.Namespace, device: str) -> dict[str, tuple[int, int, 
 
 
 def _device(args: argparse.Namespace) -> str:
-    from moelab.device import default_device
+    from moelab.device import check_device, default_device
 
     if args.device not in (None, "cpu", "cuda"):
         raise ValueError(f"--device {args.device!r}: cpu or cuda")
-    return args.device or default_device()
+    return check_device(args.device) if args.device else default_device()
 
 
 def _preset_shape(name: str) -> tuple[int, int, int, int]:
@@ -57,6 +62,12 @@ def _preset_shape(name: str) -> tuple[int, int, int, int]:
     return s.num_experts, s.top_k, s.hidden_size, s.moe_intermediate_size
 
 
+def _backends() -> tuple[str, ...]:
+    from moelab.layers.moe.backends import BACKENDS
+
+    return tuple(BACKENDS)
+
+
 def cmd_bench_kernels(args: argparse.Namespace) -> None:
     from moelab.lab import kernel_bench as kb
     from moelab.lab.store import ResultsStore
@@ -64,7 +75,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> None:
     device = _device(args)
     cfg = kb.KernelBenchConfig(
         shapes=_shapes(args, device), ms=_ints(args.m) if args.m else (kb.MS if device != "cpu" else (1, 5)),
-        dtypes=_names(args.dtype, kb.DTYPES, "dtype"), backends=tuple(b for b in args.backends.split(",") if b),
+        dtypes=_names(args.dtype, kb.DTYPES, "dtype"), backends=_names(args.backends, _backends(), "backend"),
         routings=("uniform", "skewed") if args.routing == "both" else (args.routing,),
         time_layer=not args.no_time, device=device, seed=args.seed)
     store = ResultsStore(args.store)
@@ -86,11 +97,31 @@ def cmd_tune_kernels(args: argparse.Namespace) -> None:
 
     device = _device(args)
     shape = kb.parse_shape(args.shape) if args.shape else _preset_shape(args.preset)
+    from moelab.kernels.fused_moe_config import load_config_file
+
     ms = _ints(args.m) if args.m else (kb.MS if device != "cpu" else (1, 5))
-    for dtype in _names(args.dtype, kb.DTYPES, "dtype"):
-        best = kb.tune(shape, ms, dtype, device, args.seed, workers=args.workers if device != "cpu" else 1)
-        path = kb.write_tuned(shape, dtype, best, device, args.out)
-        print(f"wrote {path}")
+    dtypes = _names(args.dtype, kb.DTYPES, "dtype")
+    paths = {dt: kb.tuned_path(shape, dt, device, args.out) for dt in dtypes}
+    for path in paths.values():  # before any tuning: where the results go must be writable
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--out {path.parent}: cannot create it ({err.strerror})") from None
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ValueError(f"--out {path.parent}: not writable")
+    for dtype in dtypes:
+        path = paths[dtype]
+        try:
+            table = load_config_file(path) if path.exists() else {}
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a tuned config table ({err}); move it away to start a new one") from None
+        # the table's entries compete (a re-tune never writes a slower config), and the M not asked for stay
+        best = kb.tune(shape, ms, dtype, device, args.seed, baseline=table or None,
+                       workers=args.workers if device != "cpu" else 1)
+        kept = sorted(set(table) - set(best))
+        path = kb.write_tuned(shape, dtype, {**table, **best}, device, args.out)
+        print(f"wrote {path} (tuned M {', '.join(map(str, sorted(best)))}"
+              + (f"; kept M {', '.join(map(str, kept))} as they were)" if kept else ")"))
 
 
 def add_commands(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
