@@ -96,6 +96,21 @@ def _common(config: dict[str, Any], family: Family) -> dict[str, Any]:
     )
 
 
+def eos_token_ids(config: dict[str, Any], generation_config: dict[str, Any] | None = None) -> tuple[int, ...]:
+    """Every id that ends a sequence, in order, without repeats: config.json's eos_token_id (an int or a list),
+    then generation_config.json's (chat checkpoints list their end-of-turn token there, e.g. Qwen's <|im_end|>
+    beside <|endoftext|>). Each must be an int."""
+    out: list[int] = []
+    for where, cfg in (("config.json", config), ("generation_config.json", generation_config or {})):
+        eos = cfg.get("eos_token_id")
+        for t in (eos if isinstance(eos, list) else [] if eos is None else [eos]):
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise ValueError(f"{where}: eos_token_id must be an int or a list of ints, got {eos!r}")
+            if t not in out:
+                out.append(t)
+    return tuple(out)
+
+
 def _qwen_dense_layers(config: dict[str, Any]) -> tuple[int, ...]:
     step = config.get("decoder_sparse_step", 1) or 1
     only = set(config.get("mlp_only_layers") or [])

@@ -3,11 +3,12 @@ change its code path: mixed prompt lengths in one batch, chunked prefill, preemp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEV, needs_gpu
+from conftest import DEV, needs_gpu, write_tiny
 
 from moelab.engine.block_manager import KVCacheLeakError
 from moelab.engine.sampling_params import SamplingParams
@@ -100,16 +101,19 @@ def test_stop_strings_end_where_a_full_decode_at_every_token_would(olmoe: LLM) -
     assert len(text) > 40
 
     def full_decode_rule(stop: list[str], min_tokens: int) -> tuple[int, str | None, str]:
-        for k in range(max(1, min_tokens), n + 1):
+        # vLLM's rule: a stop string counts where it ends after the text of the first min_tokens tokens
+        base = len(dec(ids[:min_tokens])) if min_tokens else 0
+        for k in range(min_tokens + 1, n + 1):
             t = dec(ids[:k])
-            hits = [(t.find(x), x) for x in stop if x in t]
+            hits = [(at, x) for x in stop if (at := t.find(x, max(0, base - len(x) + 1))) >= 0]
             if hits:
                 at, x = min(hits)
                 return k, x, t[:at]
         return n, None, text
 
+    early = next(i for i in range(3, 20) if text[i:i + 3] not in text[i + 3:])  # a string that occurs once
     cases = [([text[20:31]], 0), ([text[30:34], text[12:20]], 0), ([text[3:6]], 25), (["\u2603never"], 0),
-             ([text[len(text) - 3:]], 0)]
+             ([text[len(text) - 3:]], 0), ([text[early:early + 3]], 12), ([text[early:early + 3]], 0)]
     for stop, min_tokens in cases:
         k, reason, want = full_decode_rule(stop, min_tokens)
         o = olmoe.generate(prompt, SamplingParams(temperature=0, max_tokens=n, stop=stop, min_tokens=min_tokens,
@@ -146,7 +150,7 @@ def test_stop_search_sees_text_held_back_for_an_incomplete_character() -> None:
     vocab = {enc(b"a"): 0, enc(b"b"): 1, enc(b"c" + zh[:1]): 2, enc(zh[1:]): 3, enc(b"x"): 4, "<eos>": 5}
     tok = Tokenizer(models.BPE(vocab, []))
     tok.decoder = decoders.ByteLevel()
-    eng = SimpleNamespace(tokenizer=tok, eos_token_id=5, max_model_len=100)
+    eng = SimpleNamespace(tokenizer=tok, eos_token_ids=(5,), max_model_len=100)
 
     def engine_rule(max_tokens, outs, stop):
         seq = Sequence("r", [4], SamplingParams(max_tokens=max_tokens, stop=list(stop)), max_tokens)
@@ -159,8 +163,8 @@ def test_stop_search_sees_text_held_back_for_an_incomplete_character() -> None:
 
     def whole_decode_rule(max_tokens, outs, stop):
         for k in range(1, len(outs) + 1):
-            if outs[k - 1] == 5:
-                return "stop", 5, outs[:k], tok.decode(outs[:k])
+            if outs[k - 1] == 5:  # EOS: stop_reason None
+                return "stop", None, outs[:k], tok.decode(outs[:k])
             t = tok.decode(outs[:k])
             hits = [(t.find(x), x) for x in stop if x in t]
             if hits:
@@ -179,11 +183,39 @@ def test_eos_ends_generation_unless_ignored(tiny_checkpoints: dict[str, Path]) -
     llm = LLM(str(tiny_checkpoints["olmoe"]), max_model_len=64)
     prompt = [7, 8, 9]
     ids = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0].token_ids
-    llm.engine.eos_token_id = ids[1]
+    llm.engine.eos_token_ids = (ids[1],)
     o = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0]
-    assert o.token_ids == ids[:2] and o.finish_reason == "stop"
+    assert o.token_ids == ids[:2] and o.finish_reason == "stop" and o.stop_reason is None
     o = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0]
     assert o.token_ids == ids
+    # every EOS id ends it (a chat checkpoint's end of turn beside its end of text), and min_tokens bans them all
+    llm.engine.eos_token_ids = (ids[4], ids[2])
+    o = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0]
+    assert o.token_ids == ids[:3] and o.stop_reason is None
+    o = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, min_tokens=3))[0].outputs[0]
+    assert ids[2] not in o.token_ids[:3] and o.token_ids[:2] == ids[:2]
+
+
+def test_eos_ids_come_from_config_and_generation_config(tmp_path: Path) -> None:
+    """config.json's eos_token_id (int or list) first, then generation_config.json's, without repeats; a bad
+    value names its file."""
+    from moelab.hf_config import eos_token_ids
+
+    assert eos_token_ids({"eos_token_id": 2}) == (2,)
+    assert eos_token_ids({"eos_token_id": [151645, 151643]}, {"eos_token_id": [151643, 7]}) == (151645, 151643, 7)
+    assert eos_token_ids({}, {"eos_token_id": 9}) == (9,) and eos_token_ids({}) == ()
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be"):
+        eos_token_ids({"eos_token_id": 2}, {"eos_token_id": "2"})
+    ckpt = write_tiny("olmoe", tmp_path / "ckpt")
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    first = json.loads((ckpt / "config.json").read_text())["eos_token_id"]
+    gen["eos_token_id"] = [first, 77]
+    (ckpt / "generation_config.json").write_text(json.dumps(gen))
+    llm = LLM(str(ckpt), max_model_len=32)
+    assert llm.engine.eos_token_ids == (first, 77) and llm.engine.eos_token_id == first
+    (ckpt / "generation_config.json").write_text("{not json")
+    with pytest.raises(Exception, match="generation_config.json: not valid JSON"):
+        LLM(str(ckpt), max_model_len=32)
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(olmoe: LLM) -> None:
@@ -651,7 +683,7 @@ def test_overlapped_steps_change_nothing(tiny_checkpoints: dict[str, Path]) -> N
     results = []
     for overlap in (False, True):
         llm = LLM(path, async_scheduling=overlap, **base)
-        llm.engine.eos_token_id = eos
+        llm.engine.eos_token_ids = (eos,)
         outs = llm.generate(prompts, params)
         results.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs])
         eng = llm.engine

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from moelab.device import default_device
+from moelab.device import check_device, default_device
 from moelab.engine.block_manager import BlockManager, KVCacheLeakError
 from moelab.engine.config import EngineConfig
 from moelab.engine.detokenizer import IncrementalDetokenizer
@@ -23,7 +23,7 @@ from moelab.engine.model_runner import ModelRunner
 from moelab.engine.sampling_params import SamplingParams
 from moelab.engine.scheduler import Scheduler
 from moelab.engine.sequence import Sequence
-from moelab.hf_config import spec_from_hf_config
+from moelab.hf_config import eos_token_ids, spec_from_hf_config
 from moelab.models.decoder import MoECausalLM
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -43,7 +43,7 @@ class Resolved:
 def resolve(config: EngineConfig) -> Resolved:
     from moelab.layers.moe.backends import BACKENDS
 
-    device = config.device if config.device != "auto" else default_device()
+    device = check_device(config.device) if config.device != "auto" else default_device()
     cuda = device.startswith("cuda")
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if cuda else "float32")
     backend = config.moe_backend
@@ -93,13 +93,16 @@ class LLMEngine:
         self.spec = spec_from_hf_config(self.hf_config)
         self.load_seconds = time.perf_counter() - t0
         self.max_model_len = config.max_model_len or min(self.spec.max_position_embeddings, 8192)
-        self.eos_token_id = self.spec.eos_token_id
+        from moelab.models.loader import read_generation_config
+
+        path = Path(config.model)
+        self._eos_ids = eos_token_ids(self.hf_config, read_generation_config(path) if path.is_dir() else None)
         if r.attention == "triton":
             self.model.prepare_fast_path(self.max_model_len)
         self.device = torch.device(r.device)
         run_cfg = config if r.cuda_graphs or config.enforce_eager else _eager(config)
         self.runner = ModelRunner(run_cfg, self.model, self.device, TORCH_DTYPES[r.dtype], self.max_model_len,
-                                  self.eos_token_id)
+                                  self._eos_ids)
         self.num_blocks = self.runner.init_kv_cache()
         self.block_manager = BlockManager(self.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -151,6 +154,21 @@ class LLMEngine:
         self.runner.forget(seq)
         self._check_idle()
         return True
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end a sequence (finish_reason "stop", stop_reason None) unless a request ignores EOS:
+        config.json's eos_token_id and generation_config.json's, in that order."""
+        return self._eos_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: tuple[int, ...] | list[int]) -> None:
+        self._eos_ids = self.runner.eos_token_ids = tuple(ids)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The first of eos_token_ids (the model's own), None when it has none."""
+        return self._eos_ids[0] if self._eos_ids else None
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
@@ -241,18 +259,21 @@ class LLMEngine:
                 seq.detok = IncrementalDetokenizer(self.tokenizer)
             seq.detok.push(seq.token_ids[len(seq.prompt_token_ids) + len(seq.detok.ids):])
         if n_out >= p.min_tokens:
-            if not p.ignore_eos and tok == self.eos_token_id:
-                return seq.finish("stop", tok)
+            if not p.ignore_eos and tok in self.eos_token_ids:
+                return seq.finish("stop", None)  # EOS: stop_reason None (vLLM's), a stop_token_ids hit: its id
             if tok in p.stop_token_ids:
                 return seq.finish("stop", tok)
-            if p.stop:
-                # what was searched at earlier tokens held no stop string: only one that ends in the new text can
-                # be there, so the search starts (longest stop - 1) characters before it. The text searched is the
-                # whole decode, including what the detokenizer holds back (a token can complete a stop string
-                # and start a multi-byte character); only the emitted part counts as searched
-                text = seq.detok.text + seq.detok.held
-                start = max(0, seq.stop_searched - max(len(s) for s in p.stop) + 1)
-                seq.stop_searched = len(seq.detok.text)
+        if p.stop:
+            # A stop string counts only where it ends in the text of output token min_tokens + 1 or later (vLLM's
+            # rule): the text of the first min_tokens tokens is marked searched without a search. What was
+            # searched held no stop string, so only one that ends in the new text can be there, and the search
+            # starts (longest stop - 1) characters before it. The text searched is the whole decode, including
+            # what the detokenizer holds back (a token can complete a stop string and start a multi-byte
+            # character); only the emitted part counts as searched
+            text = seq.detok.text + seq.detok.held
+            start = max(0, seq.stop_searched - max(len(s) for s in p.stop) + 1)
+            seq.stop_searched = len(seq.detok.text)
+            if n_out > p.min_tokens:
                 hits = [(at, s) for s in p.stop if (at := text.find(s, start)) >= 0]
                 if hits:
                     at, s = min(hits)

@@ -45,9 +45,9 @@ def padded_tables(seqs: list[Sequence], width: int, rows: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: MoECausalLM, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int, eos_token_id: int | None) -> None:
+                 max_model_len: int, eos_token_ids: tuple[int, ...] = ()) -> None:
         self.config, self.model, self.device, self.dtype = config, model, device, dtype
-        self.max_model_len, self.eos_token_id = max_model_len, eos_token_id
+        self.max_model_len, self.eos_token_ids = max_model_len, tuple(eos_token_ids)
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -311,8 +311,7 @@ class ModelRunner:
             gens.append(g)
             ban: list[int] = []
             if s.num_output_tokens < p.min_tokens:
-                ban = list(p.stop_token_ids) + ([self.eos_token_id] if self.eos_token_id is not None
-                                                and not p.ignore_eos else [])
+                ban = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
             banned.append(ban)
         dev, pin = self.device, self.device.type == "cuda"  # pinned: the copies do not wait for the device
         return SamplingBatch(

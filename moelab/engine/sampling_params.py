@@ -29,7 +29,8 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        # without repeats, in order: the engine tests each new token against them and bans them until min_tokens
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))
         checks = [
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),

@@ -42,6 +42,20 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({err})") from err
 
 
+def read_generation_config(path: Path) -> dict | None:
+    """generation_config.json beside config.json, or None when the checkpoint has none."""
+    gen_file = Path(path) / "generation_config.json"
+    if not gen_file.is_file():
+        return None
+    try:
+        gen = json.loads(gen_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{gen_file}: not valid JSON ({err})") from err
+    if not isinstance(gen, dict):
+        raise CheckpointError(f"{gen_file}: expected a JSON object, got {type(gen).__name__}")
+    return gen
+
+
 def shard_files(path: Path) -> dict[Path, list[str] | None]:
     """Shard file -> tensor names the index promises (None when there is no index)."""
     path = Path(path)
