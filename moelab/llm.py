@@ -47,7 +47,7 @@ class LLM:
         for p in prompts:
             if isinstance(p, str):
                 texts.append(p)
-                ids.append(self.tokenizer.encode(p, add_special_tokens=False).ids)
+                ids.append(self.tokenizer.encode(p).ids)  # with the tokenizer's special tokens (a BOS), as vLLM
             elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
                 texts.append(None)
                 ids.append(list(p))

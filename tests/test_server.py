@@ -109,6 +109,38 @@ def test_v4_bad_parameters_are_400_naming_the_field(client: httpx.Client, field:
     assert err["param"] is not None and err["param"].split(".")[0] == field, err
 
 
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "hi", "stop": [1]}, "stop.0"), ({"prompt": [1, "a"]}, "prompt.1"), ({"prompt": {"a": 1}}, "prompt"),
+])
+def test_v4_a_union_field_is_named_without_pydantic_branch_tags(client: httpx.Client, body: dict, param: str
+                                                               ) -> None:
+    """A field that takes several types (stop: str | list[str], prompt: str | list[int] | ...) is reported by its
+    name and index, not by pydantic's branch tags ("stop.str", "prompt.list[int]"), and each message once."""
+    err = assert_error(client.post("/v1/completions", json=body), 400)
+    assert err["param"] in (param, param.split(".")[0]), err
+    assert "[" not in err["message"] and ".str:" not in err["message"], err
+    parts = err["message"].split("; ")
+    assert len(parts) == len(set(parts)), err
+
+
+def test_v5_stop_token_ids_are_bounded(client: httpx.Client) -> None:
+    """Each stop id is tested at every token: a request cannot bring more than MAX_STOP_TOKEN_IDS distinct ones;
+    repeats count once (and the engine keeps one of each)."""
+    from moelab.server.preprocess import MAX_STOP_TOKEN_IDS
+
+    assert_error(client.post("/v1/completions", json={"prompt": "hi", "stop_token_ids": list(range(
+        MAX_STOP_TOKEN_IDS + 1))}), 400, "stop_token_ids", contains="distinct")
+    ok = complete(client, prompt="hi", max_tokens=3, stop_token_ids=[7] * 5000, **GREEDY)
+    assert ok["choices"][0]["finish_reason"] in ("length", "stop")
+    assert SamplingParams(stop_token_ids=[7, 3, 7, 3, 9]).stop_token_ids == [7, 3, 9]
+
+
+def test_v4_a_top_p_that_rounds_to_zero_is_greedy(client: httpx.Client) -> None:
+    want = complete(client, prompt="The router", max_tokens=8, **GREEDY)["choices"][0]["text"]
+    got = complete(client, prompt="The router", max_tokens=8, top_p=1e-300, seed=1, ignore_eos=True)
+    assert got["choices"][0]["text"] == want
+
+
 def test_v4_min_tokens_above_max_tokens(client: httpx.Client) -> None:
     assert_error(client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "min_tokens": 5}), 400,
                  "min_tokens")
@@ -260,6 +292,50 @@ def test_s6_stop_strings_and_include_stop_str(client: httpx.Client) -> None:
         assert (text, finish) == (want, "stop")
     out = complete(client, prompt="once upon", max_tokens=30, stop=stop, include_stop_str_in_output=True, **GREEDY)
     assert out["choices"][0]["text"] == want + stop
+
+
+def test_s5_an_exception_after_the_200_still_ends_the_stream_with_an_error_and_done(
+        client: httpx.Client, live: LiveServer, monkeypatch) -> None:
+    """A bug that raises while the events are made (here the detokenizing step) cannot leave the client with a
+    cut connection: the stream ends with an error event in OpenAI's shape and [DONE], and the request is aborted
+    (wait_idle in the fixture), counted as no client disconnect."""
+    from moelab.server import generation
+
+    def boom(self, u):
+        raise RuntimeError("a bug")
+
+    disconnects = live.state.metrics.disconnected
+    monkeypatch.setattr(generation.ChoiceText, "advance", boom)
+    r = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 50, "stream": True, **GREEDY})
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    err = parse_sse(r.text)[-2]["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "RuntimeError" in err["message"]
+    monkeypatch.undo()
+    wait_idle(live.state, live.engine)
+    assert live.state.metrics.disconnected == disconnects
+
+
+def test_v3_text_prompts_get_the_tokenizers_special_tokens_as_in_vllm(live: LiveServer) -> None:
+    """A completion's text prompt is encoded with the tokenizer's special tokens (a BOS, when its post-processor
+    adds one), a chat prompt without them (the template writes them), each switchable by add_special_tokens."""
+    from dataclasses import replace
+
+    from tokenizers import Tokenizer, processors
+
+    from moelab.server.preprocess import prepare
+    from moelab.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    tok = Tokenizer.from_str(live.engine.tokenizer.to_str())
+    bos = 3
+    tok.post_processor = processors.TemplateProcessing(single="<b>:0 $A:0", special_tokens=[("<b>", bos)])
+    ctx = replace(live.app.state.server.model, tokenizer=tok)
+    plain = tok.encode("hello there", add_special_tokens=False).ids
+    got = prepare(CompletionRequest(prompt="hello there"), ctx).prompts[0]
+    assert got == [bos, *plain]
+    assert prepare(CompletionRequest(prompt="hello there", add_special_tokens=False), ctx).prompts[0] == plain
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert prepare(ChatCompletionRequest(**chat), ctx).prompts[0][0] != bos
+    assert prepare(ChatCompletionRequest(**chat, add_special_tokens=True), ctx).prompts[0][0] == bos
 
 
 def test_s7_detokenizer_never_splits_a_character(live: LiveServer) -> None:
@@ -909,6 +985,37 @@ def test_g1_g2_drain_on_sigterm(timeout: float) -> None:
     assert len(results) == 4 and set(finishes) == ({"length"} if timeout else {"abort"})
     if timeout:
         assert all(ev[-2]["usage"]["completion_tokens"] == 200 for ev in results)
+    wait_idle(srv.state, srv.engine)
+
+
+def test_g1_a_request_whose_body_is_still_arriving_is_waited_for() -> None:
+    """SIGTERM between a request's headers and the end of its body: the drain counts it as in flight (from the
+    moment its handler starts), so the rest of the body is read and the request is answered, not cut by uvicorn's
+    own shutdown timeout."""
+    import socket
+
+    srv = LiveServer(make_engine(), shutdown_timeout=30.0)
+    body = json.dumps({"prompt": "late body", "max_tokens": 4, **GREEDY}).encode()
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body[:10])
+        deadline = time.monotonic() + 10
+        while srv.state.inflight < 1:
+            assert time.monotonic() < deadline, "the handler never counted the request"
+            time.sleep(0.01)
+        srv.server.handle_exit(signal.SIGTERM, None)
+        time.sleep(6.0)  # past uvicorn's timeout_graceful_shutdown (5 s)
+        assert srv.thread.is_alive() and srv.state.inflight == 1
+        s.sendall(body[10:])
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert json.loads(payload)["usage"]["completion_tokens"] == 4
+    srv.thread.join(30)
+    assert not srv.thread.is_alive()
     wait_idle(srv.state, srv.engine)
 
 

@@ -13,6 +13,7 @@ max_model_len and spec.vocab_size (moelab.engine.llm_engine.LLMEngine has them; 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -161,32 +162,41 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
     if state.draining:
         return error_response(503, "the server is shutting down; retry on another replica",
                               headers={"Retry-After": "1"})
-    body = await read_json(request, state.max_body_bytes)
-    req = parse_model(ChatCompletionRequest if chat else CompletionRequest, body)
-    served = check_model(req.model, state.model)
-    prepared = prepare(req, state.model)
-    choices = len(prepared.params)
-    cap = state.max_inflight_choices
-    if cap is not None and choices > cap:
-        raise APIError(400, f"this request needs {choices} engine requests (prompts x n), more than the server's "
-                            f"admission limit of {cap}", param="n")
-    if cap is not None and state.inflight_choices + choices > cap:
-        state.metrics.on_rejected()
-        return error_response(503, f"the server is at its admission limit ({state.inflight_choices} of {cap} "
-                                   f"requests in flight; this one needs {choices}); retry later",
-                              headers={"Retry-After": "1"})
-    rid = generation.new_request_id(request)
-    headers = {"X-Request-Id": rid}
+    # In flight from here, while its body still arrives: a drain that begins now waits for it
     state.inflight += 1
-    state.inflight_choices += choices
+    handed_over = False  # once generation.start returned, `done` gives the count back
+    try:
+        body = await read_json(request, state.max_body_bytes)
+        req = parse_model(ChatCompletionRequest if chat else CompletionRequest, body)
+        served = check_model(req.model, state.model)
+        # tokenizing and templating a long prompt take a while: off the event loop, so other requests and
+        # streams go on meanwhile
+        prepared = await asyncio.to_thread(prepare, req, state.model)
+        choices = len(prepared.params)
+        cap = state.max_inflight_choices
+        if cap is not None and choices > cap:
+            raise APIError(400, f"this request needs {choices} engine requests (prompts x n), more than the "
+                                f"server's admission limit of {cap}", param="n")
+        if cap is not None and state.inflight_choices + choices > cap:
+            state.metrics.on_rejected()
+            return error_response(503, f"the server is at its admission limit ({state.inflight_choices} of {cap} "
+                                       f"requests in flight; this one needs {choices}); retry later",
+                                  headers={"Retry-After": "1"})
+        rid = generation.new_request_id(request)
+        headers = {"X-Request-Id": rid}
+        state.inflight_choices += choices
 
-    def done(disconnected: bool) -> None:
-        state.inflight -= 1
-        state.inflight_choices -= choices
-        if disconnected:
-            state.metrics.on_disconnect()
+        def done(disconnected: bool) -> None:
+            state.inflight -= 1
+            state.inflight_choices -= choices
+            if disconnected:
+                state.metrics.on_disconnect()
 
-    gen = await generation.start(state.engine_loop, prepared, f"{rid}-{next(state.ids)}", arrival, done)
+        handed_over = True  # generation.start calls `done` itself when it fails
+        gen = await generation.start(state.engine_loop, prepared, f"{rid}-{next(state.ids)}", arrival, done)
+    finally:
+        if not handed_over:
+            state.inflight -= 1
     try:
         fmt = generation.make_format(chat, served, rid)
         return await generation.respond(request, gen, prepared, fmt, state.model.tokenizer, req.stream,

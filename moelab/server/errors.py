@@ -43,14 +43,24 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "null", "bytes"}
+
+
+def _is_type_tag(part: object) -> bool:
+    """A union member's tag in pydantic's error location ("str", "list[int]", "function-after[...]"), which names
+    the branch tried, not a field of the request."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or ("[" in part and part.endswith("]")))
+
+
 def _loc(loc: tuple) -> str:
-    return ".".join(str(p)[:MAX_LOC_CHARS] for p in loc)
+    return ".".join(str(p)[:MAX_LOC_CHARS] for p in loc if not _is_type_tag(p))
 
 
 def validation_error(errors: list[dict]) -> APIError:
     """A 400 naming at most MAX_ERRORS fields, with pydantic's messages and without the offending input."""
-    shown = [f"{_loc(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:MAX_ERRORS]]
-    more = len(errors) - len(shown)
+    distinct = list(dict.fromkeys(f"{_loc(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors))
+    shown = distinct[:MAX_ERRORS]
+    more = len(distinct) - len(shown)
     message = "; ".join(shown) + (f"; and {more} more error(s)" if more > 0 else "")
     param = _loc(errors[0].get("loc", ())) if errors else None
     return APIError(400, message, param=param or None)

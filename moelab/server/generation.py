@@ -207,9 +207,23 @@ def usage_of(prepared: Prepared, completion_tokens: int) -> UsageInfo:
 
 async def stream_events(gen: Generation, prepared: Prepared, fmt: CompletionFormat, tokenizer: Any,
                         include_usage: bool, continuous_usage: bool) -> AsyncIterator[str]:
-    """The SSE events of one request. Updates that queued up while the client was being served are sent together
-    (one chunk per choice with all their text), so a slow event loop sends fewer, larger chunks instead of
-    falling further behind the engine."""
+    """The SSE events of one request (_events). An exception raised while making them, after the 200 went out,
+    still ends the stream as the server's own errors do: an error event in OpenAI's shape, then [DONE]; the
+    response's cleanup aborts what is left of the request."""
+    try:
+        async for event in _events(gen, prepared, fmt, tokenizer, include_usage, continuous_usage):
+            yield event
+    except Exception as err:
+        logger.exception("stream of %s failed", gen.request_ids[0] if gen.request_ids else "?")
+        gen.failed = True
+        body = error_body(500, f"Internal server error: {type(err).__name__}")
+        yield f"data: {json.dumps(body)}\n\n{DONE}"
+
+
+async def _events(gen: Generation, prepared: Prepared, fmt: CompletionFormat, tokenizer: Any,
+                  include_usage: bool, continuous_usage: bool) -> AsyncIterator[str]:
+    """Updates that queued up while the client was being served are sent together (one chunk per choice with all
+    their text), so a slow event loop sends fewer, larger chunks instead of falling further behind the engine."""
     choices = [ChoiceText(tokenizer, prepared.stop_hold, prepared.hold_tokens, prepared.include_stop_str)
                for _ in prepared.params]
     opening = fmt.opening(len(choices))

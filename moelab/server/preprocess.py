@@ -21,6 +21,7 @@ from moelab.server.protocol import INT64_MAX, INT64_MIN, ChatCompletionRequest, 
 
 MAX_CHOICES = 4096  # prompts x n in one request
 MAX_STOP_STRINGS = 256  # each is searched at every token on the engine thread, for every request that has it
+MAX_STOP_TOKEN_IDS = 1024  # distinct ids; each is tested at every token and banned at each step before min_tokens
 # extension fields of other servers (vLLM, SGLang) that constrain or change what is generated: honoured nowhere
 # here, so a request that sets one gets a 400 rather than a 200 with unconstrained output
 CONSTRAINING_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
@@ -100,6 +101,9 @@ def check_supported(req: SamplingFields) -> None:
             raise _reject("best_of", "other than n is not supported by moelab")
     if isinstance(req.stop, list) and len(req.stop) > MAX_STOP_STRINGS:
         raise _reject("stop", f"has {len(req.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+    if req.stop_token_ids and len(set(req.stop_token_ids)) > MAX_STOP_TOKEN_IDS:
+        raise _reject("stop_token_ids", f"has {len(set(req.stop_token_ids))} distinct ids; at most "
+                                        f"{MAX_STOP_TOKEN_IDS} are allowed")
     extra = req.model_extra or {}
     for field in CONSTRAINING_FIELDS:  # None, false, empty and vLLM's default length_penalty 1 change nothing
         if field in extra and not _neutral(field, extra[field]):
@@ -136,7 +140,8 @@ def completion_prompts(req: CompletionRequest, ctx: ModelContext) -> list[list[i
     out = []
     for i, item in enumerate(items):
         where = "the prompt" if len(items) == 1 else f"prompt {i}"
-        ids = ctx.tokenizer.encode(item, add_special_tokens=False).ids if isinstance(item, str) else list(item)
+        ids = ctx.tokenizer.encode(item, add_special_tokens=req.add_special_tokens).ids if isinstance(item, str) \
+            else list(item)
         if not ids:
             raise APIError(400, f"{where} is empty; a prompt needs at least one token", param="prompt")
         _check_ids(ids, ctx.vocab_size, where, "prompt")
@@ -166,7 +171,7 @@ def chat_prompt(req: ChatCompletionRequest, ctx: ModelContext) -> list[int]:
         text = render_chat(ctx.chat_template, messages, req.add_generation_prompt, ctx.chat_specials)
     except ValueError as err:
         raise APIError(400, str(err), param="messages") from None
-    ids = ctx.tokenizer.encode(text, add_special_tokens=False).ids
+    ids = ctx.tokenizer.encode(text, add_special_tokens=req.add_special_tokens).ids
     if not ids:
         raise APIError(400, "the rendered chat prompt is empty", param="messages")
     return ids

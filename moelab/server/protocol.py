@@ -60,6 +60,8 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
+    # vLLM's extension and default: the tokenizer's special tokens (a BOS) around a text prompt
+    add_special_tokens: bool = True
 
 
 class ContentPart(OpenAIModel):
@@ -83,6 +85,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    # vLLM's default: off, the chat template writes the special tokens itself
+    add_special_tokens: bool = False
 
 
 # ----- responses -----

@@ -66,6 +66,8 @@ class DrainingServer(uvicorn.Server):
 def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
                 log_level: str = "info", access_log: bool = True) -> DrainingServer:
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            # the drain (below) has waited for the requests in flight before uvicorn's own
+                            # shutdown starts; this is only for connections that still linger then
                             timeout_graceful_shutdown=5, timeout_keep_alive=30)
     server = DrainingServer(config, app.state.server, shutdown_timeout)
     if server.state.engine_loop.on_dead is None:
