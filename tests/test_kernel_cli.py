@@ -38,6 +38,35 @@ def test_tune_kernels_writes_named_config(tmp_path, capsys) -> None:
     assert path.is_file() and set(load_config_file(path)) == {3}
 
 
+def test_tune_kernels_keeps_the_table_it_does_not_retune(tmp_path, capsys, monkeypatch) -> None:
+    """A re-tune of some M merges into the existing table (the other M stay as they were) and lets the existing
+    entries compete (tune's baseline); an unwritable --out fails before any tuning, and the old table survives."""
+    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig, save_config_file
+
+    path = tmp_path / config_file_name(4, 16, 16, "cpu", "float32")
+    old = {7: MoEConfig(16, GemmConfig(16, 16), GemmConfig(16, 16)), 3: MoEConfig(16, GemmConfig(32, 16),
+                                                                                  GemmConfig(16, 16))}
+    save_config_file(path, old)
+    seen = {}
+
+    def fake_tune(shape, ms, dtype, device, seed=0, baseline=None, **_):
+        seen["baseline"] = baseline
+        return {m: MoEConfig(32, GemmConfig(32, 32), GemmConfig(32, 32)) for m in ms}
+
+    monkeypatch.setattr(kb, "tune", fake_tune)
+    assert main(["tune-kernels", "--shape", "4,2,16,16", "--m", "3", "--dtype", "fp32", "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0, capsys.readouterr()
+    table = load_config_file(path)
+    assert seen["baseline"] == old and table[7] == old[7] and table[3].block_m == 32
+    assert "kept M 7" in capsys.readouterr().out
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    seen.clear()
+    assert main(["tune-kernels", "--shape", "4,2,16,16", "--m", "3", "--dtype", "fp32", "--out",
+                 str(blocker / "sub"), "--device", "cpu"]) == 2
+    assert "--out" in capsys.readouterr().err and not seen and load_config_file(path) == table
+
+
 def test_tune_tries_row_block_groupings_where_experts_are_large(monkeypatch) -> None:
     """After the tiles, tune() times group_m on each GEMM of the best config (a layer time that favours 8 on
     gate_up and 16 on down picks exactly those), and only where an expert gets >= GROUP_M_MIN_ROWS rows."""
@@ -67,17 +96,31 @@ def test_tune_tries_row_block_groupings_where_experts_are_large(monkeypatch) -> 
                                       (["bench", "kernels", "--shape", "4,2,16,16", "--dtype", "fp4"], "fp4"),
                                       (["bench", "kernels", "--shape", "4,2,16,16", "--backends", "cutlass"],
                                        "cutlass"),
-                                      (["tune-kernels", "--preset", "nope"], "nope")])
+                                      (["tune-kernels", "--preset", "nope"], "nope"),
+                                      (["bench", "kernels", "--shape", "4,2,16,16", "--m", "1,,2"], "--m"),
+                                      (["bench", "kernels", "--shape", "4,2,16,16", "--m", ","], "--m"),
+                                      (["bench", "kernels", "--shape", "4,2,16,16", "--m", "0"], "positive"),
+                                      (["bench", "kernels", "--shape", "4,2,16,16", "--m", "-4"], "positive"),
+                                      (["bench", "kernels", "--shape", "4,2,16,16", "--backends", ","], "backend"),
+                                      (["tune-kernels", "--preset", "tiny", "--m", ","], "--m")])
 def test_bad_input_is_a_clear_error(argv, msg, tmp_path, capsys) -> None:
     assert main(argv + (["--store", str(tmp_path / "s.sqlite")] if argv[0] == "bench" else [])) == 2
     assert msg in capsys.readouterr().err
 
 
-def test_floor_counts_one_byte_weights_and_fp8_rate() -> None:
-    ceil = {"copy_bytes_per_s": 3e12, "matmul_flop_per_s": 8e14}
+def test_floor_counts_one_byte_weights_and_each_dtypes_measured_rate() -> None:
+    ceil = {"copy_bytes_per_s": 3e12, "matmul_flop_per_s": 8e14, "matmul_fp8_flop_per_s": 1.3e15,
+            "matmul_fp32_flop_per_s": 4e14}
     bf16, nbytes, flops = kb.floor_ms((8, 2, 4096, 14336), 1, "bf16", ceil)
     fp8, nbytes8, _ = kb.floor_ms((8, 2, 4096, 14336), 1, "fp8_channel", ceil)
     assert nbytes8 == nbytes / 2 and fp8 == pytest.approx(bf16 / 2)
     big, _, flops = kb.floor_ms((8, 2, 4096, 14336), 16384, "fp8_block", ceil)
-    assert big == pytest.approx(flops / 1.6e15 * 1e3)
+    assert big == pytest.approx(flops / 1.3e15 * 1e3)
+    w8a16, _, _ = kb.floor_ms((8, 2, 4096, 14336), 16384, "int8_channel", ceil)
+    assert w8a16 == pytest.approx(flops / 8e14 * 1e3)
+    f32, _, _ = kb.floor_ms((8, 2, 4096, 14336), 16384, "fp32", ceil)
+    assert f32 == pytest.approx(flops / 4e14 * 1e3)
+    # a rate that was not measured gives no floor, never an estimate
+    assert kb.floor_ms((8, 2, 4096, 14336), 16, "fp8_tensor", {**ceil, "matmul_fp8_flop_per_s": None})[0] is None
+    assert kb.floor_ms((8, 2, 64, 48), 4, "bf16", kb.measure_ceilings("cpu"))[0] is None
     assert kb.parse_shape("60,6,32,16") == (60, 6, 32, 16)

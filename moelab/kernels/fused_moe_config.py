@@ -9,6 +9,7 @@ them. No torch import: callers pass the dtype and device names.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -115,7 +116,9 @@ def load_config_file(path: Path) -> dict[int, MoEConfig]:
 def save_config_file(path: Path, configs: dict[int, MoEConfig], note: str = "") -> None:
     body = {"_note": note} if note else {}
     body.update({str(m): configs[m].to_dict() for m in sorted(configs)})
-    Path(path).write_text(json.dumps(body, indent=1) + "\n")
+    tmp = Path(path).with_name(Path(path).name + ".tmp")  # a failed write leaves the old table whole
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 # GPUs of one architecture share tile configs well enough to prefer a sibling's tuned file over the heuristic

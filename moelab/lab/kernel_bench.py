@@ -4,7 +4,8 @@ the whole layer timed as CUDA-graph replays against the floor; and the tile-conf
 
 Floor (../shared/guide/MEASURING.md) = max(touched-expert weight bytes / copy bandwidth, FLOPs / matmul rate),
 FLOPs = 2 M K 3 D I, touched experts = E (1 - (1 - K/E)^M) (uniform routing); 1 byte per weight for the 8-bit
-formats. The fp8 matmul rate is taken as twice the measured bf16 rate (the H100's dense fp8 peak is 2x bf16).
+formats. The matmul rate is the one measured for the arithmetic the kernel does: fp8 e4m3 for the fp8 formats,
+fp32 for fp32, bf16 for the rest (int8_channel computes in bf16); a cell whose rate was not measured gets no floor.
 On the CPU (Triton interpreter) only the checks mean anything; times are labelled device=cpu and have no floor.
 """
 
@@ -153,24 +154,37 @@ def graph_ms(fn: Callable[[int], torch.Tensor], n_sets: int, device: str, budget
 
 
 def measure_ceilings(device: str) -> dict:
-    """Copy bandwidth (bytes read + written) and bf16 matmul rate, measured now by the lab's calibration (the
-    engine benchmark's ceilings too); fixed MEASURING.md values on the CPU (where no floor is reported)."""
+    """Copy bandwidth (bytes read + written) and the bf16, fp32 and fp8 matmul rates, measured now by the lab's
+    calibration (the engine benchmark's ceilings too; a rate it could not measure is None). On the CPU no floor is
+    reported, and nothing is measured."""
     if device == "cpu":
-        return {"copy_bytes_per_s": 3.0e12, "matmul_flop_per_s": 7.98e14, "measured": False}
+        return {"copy_bytes_per_s": None, "matmul_flop_per_s": None, "measured": False}
     from moelab.lab.calibrate import measure
 
     v = measure(device)["values"]
-    return {"copy_bytes_per_s": v["copy_bandwidth"], "matmul_flop_per_s": v["matmul_bf16"], "measured": True}
+    return {"copy_bytes_per_s": v["copy_bandwidth"], "matmul_flop_per_s": v["matmul_bf16"],
+            "matmul_fp32_flop_per_s": v.get("matmul_fp32"), "matmul_fp8_flop_per_s": v.get("matmul_fp8"),
+            "measured": True}
 
 
-def floor_ms(shape: tuple, M: int, dtype: str, ceilings: dict) -> tuple[float, float, float]:
-    """(floor ms, touched-expert weight bytes, FLOPs) of one layer call; see the module docstring."""
+def matmul_rate(dtype: str, ceilings: dict) -> float | None:
+    """The measured matmul rate of the arithmetic a `dtype` layer does, or None."""
+    key = ("matmul_fp8_flop_per_s" if dtype.startswith("fp8") else "matmul_fp32_flop_per_s" if dtype == "fp32"
+           else "matmul_flop_per_s")
+    return ceilings.get(key)
+
+
+def floor_ms(shape: tuple, M: int, dtype: str, ceilings: dict) -> tuple[float | None, float, float]:
+    """(floor ms, touched-expert weight bytes, FLOPs) of one layer call; see the module docstring. The floor is
+    None when the copy bandwidth or the dtype's matmul rate was not measured."""
     E, K, D, I = shape
     touched = E * (1 - (1 - K / E) ** M)
     wbytes = 1 if dtype in QUANT_FORMATS else FLOAT_DTYPES[dtype].itemsize
-    rate = ceilings["matmul_flop_per_s"] * (2 if dtype.startswith("fp8") else 1)
     nbytes, flops = touched * 3 * D * I * wbytes, 2 * M * K * 3 * D * I
-    return max(nbytes / ceilings["copy_bytes_per_s"], flops / rate) * 1e3, nbytes, flops
+    rate, copy = matmul_rate(dtype, ceilings), ceilings.get("copy_bytes_per_s")
+    if not rate or not copy:
+        return None, nbytes, flops
+    return max(nbytes / copy, flops / rate) * 1e3, nbytes, flops
 
 
 # ---------------------------------------------------------------- checks and timings
@@ -226,8 +240,9 @@ def time_cell(cfg: KernelBenchConfig, name: str, shape: tuple, M: int, dtype: st
     ref = REFERENCE_MS.get(name)
     point = dict(shape=name, E=shape[0], K=shape[1], D=shape[2], I=shape[3], M=M, dtype=dtype, backend=backend,
                  device=cfg.device, routing="uniform")
-    rows = [dict(point, metric="layer_ms", value=ms, unit="ms", floor=fl if on_gpu else None,
-                 pct_of_floor=100 * fl / ms if on_gpu else None),
+    has_floor = on_gpu and fl is not None
+    rows = [dict(point, metric="layer_ms", value=ms, unit="ms", floor=fl if has_floor else None,
+                 pct_of_floor=100 * fl / ms if has_floor else None),
             dict(point, metric="tflops", value=flops / ms * 1e-9, unit="TFLOP/s"),
             dict(point, metric="weight_gbps", value=nbytes / ms * 1e-6, unit="GB/s")]
     if ref and M in MS and dtype == "bf16" and on_gpu:
@@ -489,17 +504,24 @@ def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int =
     return best
 
 
-def write_tuned(shape: tuple, dtype: str, configs: dict, device: str, out_dir: Path | str | None = None) -> Path:
-    """The JSON config file of this shape, dtype and device (moelab/kernels/configs/ by default)."""
-    import triton
-
-    from moelab.kernels.fused_moe_config import CONFIG_DIR, config_file_name, save_config_file
+def tuned_path(shape: tuple, dtype: str, device: str, out_dir: Path | str | None = None) -> Path:
+    """Where the JSON config file of this shape, dtype and device goes (moelab/kernels/configs/ by default)."""
+    from moelab.kernels.fused_moe_config import CONFIG_DIR, config_file_name
 
     E, K, D, I = shape
     dev_name = torch.cuda.get_device_name() if device != "cpu" else "cpu"
-    dt = table_dtype(dtype)
-    path = Path(out_dir or CONFIG_DIR) / config_file_name(E, I, D, dev_name, dt)
+    return Path(out_dir or CONFIG_DIR) / config_file_name(E, I, D, dev_name, table_dtype(dtype))
+
+
+def write_tuned(shape: tuple, dtype: str, configs: dict, device: str, out_dir: Path | str | None = None) -> Path:
+    """Write {M: MoEConfig} as the JSON config file of this shape, dtype and device (tuned_path)."""
+    import triton
+
+    from moelab.kernels.fused_moe_config import save_config_file
+
+    path = tuned_path(shape, dtype, device, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_config_file(path, configs, note=f"moelab tune-kernels, top-k {K}, triton {triton.__version__}, torch "
-                     f"{torch.__version__}, {dev_name}")
+    dev_name = torch.cuda.get_device_name() if device != "cpu" else "cpu"
+    save_config_file(path, configs, note=f"moelab tune-kernels, top-k {shape[1]}, triton {triton.__version__}, "
+                     f"torch {torch.__version__}, {dev_name}")
     return path
