@@ -25,6 +25,7 @@ from moelab.engine.config import EngineConfig
 from moelab.engine.llm_engine import LLMEngine
 from moelab.lab import serving
 from moelab.lab.serving_metrics import RequestResult, arrival_times, parse_goodput, summarize
+from moelab.lab.serving_report import format_report, store_rows
 from moelab.server.serve import bind_socket
 
 # ----- arithmetic -----
@@ -56,7 +57,11 @@ def test_summary_on_a_hand_made_timeline() -> None:
 
 def test_summary_of_nothing() -> None:
     s = summarize([RequestResult(False, error="x")], 1.0, 0.0)
-    assert s["completed"] == 0 and s["mean_ttft_ms"] == 0.0 and s["request_goodput"] is None
+    # no sample: None (stored as nothing), not a 0 that reads as measured
+    assert s["completed"] == 0 and s["mean_ttft_ms"] is None and s["request_goodput"] is None
+    assert not [r for r in store_rows({**s, "request_rate": 1.0, "max_concurrency": None})
+                if r["metric"].endswith("_ttft_ms")]
+    assert "n/a (no sample)" in format_report({**s, "request_rate": "inf", "max_concurrency": None}, [90, 95, 99])
     with pytest.raises(ValueError, match="duration"):
         summarize([], 0.0, 0.0)
 

@@ -70,13 +70,15 @@ def arrival_times(n: int, request_rate: float, burstiness: float = 1.0, seed: in
     return (t * ((n - 1) / request_rate / t[-1])).tolist() if t[-1] > 0 else t.tolist()
 
 
-def _stats(values: Sequence[float], percentiles: Sequence[float], name: str) -> dict[str, float]:
+def _stats(values: Sequence[float], percentiles: Sequence[float], name: str) -> dict[str, float | None]:
+    """Mean, median, std and percentiles in ms; None when there is no sample (e.g. TPOT and ITL when every output
+    has one token), never a 0 that reads as measured (vLLM prints 0 there)."""
     a = np.asarray(values, dtype=float) * 1000.0
-    out = {f"mean_{name}_ms": float(a.mean()) if a.size else 0.0,
-           f"median_{name}_ms": float(np.median(a)) if a.size else 0.0,
-           f"std_{name}_ms": float(a.std()) if a.size else 0.0}
+    out = {f"mean_{name}_ms": float(a.mean()) if a.size else None,
+           f"median_{name}_ms": float(np.median(a)) if a.size else None,
+           f"std_{name}_ms": float(a.std()) if a.size else None}
     for p in percentiles:
-        out[f"p{p:g}_{name}_ms"] = float(np.percentile(a, p)) if a.size else 0.0
+        out[f"p{p:g}_{name}_ms"] = float(np.percentile(a, p)) if a.size else None
     return out
 
 

@@ -38,10 +38,10 @@ def format_report(res: dict, percentiles: list[float]) -> str:
     for m in METRICS:
         title, short = titles[m]
         lines.append("{s:{c}^60}".format(s=f" {title} ", c="-"))
-        lines.append(f"{'Mean ' + short + ' (ms)':<44}{res[f'mean_{m}_ms']:>16.2f}")
-        lines.append(f"{'Median ' + short + ' (ms)':<44}{res[f'median_{m}_ms']:>16.2f}")
-        for p in percentiles:
-            lines.append(f"{f'P{p:g} ' + short + ' (ms)':<44}{res[f'p{p:g}_{m}_ms']:>16.2f}")
+        for label, key in [("Mean", f"mean_{m}_ms"), ("Median", f"median_{m}_ms"),
+                           *[(f"P{p:g}", f"p{p:g}_{m}_ms") for p in percentiles]]:
+            v = res[key]
+            lines.append(f"{label + ' ' + short + ' (ms)':<44}{'n/a (no sample)' if v is None else f'{v:.2f}':>16}")
     for reason, count in res["failed_reasons"].items():
         lines.append(f"failed x{count}: {reason}")
     lines.append("=" * 60)
