@@ -7,6 +7,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from moelab.argtypes import positive_float
+
 # Modules that add their own subcommands: each has add_commands(sub, bench_sub) where sub is the top-level
 # subparsers and bench_sub the subparsers of `moelab bench`. A listed module that does not exist yet is skipped.
 COMMAND_MODULES = ["moelab.lab.cli", "moelab.lab.analysis_cli", "moelab.lab.kernels_cli", "moelab.lab.trace_cli",
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--max-shard-gb", type=float, default=2.0)
+    p.add_argument("--max-shard-gb", type=positive_float, default=2.0)
     _add_shape_overrides(p)
     p.set_defaults(func=cmd_make_checkpoint)
 
@@ -124,13 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sqlite3
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except ValueError as err:  # bad input: a clear message, no traceback
         print(f"moelab {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except (OSError, sqlite3.Error) as err:  # a path that cannot be read or written, a file that is no database
+        print(f"moelab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -100,3 +100,17 @@ def test_doe_design_cli_writes_csv(tmp_path: Path, capsys: pytest.CaptureFixture
     t = pd.read_csv(out)
     assert len(t) == 4 and {"batch", "len", "top_k", "run_order"} <= set(t.columns)
     assert "I = ABC; resolution 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("factors,msg", [(["batch=1,,4"], "no empty level"), (["foo=1,2"], "unknown sweep factor"),
+                                         (["batch=a,b"], "not a valid int"),
+                                         (["batch=1,2", "batch=4,8"], "more than once")])
+def test_doe_design_refuses_what_a_sweep_could_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       factors: list[str], msg: str) -> None:
+    """The design is for `bench sweep --design`: unknown factors, bad levels and repeated factors are refused
+    before anything is written."""
+    from moelab.cli import main
+
+    out = tmp_path / "d.csv"
+    argv = ["doe", "design", *[x for f in factors for x in ("--factor", f)], "--out", str(out)]
+    assert main(argv) == 2 and msg in capsys.readouterr().err and not out.exists()

@@ -74,6 +74,12 @@ def test_workloads_are_deterministic_and_validated(tmp_path: Path) -> None:
         Workload(kind="zipf")
     with pytest.raises(ValueError, match="does not exist"):
         Workload(kind="file", path=str(tmp_path / "none.txt"))
+    # a setting the kind would drop is refused, so what is stored is what was measured
+    with pytest.raises(ValueError, match="fixed workload has exact lengths"):
+        Workload(kind="fixed", range_ratio=0.5)
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    with pytest.raises(ValueError, match="need the file kind, not 'random'"):
+        Workload(kind="random", path=str(tmp_path / "p.txt"))
 
 
 def test_file_workload_cycles_lines(tmp_path: Path) -> None:
@@ -105,6 +111,26 @@ def test_run_floor_matches_roofline_offline_floor() -> None:
     assert short.decode_steps == 2 and short.decode.seconds < f.decode.seconds
 
 
+def test_ttft_floor_is_per_rank() -> None:
+    """The k-th smallest TTFT is bounded by the prefill of the k shortest prompts alone: the first request can
+    have its token after one prompt's prefill, the last only after all of them. An engine at the floor would show
+    100 % for every statistic, never more."""
+    spec, c = preset_spec("olmoe-1b-7b"), Ceilings(3e12, 8e14)
+    lens = [2048] * 16
+    f = run_floors(spec, lens, [4] * 16, c, max_num_batched_tokens=8192)
+    one = run_floors(spec, [2048], [4], c).prefill.seconds
+    assert f.ttft[0] == pytest.approx(one) and f.ttft[-1] == pytest.approx(f.prefill.seconds)
+    assert all(a <= b for a, b in zip(f.ttft, f.ttft[1:])) and f.ttft[7] < f.prefill.seconds / 1.5
+    mixed = run_floors(spec, [900, 30, 400], [2, 2, 2], c, max_num_batched_tokens=512)
+    assert mixed.ttft[0] == pytest.approx(run_floors(spec, [30], [2], c, max_num_batched_tokens=512).prefill.seconds)
+    from moelab.lab.bench import latency_floors
+    from moelab.lab.metrics import summarize
+
+    fl = latency_floors(f)
+    at_floor = summarize(f.ttft)  # TTFTs exactly at their floors: 100 % for every statistic
+    assert all(fl["ttft"][k] == pytest.approx(at_floor[k]) for k in fl["ttft"])
+
+
 def test_calibration_on_cpu_labels_what_it_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from moelab.lab.calibrate import ceilings, get_calibration, measure, record
     from moelab.lab.store import ResultsStore
@@ -123,6 +149,12 @@ def test_calibration_on_cpu_labels_what_it_skips(tmp_path: Path, monkeypatch: py
     assert c.matmul == cal["values"]["matmul_fp32"] and c.bandwidth == cal["values"]["copy_bandwidth"]
     with pytest.raises(ValueError, match="dtype 'int4'; allowed"):
         ceilings(again, "int4")
+    # another store: the cached calibration is recorded there (a run cites a calibration its store holds)
+    other = ResultsStore(tmp_path / "other.sqlite")
+    copied = get_calibration(other, "cpu")
+    runs = other.runs(kind="calibrate")
+    assert len(runs) == 1 and copied["run_id"] == runs.iloc[0]["run_id"] != rid
+    assert copied["values"] == cal["values"] and copied["measured_at"] == cal["measured_at"]
 
 
 def test_telemetry_without_gpu_says_why() -> None:

@@ -75,8 +75,15 @@ def test_point_rows_follow_their_formulas(cal: dict) -> None:
         assert el["pct_of_floor"] == pytest.approx(100 * el["floor"] / el["value"])
         assert tp["floor"] == pytest.approx(3 * 17 / el["floor"]) and tp["pct_of_floor"] == el["pct_of_floor"]
         assert len(by("ttft", trial=trial)) == 7 and len(by("ttft_oneshot", trial=trial)) == 1
-        (itl,) = by("itl", trial=trial, stat="median")
+        (itl,) = by("itl", trial=trial, stat="mean")
         assert itl["floor"] == pytest.approx(extra["floor"]["decode_s"] / 4)  # 4 decode steps
+        # floors only for the statistics they bound: the mean decode step is no floor of a median gap, the run
+        # no floor of a median E2E; TTFT has one per statistic, none above the whole prefill
+        assert by("itl", trial=trial, stat="median")[0]["floor"] is None
+        assert [r["stat"] for r in by("e2e", trial=trial) if r["floor"] is not None] == ["max"]
+        ttft = {r["stat"]: r["floor"] for r in by("ttft", trial=trial)}
+        assert ttft["std"] is None and ttft["min"] <= ttft["median"] <= ttft["max"]
+        assert ttft["max"] == pytest.approx(extra["floor"]["prefill_s"])
     assert by("num_preemptions")[0]["value"] == 0
     assert extra["telemetry"]["reason"] == "CPU run: no GPU to sample"
     assert extra["tokens"] == {"input": 36, "output": 15} and extra["floor"]["routing"] == "uniform"
@@ -154,3 +161,44 @@ def test_sweep_cli_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert "64 points" in out and "in=256 out=256" in out
     assert main(["bench", "sweep", "--dry-run"]) == 2  # nothing to sweep: a clear error
     assert "nothing to sweep" in capsys.readouterr().err
+
+
+def test_lab_cli_bad_input_is_refused_and_loses_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """Read-only commands never create a store at a mistyped path (nor overwrite a report from it); bad flags
+    are exit 2 with a message before any point runs; a point that fails is exit 1 (its error stored)."""
+    from moelab.cli import main
+
+    tiny = ["--model", "olmoe-1b-7b", "--device", "cpu", "--layers", "2", "--hidden-size", "128", "--heads", "4",
+            "--kv-heads", "4", "--experts", "8", "--top-k", "2", "--moe-intermediate-size", "64", "--vocab-size",
+            "512", "--batch", "1", "--input-len", "4", "--output-len", "2", "--trials", "1", "--warmup", "0",
+            "--no-telemetry", "--plain"]
+    typo = tmp_path / "typo.sqlite"
+    report = tmp_path / "rep"
+    report.mkdir()
+    (report / "report.md").write_text("the real report")
+    for argv in (["report", "--store", str(typo), "--out", str(report)], ["results", "--store", str(typo)],
+                 ["doe", "analyze", "--store", str(typo), "--metric", "throughput", "--factors", "batch"]):
+        assert main(argv) == 2, argv
+        assert "no results store" in capsys.readouterr().err
+    assert not typo.exists() and (report / "report.md").read_text() == "the real report"
+    store = str(tmp_path / "s.sqlite")
+    for bad, msg in ((["--device", "gpu0"], "gpu0"), (["--moe-backend", "fast"], "fast"),
+                     (["--max-num-batched-tokens", "0"], "max_num_batched_tokens"),
+                     (["--gpu-memory-utilization", "2"], "gpu_memory_utilization"),
+                     (["--model", "nope"], "neither a checkpoint directory nor a preset"),
+                     (["--workload", "fixed", "--range-ratio", "0.5"], "exact lengths")):
+        assert main(["bench", "throughput", *tiny, *bad, "--store", store]) == 2, bad
+        assert msg in capsys.readouterr().err, bad
+    assert main(["bench", "sweep", *tiny, "--grid", "batch=1,,2", "--store", store]) == 2
+    assert "empty value" in capsys.readouterr().err
+    assert main(["bench", "sweep", *tiny, "--config", str(tmp_path / "none.yaml"), "--store", store]) == 2
+    assert "none.yaml" in capsys.readouterr().err
+    assert not Path(store).exists()  # nothing ran, nothing was stored
+    empty = tmp_path / "empty-ckpt"
+    empty.mkdir()
+    assert main(["bench", "throughput", *tiny, "--model", str(empty), "--store", store]) == 1
+    assert "1 point(s) failed" in capsys.readouterr().err
+    assert ResultsStore(store).runs(status="failed").shape[0] == 1
+    assert main(["results", "--store", store, "--table", "telemetry"]) == 0
+    assert "no telemetry" in capsys.readouterr().out

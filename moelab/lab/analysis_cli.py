@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moelab.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, positive_int_list, share
+
 
 def _num(v: float, fmt: str) -> str:
     return f"{v:,.0f}" if abs(v) >= 1000 else fmt.format(v)
@@ -41,16 +43,16 @@ def _cluster(args: argparse.Namespace, gpus: int):
 
 def _add_cluster_args(p: argparse.ArgumentParser, gpus_required: bool = True) -> None:
     g = p.add_argument_group("cluster (defaults: H100 SXM nodes)")
-    g.add_argument("--gpus", type=int, required=gpus_required, help="GPU count")
-    g.add_argument("--gpus-per-node", type=int, default=8)
-    g.add_argument("--nodes", type=int, help="node count (sets GPUs per node = gpus / nodes)")
+    g.add_argument("--gpus", type=positive_int, required=gpus_required, help="GPU count")
+    g.add_argument("--gpus-per-node", type=positive_int, default=8)
+    g.add_argument("--nodes", type=positive_int, help="node count (sets GPUs per node = gpus / nodes)")
     g.add_argument("--gpu-memory", default="80GB", help="memory per GPU: 80GB = 80e9 bytes, 80GiB = 80 * 2^30")
-    g.add_argument("--memory-utilization", type=float, default=0.90, help="share of GPU memory the engine uses")
-    g.add_argument("--bandwidth", type=float, help="HBM copy bandwidth, bytes/s (default 3.0e12, measured)")
-    g.add_argument("--matmul", type=float, help="bf16 matmul rate, FLOP/s (default 798e12, measured)")
+    g.add_argument("--memory-utilization", type=share, default=0.90, help="share of GPU memory the engine uses")
+    g.add_argument("--bandwidth", type=positive_float, help="HBM copy bandwidth, bytes/s (default 3.0e12, measured)")
+    g.add_argument("--matmul", type=positive_float, help="bf16 matmul rate, FLOP/s (default 798e12, measured)")
     g.add_argument("--intra-bw", default="450GB", help="NVLink bytes/s per GPU per direction (nominal)")
     g.add_argument("--inter-bw", default="50GB", help="network bytes/s per GPU between nodes (nominal 400 Gb/s)")
-    g.add_argument("--link-latency-us", type=float, default=10.0, help="latency added to each collective, us")
+    g.add_argument("--link-latency-us", type=nonneg_float, default=10.0, help="latency added to each collective, us")
 
 
 # ----- analyze -----
@@ -154,7 +156,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
     print(f"{args.preset} | {rep.layout.name}: {rep.layout.describe()} | budget {rep.budget / 1e9:.1f} GB/GPU")
     print(_show(pd.DataFrame({"part": list(parts), "GB/GPU": [v / 1e9 for v in parts.values()]}), "{:.2f}"))
     print(f"KV {rep.kv_per_token / 1024:.1f} KiB/token/GPU -> {rep.kv_tokens} tokens per replica")
-    ctx = [int(c) for c in args.contexts.split(",")]
+    ctx = args.contexts
     print(_show(pd.DataFrame({"context": ctx, "max batch": [rep.max_batch(c) for c in ctx]})))
     print(rep.fit(args.batch, args.context)[1] if args.batch else "")
 
@@ -163,7 +165,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
 def _store_rows(path: str | None):
     from moelab.lab.store import ResultsStore
 
-    return ResultsStore(path).rows()
+    return ResultsStore(path, must_exist=True).rows()
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -223,8 +225,8 @@ def add_commands(sub, bench_sub) -> None:
     p = an_sub.add_parser("synthetic", help="write a synthetic routing trace with a preset's E, K and layers")
     p.add_argument("--preset", required=True)
     p.add_argument("--kind", default="zipf:1.2", help="uniform, zipf:S or hotset:FRACTION:SHARE")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=256, help="tokens per step")
+    p.add_argument("--steps", type=positive_int, default=16)
+    p.add_argument("--tokens", type=positive_int, default=256, help="tokens per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_analyze_synthetic)
@@ -233,8 +235,9 @@ def add_commands(sub, bench_sub) -> None:
     p.add_argument("--trace", required=True)
     p.add_argument("--strategy", default="all", help="contiguous, round_robin, lpt, coactivation, eplb, "
                                                      "eplb_global, eplb_hierarchical, a comma list, or all")
-    p.add_argument("--redundant", type=int, default=0, help="EPLB: redundant expert slots per layer")
-    p.add_argument("--groups", type=int, help="EPLB hierarchical: expert groups (default: the preset's n_group)")
+    p.add_argument("--redundant", type=nonneg_int, default=0, help="EPLB: redundant expert slots per layer")
+    p.add_argument("--groups", type=positive_int,
+                   help="EPLB hierarchical: expert groups (default: the preset's n_group)")
     p.add_argument("--preset", help="take hidden and expert sizes (and groups) from this preset")
     p.add_argument("--out", help="write the placement JSON here (one file per strategy with several)")
     _add_cluster_args(p)
@@ -250,25 +253,26 @@ def add_commands(sub, bench_sub) -> None:
         p.set_defaults(func=fn)
         if name == "recommend":
             p.add_argument("--workload", default="in=1024,out=256,batch=64", help="in=N,out=N,batch=N")
-            p.add_argument("--top", type=int, default=8, help="rows to print")
+            p.add_argument("--top", type=positive_int, default=8, help="rows to print")
             p.add_argument("--all", action="store_true", help="print every layout")
             p.add_argument("--csv", help="write the whole table to this CSV file")
         else:
             p.add_argument("--layout", default="tp", help="tp, dp[:attn_tp], ep, tp+ep[:ep], dpa+ep[:attn_tp]")
-            p.add_argument("--contexts", default="1024,4096,16384,32768")
-            p.add_argument("--batch", type=int, help="with --context: check that this batch fits")
-            p.add_argument("--context", type=int, default=4096)
+            p.add_argument("--contexts", type=positive_int_list, default=[1024, 4096, 16384, 32768])
+            p.add_argument("--batch", type=positive_int, help="with --context: check that this batch fits")
+            p.add_argument("--context", type=positive_int, default=4096)
 
     p = sub.add_parser("predict", help="roofline and learned prediction of one point")
     p.add_argument("--preset", required=True)
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--input-len", type=int, required=True)
-    p.add_argument("--output-len", type=int, required=True)
+    p.add_argument("--batch", type=positive_int, required=True)
+    p.add_argument("--input-len", type=positive_int, required=True)
+    p.add_argument("--output-len", type=positive_int, required=True)
     p.add_argument("--metric", default="output_throughput")
     p.add_argument("--model-file", help="a predictor saved by `moelab predictor fit`")
     p.add_argument("--override", action="append", help="shape override NAME=N as in the lab's runs (layers=2)")
-    p.add_argument("--bandwidth", type=float, help="HBM copy bandwidth for the roofline, bytes/s (default H100)")
-    p.add_argument("--matmul", type=float, help="matmul rate for the roofline, FLOP/s (default H100)")
+    p.add_argument("--bandwidth", type=positive_float,
+                   help="HBM copy bandwidth for the roofline, bytes/s (default H100)")
+    p.add_argument("--matmul", type=positive_float, help="matmul rate for the roofline, FLOP/s (default H100)")
     p.set_defaults(func=cmd_predict)
     pr = sub.add_parser("predictor", help="fit or evaluate the learned predictor on the results store")
     pr_sub = pr.add_subparsers(dest="predictor_command", required=True)

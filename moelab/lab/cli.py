@@ -5,7 +5,10 @@ imports happen inside the handlers, so `moelab --help` stays fast."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from moelab.argtypes import nonneg_int, positive_int, writable_dir
 
 SHAPE_FLAGS = ("layers", "experts", "moe_intermediate_size", "hidden_size", "heads", "kv_heads", "vocab_size")
 TABLE_COLS = ["run_id", "status", "model", "batch", "input_len", "output_len", "throughput", "throughput_cv",
@@ -35,19 +38,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--observed-routing", action="store_true",
                    help="floors from the routing the engine records instead of the uniform expectation")
     w = p.add_argument_group("workload")
-    w.add_argument("--batch", type=int, default=16)
-    w.add_argument("--input-len", type=int, default=128)
-    w.add_argument("--output-len", type=int, default=128)
+    w.add_argument("--batch", type=positive_int, default=16)
+    w.add_argument("--input-len", type=positive_int, default=128)
+    w.add_argument("--output-len", type=positive_int, default=128)
     w.add_argument("--workload", default=None, choices=["fixed", "random", "file"],
                    help="default: fixed, random when --range-ratio > 0, file when --prompts is given")
     w.add_argument("--range-ratio", type=float, default=0.0,
                    help="random lengths uniform in [floor(L(1-r)), ceil(L(1+r))] (vLLM's rule), r in [0, 1)")
     w.add_argument("--prompts", help="text file, one prompt per line")
     t = p.add_argument_group("measurement")
-    t.add_argument("--trials", type=int, default=3)
-    t.add_argument("--warmup", type=int, default=1, help="untimed warm-up generates before the trials")
+    t.add_argument("--trials", type=positive_int, default=3)
+    t.add_argument("--warmup", type=nonneg_int, default=1, help="untimed warm-up generates before the trials")
     t.add_argument("--no-telemetry", action="store_true", help="skip the NVML sampler")
-    t.add_argument("--calibrate", action="store_true", help="measure the ceilings afresh before running")
+    t.add_argument("--calibrate", action="store_true",
+                   help="measure the ceilings afresh before running (always done on a GPU, once per command)")
     t.add_argument("--plain", action="store_true", help="plain progress lines instead of rich's bar")
     add_store_arg(p)
 
@@ -90,23 +94,35 @@ def _cal_for(store, fresh: bool):
 
 def _run(args: argparse.Namespace, pairs, modes, study=None, note="", resume=False) -> dict:
     from moelab.lab.store import ResultsStore
-    from moelab.lab.sweep import run_sweep
+    from moelab.lab.sweep import PointFailed, run_sweep
     from moelab.lab.tables import format_table, point_table
 
     store = ResultsStore(args.store)
-    res = run_sweep(store, pairs, _cal_for(store, args.calibrate), _options(args, modes), resume=resume,
-                    study=study, note=note, fail_fast=getattr(args, "fail_fast", False), plain=args.plain)
+    try:
+        res = run_sweep(store, pairs, _cal_for(store, args.calibrate), _options(args, modes), resume=resume,
+                        study=study, note=note, fail_fast=getattr(args, "fail_fast", False), plain=args.plain)
+    except PointFailed as err:  # --fail-fast: the point is stored with its error; the rest did not run
+        print(f"moelab: {err}", file=sys.stderr)
+        return {"status": {"-": "failed"}, "fail_fast": True}
     if res["status"]:
         print(format_table(point_table(store, list(res["status"])), TABLE_COLS))
     print(f"{res['ran']} point(s) run, {res['skipped']} skipped; stored in {store.path} (sweep {res['sweep']})")
     return res
 
 
-def cmd_bench_one(args: argparse.Namespace) -> None:
-    _run(args, [_base(args)], (args.bench_command,))
+def _failed(res: dict) -> int:
+    """Exit status 1 when a point failed (its error is in the store), so scripts and CI see it."""
+    failed = sum(s == "failed" for s in res["status"].values())
+    if failed:
+        print(f"{failed} point(s) failed; see `moelab results --table runs` for their errors", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def cmd_bench_one(args: argparse.Namespace) -> int:
+    return _failed(_run(args, [_base(args)], (args.bench_command,)))
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
     from moelab.lab.sweep import STUDIES, expand, load_design, load_yaml, parse_grid, plan
 
     cfg, wl = _base(args)
@@ -129,6 +145,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             raise ValueError("nothing to sweep: give --grid KEY=V1,V2 ..., --config FILE, --study NAME or --design")
         points = [{**base, **p} for p in expand(grid)]
     pairs = plan(points, cfg, wl)
+    if args.report and not args.dry_run:
+        writable_dir(args.report, "--report")  # before the points run
     if args.dry_run:
         for c, w in pairs:
             print(f"{c.model} {c.overrides} top_k={c.top_k} dtype={c.dtype} backend={c.moe_backend} | "
@@ -137,10 +155,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         return
     modes = tuple(m.strip() for m in args.modes.split(","))
     res = _run(args, pairs, modes, study=args.study, note=note, resume=args.resume)
+    if res.get("fail_fast"):
+        return 1
     if args.report:
         _write_report(args.store, args.report)
-    if any(s == "failed" for s in res["status"].values()):
-        print("some points failed; see `moelab results` (status failed) for their errors")
+    return _failed(res)
 
 
 def cmd_bench_default(args: argparse.Namespace) -> None:
@@ -164,7 +183,7 @@ def _write_report(store_path: str | None, out: str) -> None:
     from moelab.lab.report import build_report
     from moelab.lab.store import ResultsStore
 
-    paths = build_report(ResultsStore(store_path), Path(out))
+    paths = build_report(ResultsStore(store_path, must_exist=True), Path(out))
     print(f"report: {paths['html']} and {paths['md']}")
 
 
@@ -186,7 +205,7 @@ def cmd_results(args: argparse.Namespace) -> None:
     from moelab.lab.store import ResultsStore
     from moelab.lab.tables import format_table, point_table
 
-    store = ResultsStore(args.store)
+    store = ResultsStore(args.store, must_exist=True)
     if args.export:
         print(f"wrote {store.export(args.export, table=args.table)}")
         return
@@ -194,6 +213,10 @@ def cmd_results(args: argparse.Namespace) -> None:
         runs = store.runs()
         cols = ["run_id", "kind", "status", "started_at", "gpu_name", "git_sha", "error"]
         print(runs[cols].to_string(index=False) if not runs.empty else f"{store.path}: no runs")
+        return
+    if args.table == "telemetry":
+        tel = store.telemetry()
+        print(tel.to_string(index=False, max_rows=60) if not tel.empty else f"{store.path}: no telemetry")
         return
     print(format_table(point_table(store), TABLE_COLS))
 
@@ -237,7 +260,7 @@ def add_commands(sub, bench_sub) -> None:
 
     p = sub.add_parser("calibrate", help="measure copy bandwidth, matmul rates and host-to-device bandwidth")
     p.add_argument("--device", default="auto")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=positive_int, default=10)
     add_store_arg(p)
     p.set_defaults(func=cmd_calibrate)
 

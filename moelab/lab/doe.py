@@ -171,9 +171,9 @@ def _check_factors(factors: Mapping[str, Sequence[Any]]) -> None:
 def parse_factor(item: str) -> tuple[str, list[Any]]:
     """"batch=1,64" -> ("batch", [1, 64]); numbers become int or float, the rest stay strings."""
     name, sep, vals = item.partition("=")
-    levels = [v.strip() for v in vals.split(",") if v.strip()]
-    if not sep or not name.strip() or not levels:
-        raise ValueError(f"factor {item!r}: expected NAME=LEVEL1,LEVEL2[,...]")
+    levels = [v.strip() for v in vals.split(",")]
+    if not sep or not name.strip() or not all(levels):
+        raise ValueError(f"factor {item!r}: expected NAME=LEVEL1,LEVEL2[,...] (no empty level)")
 
     def num(v: str) -> Any:
         for t in (int, float):

@@ -10,8 +10,15 @@ from typing import Any
 
 def cmd_doe_design(args: argparse.Namespace) -> None:
     from moelab.lab.doe import fractional_factorial, full_factorial, parse_factor
+    from moelab.lab.sweep import convert
 
-    factors = dict(parse_factor(f) for f in args.factor)
+    parsed = [parse_factor(f) for f in args.factor]
+    names = [n for n, _ in parsed]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"factor(s) {', '.join(repeated)} given more than once")
+    # the design is run by `bench sweep --design`: every factor must be a sweep factor, every level of its type
+    factors = {n: [convert(n, v) for v in levels] for n, levels in parsed}
     d = fractional_factorial(factors, args.generator, args.seed) if args.generator else \
         full_factorial(factors, args.seed)
     out = Path(args.out)
@@ -62,7 +69,7 @@ def cmd_doe_analyze(args: argparse.Namespace) -> None:
     from moelab.lab.anova import anova, residual_plot
     from moelab.lab.store import ResultsStore
 
-    store = ResultsStore(args.store)
+    store = ResultsStore(args.store, must_exist=True)
     df = select_rows(store, args)
     names = [f.strip() for f in args.factors.split(",") if f.strip()]
     cols = [resolve_factor(df, f) for f in names]

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from moelab.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, writable_dir
 from moelab.lab.serving_metrics import RequestResult, arrival_times, parse_goodput, summarize
 from moelab.lab.serving_report import format_report, save_results, store_point
 
@@ -104,6 +105,10 @@ class BenchConfig:
             (self.burstiness > 0, f"--burstiness must be > 0, got {self.burstiness}"),
             (self.num_warmups >= 0, f"--num-warmups must be >= 0, got {self.num_warmups}"),
             (all(0 < p < 100 for p in self.percentiles), f"percentiles must be in (0, 100), got {self.percentiles}"),
+            (self.timeout > 0, f"--timeout must be > 0 seconds, got {self.timeout}"),
+            (self.ready_timeout >= 0, f"--ready-check-timeout-sec must be >= 0, got {self.ready_timeout}"),
+            (self.base_url.startswith(("http://", "https://")) and len(self.base_url.split("://", 1)[1]) > 0,
+             f"--base-url {self.base_url!r}: expected http://HOST:PORT or https://HOST:PORT"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -408,9 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--sharegpt-output-len", type=int, help="sharegpt: max_tokens of every request (default: the "
                    "length of the conversation's reply)")
     w.add_argument("--prompt", help="fixed dataset: the prompt (default: input-len seeded random words)")
-    w.add_argument("--num-prompts", type=int, default=200)
-    w.add_argument("--input-len", type=int, default=128, help="words per prompt (random, fixed)")
-    w.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
+    w.add_argument("--num-prompts", type=positive_int, default=200)
+    w.add_argument("--input-len", type=positive_int, default=128, help="words per prompt (random, fixed)")
+    w.add_argument("--output-len", type=positive_int, default=128, help="max_tokens per request")
     w.add_argument("--range-ratio", type=float, default=0.0, help="random: lengths ~ U[L(1-r), L(1+r)]")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
@@ -422,12 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     lo = p.add_argument_group("load (every combination is one point)")
     lo.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
                     help="requests/s (inf: all at once); several values = a sweep")
-    lo.add_argument("--max-concurrency", "--concurrency", dest="concurrency", type=int, nargs="+",
+    lo.add_argument("--max-concurrency", "--concurrency", dest="concurrency", type=positive_int, nargs="+",
                     help="requests in flight at most; several values = a sweep")
     lo.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, inf constant rate")
-    lo.add_argument("--num-warmups", type=int, default=1, help="unmeasured requests before each point")
-    lo.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    lo.add_argument("--ready-check-timeout-sec", type=float, default=600.0)
+    lo.add_argument("--num-warmups", type=nonneg_int, default=1, help="unmeasured requests before each point")
+    lo.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per request")
+    lo.add_argument("--ready-check-timeout-sec", type=nonneg_float, default=600.0)
     o = p.add_argument_group("results")
     o.add_argument("--goodput", nargs="+", metavar="KEY:MS", help="SLOs, e.g. ttft:500 tpot:50 e2el:10000")
     o.add_argument("--metric-percentiles", default="90,95,99")
@@ -468,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if args.save_result or args.save_detailed or args.append_result:
+            writable_dir(args.result_dir, "--result-dir")  # before the run: its results must not be lost
         store = None if args.no_store else open_store(args.store)
         results = run(cfg, store)
     except (ValueError, RuntimeError) as err:

@@ -162,12 +162,20 @@ class ResultsStore:
     """The lab's results file. Cheap to construct; opens a connection per call, so threads and processes can
     share one file (SQLite serializes writers; a busy writer is waited for up to 30 s)."""
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, must_exist: bool = False) -> None:
+        """must_exist: for commands that only read (results, report, analyses), a missing file is an error
+        (a mistyped path would otherwise create an empty store and report "no runs" over the real results)."""
         self.path = Path(path if path is not None else os.environ.get(ENV_VAR) or DEFAULT_PATH)
+        if must_exist and not self.path.is_file():
+            raise ValueError(f"no results store at {self.path} (give --store or ${ENV_VAR}; a command that runs "
+                             f"something creates it)")
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.executescript(_SCHEMA)
+        try:
+            with self._connect() as con:
+                con.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise ValueError(f"{self.path}: not a moelab results store ({err})") from None
 
     def __repr__(self) -> str:
         return f"ResultsStore({str(self.path)!r})"

@@ -106,7 +106,10 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
         key = key.strip()
         if not sep or not vals.strip():
             raise ValueError(f"grid item {item!r}: expected KEY=V1,V2,... with KEY one of {', '.join(FACTORS)}")
-        grid[key] = [convert(key, v) for v in vals.split(",") if v.strip()]
+        items = vals.split(",")
+        if any(not v.strip() for v in items):
+            raise ValueError(f"grid item {item!r}: an empty value; expected KEY=V1,V2,...")
+        grid[key] = [convert(key, v) for v in items]
     return grid
 
 
@@ -173,6 +176,8 @@ def to_point(values: Mapping[str, Any], defaults: BenchConfig, wl_defaults: Work
             wl_kw.setdefault("kind", "file")
         else:
             wl_kw[k] = v
+    if wl_kw.get("range_ratio", 0) > 0 and "kind" not in wl_kw and wl_defaults.kind == "fixed":
+        wl_kw["kind"] = "random"  # as the CLI: a range ratio asks for random lengths
     valid = {f.name for f in fields(BenchConfig)}
     assert set(cfg_kw) <= valid, cfg_kw
     cfg = replace(defaults, overrides=overrides, **cfg_kw)
@@ -220,11 +225,15 @@ def run_sweep(store: ResultsStore, pairs: list[tuple[BenchConfig, Workload]], ca
                     error = store.run(run_id)["error"]
                     bar.log(f"{label} ({error[:200]})")
                     if fail_fast:
-                        raise RuntimeError(f"point failed: {label}: {error}")
+                        raise PointFailed(f"point failed (--fail-fast): {label}: {error}")
                     engine.drop()  # rebuild after a failure: the engine may hold aborted requests
                 bar.advance(label)
             engine.drop()
     return {"sweep": sweep_id, "kind": kind, "ran": len(todo), "skipped": len(keyed) - len(todo), "status": status}
+
+
+class PointFailed(RuntimeError):
+    """A point failed under fail_fast (its run is stored with status failed and its error)."""
 
 
 class _GroupEngine:

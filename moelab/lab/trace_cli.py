@@ -10,6 +10,8 @@ import statistics
 import time
 from pathlib import Path
 
+from moelab.argtypes import positive_int
+
 
 def _workload(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
     import numpy as np
@@ -85,15 +87,15 @@ def cmd_trace(args: argparse.Namespace) -> None:
 def add_commands(sub, bench_sub) -> None:
     p = sub.add_parser("trace", help="record the engine's routing on a workload into a trace file")
     p.add_argument("--model", default="olmoe-1b-7b", help="checkpoint directory or preset")
-    p.add_argument("--layers", type=int, help="preset layer override")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--layers", type=positive_int, help="preset layer override")
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--input-len", type=positive_int, default=128)
+    p.add_argument("--output-len", type=positive_int, default=128)
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="routing_trace.npz")
     p.add_argument("--measure-overhead", action="store_true", help="also time the workload without recording")
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--trials", type=positive_int, default=3)
     p.add_argument("--json", help="write the summary (and overhead) as JSON here")
     p.add_argument("--store", nargs="?", const="", help="also record the trace and its overhead in the results "
                    "store (default file: $MOELAB_STORE or ./moelab_results.sqlite)")

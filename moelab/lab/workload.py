@@ -49,6 +49,11 @@ class Workload:
              f"output_len must be an integer >= 1, got {self.output_len!r}"),
             (0.0 <= self.range_ratio < 1.0, f"range_ratio must be in [0, 1), got {self.range_ratio!r}"),
             (self.kind != "file" or self.path, "a file workload needs a path (--prompts FILE)"),
+            # what a run measures must be what it stores: no setting that its kind would silently drop
+            (self.kind != "fixed" or self.range_ratio == 0,
+             f"a fixed workload has exact lengths: range_ratio {self.range_ratio} needs the random (or file) kind"),
+            (self.kind == "file" or self.path is None,
+             f"prompts from a file ({self.path!r}) need the file kind, not {self.kind!r}"),
         ]
         for ok, msg in checks:
             if not ok:
