@@ -504,6 +504,20 @@ def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int =
     return best
 
 
+def backend_names() -> tuple[str, ...]:
+    """The MoE backends installed here (triton only where triton is)."""
+    from moelab.layers.moe.backends import BACKENDS
+
+    return tuple(BACKENDS)
+
+
+def read_tuned(path: Path | str) -> dict:
+    """{M: MoEConfig} of a tuned config file."""
+    from moelab.kernels.fused_moe_config import load_config_file
+
+    return load_config_file(Path(path))
+
+
 def tuned_path(shape: tuple, dtype: str, device: str, out_dir: Path | str | None = None) -> Path:
     """Where the JSON config file of this shape, dtype and device goes (moelab/kernels/configs/ by default)."""
     from moelab.kernels.fused_moe_config import CONFIG_DIR, config_file_name

@@ -62,12 +62,6 @@ def _preset_shape(name: str) -> tuple[int, int, int, int]:
     return s.num_experts, s.top_k, s.hidden_size, s.moe_intermediate_size
 
 
-def _backends() -> tuple[str, ...]:
-    from moelab.layers.moe.backends import BACKENDS
-
-    return tuple(BACKENDS)
-
-
 def cmd_bench_kernels(args: argparse.Namespace) -> None:
     from moelab.lab import kernel_bench as kb
     from moelab.lab.store import ResultsStore
@@ -75,7 +69,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> None:
     device = _device(args)
     cfg = kb.KernelBenchConfig(
         shapes=_shapes(args, device), ms=_ints(args.m) if args.m else (kb.MS if device != "cpu" else (1, 5)),
-        dtypes=_names(args.dtype, kb.DTYPES, "dtype"), backends=_names(args.backends, _backends(), "backend"),
+        dtypes=_names(args.dtype, kb.DTYPES, "dtype"), backends=_names(args.backends, kb.backend_names(), "backend"),
         routings=("uniform", "skewed") if args.routing == "both" else (args.routing,),
         time_layer=not args.no_time, device=device, seed=args.seed)
     store = ResultsStore(args.store)
@@ -97,8 +91,6 @@ def cmd_tune_kernels(args: argparse.Namespace) -> None:
 
     device = _device(args)
     shape = kb.parse_shape(args.shape) if args.shape else _preset_shape(args.preset)
-    from moelab.kernels.fused_moe_config import load_config_file
-
     ms = _ints(args.m) if args.m else (kb.MS if device != "cpu" else (1, 5))
     dtypes = _names(args.dtype, kb.DTYPES, "dtype")
     paths = {dt: kb.tuned_path(shape, dt, device, args.out) for dt in dtypes}
@@ -112,7 +104,7 @@ def cmd_tune_kernels(args: argparse.Namespace) -> None:
     for dtype in dtypes:
         path = paths[dtype]
         try:
-            table = load_config_file(path) if path.exists() else {}
+            table = kb.read_tuned(path) if path.exists() else {}
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a tuned config table ({err}); move it away to start a new one") from None
         # the table's entries compete (a re-tune never writes a slower config), and the M not asked for stay
