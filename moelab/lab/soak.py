@@ -27,8 +27,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from moelab.argtypes import positive_float
-
 GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
 
 
@@ -56,7 +54,8 @@ class SoakConfig:
                   (0 <= self.hang_up <= 1, "--hang-up is a share in [0, 1]"),
                   (1 <= self.min_tokens <= self.max_tokens, "need 1 <= --min-tokens <= --max-tokens"),
                   (self.max_words >= 1, "--max-words must be >= 1"), (self.interval > 0, "--interval must be > 0"),
-                  (0 <= self.warmup < 1, "--warmup is a share in [0, 1)")]
+                  (0 <= self.warmup < 1, "--warmup is a share in [0, 1)"),
+                  (self.idle_timeout > 0, "--idle-timeout must be > 0")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -197,17 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moelab bench soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", help="default: the first model of /v1/models")
-    p.add_argument("--duration", type=positive_float, default=60.0, help="seconds of arrivals")
-    p.add_argument("--rate", type=positive_float, default=4.0, help="requests per second (Poisson)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
+    p.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson)")
     p.add_argument("--hang-up", type=float, default=0.2, help="share of clients closing the stream after one chunk")
     p.add_argument("--min-tokens", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=128, help="output lengths uniform in [min, max]")
     p.add_argument("--max-words", type=int, default=64, help="prompt lengths uniform in [1, max] words")
     p.add_argument("--pid", type=int, help="the server's process id, to sample its resident memory")
-    p.add_argument("--interval", type=positive_float, default=1.0, help="seconds between samples")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     p.add_argument("--warmup", type=float, default=0.2, help="share of the duration left out of the memory slope")
-    p.add_argument("--idle-timeout", type=positive_float, default=120.0,
-                   help="seconds to wait for the server to go idle")
+    p.add_argument("--idle-timeout", type=float, default=120.0, help="seconds to wait for the server to go idle")
     p.add_argument("--max-rss-slope", type=float, help="fail when resident memory grows faster (MB per hour)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key")
