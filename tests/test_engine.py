@@ -53,6 +53,10 @@ def test_engine_greedy_matches_transformers(name: str, tiny_checkpoints: dict[st
             assert o.outputs[0].finish_reason == "length"
             m = o.metrics
             assert len(m.token_times) == 10 and m.token_times == sorted(m.token_times) and m.ttft > 0
+            # the timestamps are the ones their names say: arrival <= first scheduled <= first token = the first
+            # token's time <= the last token's <= finished
+            assert m.arrival_time <= m.first_scheduled_time < m.first_token_time == m.token_times[0]
+            assert m.token_times[-1] <= m.finished_time and m.e2e >= m.ttft
         if setup == "preempt":
             assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks - 1
@@ -820,3 +824,32 @@ def test_qwen2_shared_gate_stays_apart_without_a_spare_router_column(tiny_checkp
         block.gate.weight = torch.nn.Parameter(torch.randn(64, D), requires_grad=False)
         block.use_fused_routing()
     assert block.gate_rows is None and len(block.route(torch.randn(2, D))) == 2
+
+
+def test_without_chunked_prefill_the_step_budget_must_hold_a_whole_prompt(tiny_checkpoints: dict[str, Path]) -> None:
+    """With chunked prefill off a prompt runs in one step: a budget below the (resolved) context length is refused
+    at build time instead of leaving a long prompt waiting forever; within it, prompts run whole."""
+    path = str(tiny_checkpoints["olmoe"])
+    with pytest.raises(ValueError, match="without chunked prefill max_num_batched_tokens \\(16\\) must be >="):
+        LLM(path, enable_chunked_prefill=False, max_num_batched_tokens=16)
+    llm = LLM(path, enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=64)
+    chunked = LLM(path, max_num_batched_tokens=8, max_model_len=64)
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompts = [list(range(5, 25)), list(range(30, 37))]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, p)] == \
+        [o.outputs[0].token_ids for o in chunked.generate(prompts, p)]
+
+
+def test_top_k_and_top_p_reach_the_sampler(olmoe: LLM) -> None:
+    """At temperature 1, top_k=1 and a tiny top_p leave only the most likely token: the output is the greedy one
+    (a top_k or top_p lost on the way to the sampler would sample other tokens)."""
+    prompts = [[5, 6, 7], [9, 10, 11, 12]]
+    greedy = [o.outputs[0].token_ids for o in olmoe.generate(prompts, SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True))]
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        for seed in (1, 2):
+            p = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=seed, **kw)
+            assert [o.outputs[0].token_ids for o in olmoe.generate(prompts, p)] == greedy, kw
+    free = [o.outputs[0].token_ids for o in olmoe.generate(prompts, SamplingParams(
+        temperature=1.0, max_tokens=8, ignore_eos=True, seed=1))]
+    assert free != greedy  # the check can fail: unfiltered sampling at temperature 1 leaves the greedy path

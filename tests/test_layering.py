@@ -19,15 +19,36 @@ def level(module: str) -> int | None:
     return LEVELS.get(parts[1]) if len(parts) > 1 and parts[0] == "moelab" else None
 
 
-def imports(path: Path) -> list[str]:
+def imports(path: Path, package: list[str] | None = None) -> list[str]:
+    """Absolute module names a file imports: `from moelab import engine` counts as moelab.engine, and relative
+    imports are resolved against the file's package (given, or found from the file's place under moelab/)."""
     tree = ast.parse(path.read_text())
+    if package is None:
+        package = ["moelab", *path.relative_to(ROOT).parent.parts] if path.is_relative_to(ROOT) else []
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            out.append(module)
+            if module == "moelab" or node.level and not node.module:  # the names are modules
+                out += [f"{module}.{a.name}" for a in node.names]
     return out
+
+
+def test_the_import_scan_sees_every_form(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("from moelab import engine\nfrom ..engine import scheduler\nfrom . import rotary\n"
+                     "import moelab.layers\nfrom moelab.models.loader import read_config\n")
+    found = imports(probe, ["moelab", "kernels"])
+    assert {"moelab.engine", "moelab.kernels.rotary", "moelab.layers", "moelab.models.loader"} <= set(found), found
+    assert found.count("moelab.engine") == 2  # `from moelab import engine` and `from ..engine import scheduler`
+    assert level("moelab.engine") > level("moelab.kernels")
 
 
 def test_no_upward_imports() -> None:

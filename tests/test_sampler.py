@@ -94,3 +94,18 @@ def test_seeded_rows_ignore_the_rest_of_the_batch(seed: int) -> None:
         return int(ids[rows.index(0)])
 
     assert draw([0]) == draw([2, 0, 1]) == draw([1, 0])
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"temperature": -0.1}, "temperature must be >= 0"), ({"top_p": 0}, "top_p must be in"),
+    ({"top_p": 1.5}, "top_p must be in"), ({"top_k": -2}, "top_k must be -1"), ({"max_tokens": 0}, "max_tokens must"),
+    ({"min_tokens": -1}, "min_tokens must be >= 0"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens \\(5\\) must"),
+    ({"stop": [""]}, "stop must be non-empty"), ({"stop_token_ids": [-1]}, "stop_token_ids must be non-negative"),
+    ({"stop_token_ids": ["a"]}, "stop_token_ids must be"), ({"seed": 1.5}, "seed must be an integer"),
+])
+def test_sampling_params_refuse_bad_values(kw: dict, msg: str) -> None:
+    """The offline API's own checks (the server repeats them at the HTTP boundary, LLM users have only these)."""
+    from moelab.engine.sampling_params import SamplingParams
+
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kw)

@@ -139,6 +139,13 @@ def test_v4_a_top_p_that_rounds_to_zero_is_greedy(client: httpx.Client) -> None:
     want = complete(client, prompt="The router", max_tokens=8, **GREEDY)["choices"][0]["text"]
     got = complete(client, prompt="The router", max_tokens=8, top_p=1e-300, seed=1, ignore_eos=True)
     assert got["choices"][0]["text"] == want
+    # top_k and top_p reach the engine: at temperature 1 they leave only the greedy path, and without them the
+    # same seeds leave it
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        got = complete(client, prompt="The router", max_tokens=8, temperature=1.0, n=3, seed=5, ignore_eos=True, **kw)
+        assert all(c["text"] == want for c in got["choices"]), kw
+    free = complete(client, prompt="The router", max_tokens=8, temperature=1.0, n=3, seed=5, ignore_eos=True)
+    assert any(c["text"] != want for c in free["choices"])
 
 
 def test_v4_min_tokens_above_max_tokens(client: httpx.Client) -> None:
@@ -1050,3 +1057,31 @@ def test_g1_sigterm_subprocess_exits_cleanly(tmp_path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_latency_histograms_hold_the_exact_values_in_the_right_buckets() -> None:
+    """Each histogram against its definition on known timestamps (binary fractions, exact in floating point):
+    TTFT = first token - arrival, queue = first scheduled - arrival, ITL = each gap, TPOT = (last - first) / (n-1),
+    E2E = finished - arrival; a value x is in every bucket le >= x (cumulative)."""
+    from types import SimpleNamespace
+
+    seq = SimpleNamespace(arrival_time=0.0, first_scheduled_time=0.0625, token_times=[0.25], num_prompt_tokens=7,
+                          finish_reason="length", finished_time=0.5)
+    m = ServerMetrics("tiny")
+    m.on_tokens(seq, 1)
+    seq.token_times += [0.28125, 0.34375]
+    m.on_tokens(seq, 2)
+    m.on_finished(seq)
+    text = m.render()
+    want = {"time_to_first_token_seconds": [0.25], "request_queue_time_seconds": [0.0625],
+            "inter_token_latency_seconds": [0.03125, 0.0625], "request_time_per_output_token_seconds": [0.046875],
+            "e2e_request_latency_seconds": [0.5]}
+    for name, values in want.items():
+        full = f"moelab:{name}"
+        assert float(re.search(rf"^{full}_sum\{{[^}}]*\}} (\S+)$", text, re.M).group(1)) == sum(values), name
+        assert int(re.search(rf"^{full}_count\{{[^}}]*\}} (\d+)$", text, re.M).group(1)) == len(values), name
+        for le, cum in re.findall(rf'^{full}_bucket\{{[^}}]*le="([^"]+)"\}} (\d+)$', text, re.M):
+            bound = float("inf") if le == "+Inf" else float(le)
+            assert int(cum) == sum(v <= bound for v in values), (name, le)
+    assert re.search(r"^moelab:prompt_tokens_total\{[^}]*\} 7$", text, re.M)
+    assert re.search(r"^moelab:generation_tokens_total\{[^}]*\} 3$", text, re.M)

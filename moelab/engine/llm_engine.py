@@ -93,6 +93,11 @@ class LLMEngine:
         self.spec = spec_from_hf_config(self.hf_config)
         self.load_seconds = time.perf_counter() - t0
         self.max_model_len = config.max_model_len or min(self.spec.max_position_embeddings, 8192)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            # EngineConfig checks this when max_model_len is given; here it is resolved (else a prompt longer
+            # than the step budget would wait forever)
+            raise ValueError(f"without chunked prefill max_num_batched_tokens ({config.max_num_batched_tokens}) "
+                             f"must be >= max_model_len ({self.max_model_len})")
         from moelab.models.loader import read_generation_config
 
         path = Path(config.model)
