@@ -119,3 +119,37 @@ def test_max_num_seqs_caps_admission() -> None:
         sched.add(make_seq(i, 3, 2))
     batch = sched.schedule()
     assert len(batch) == 2 and len(sched.waiting) == 2
+
+
+def test_preemption_takes_the_newest_and_requeues_it_first() -> None:
+    """Four one-block prompts fill 4 of 5 usable blocks; each decode then needs a second block and one is free.
+    The oldest (A) gets it. B needs one: of C and D the newest, D, is preempted and B takes its block. C needs one:
+    nothing newer runs, so C itself goes. Each preempted sequence loses its blocks and computed tokens and waits
+    at the front of the queue, before a request that arrived later."""
+    bm = BlockManager(num_blocks=6, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    a, b, c, d, late = (make_seq(i, 4, 8) for i in range(5))
+    for s in (a, b, c, d):
+        sched.add(s)
+
+    def step():
+        batch = sched.schedule()
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            samples = batch.samples(i)
+            seq.num_computed_tokens += n
+            if samples:
+                seq.token_ids.append(7)
+        return batch
+
+    first = step()
+    assert first.seqs == [a, b, c, d] and bm.num_free_blocks == 1
+    sched.add(late)
+    second = step()
+    assert second.preempted == [d, c] and second.seqs[:2] == [a, b]
+    # C's freed block lets the admissions of the same step take the queue's front, C again (from its start), not
+    # the request that arrived later
+    assert second.seqs[2:] == [c] and second.num_tokens[2] == 4 and c.num_computed_tokens == 4
+    assert list(sched.waiting) == [d, late]
+    assert d.status is SequenceStatus.WAITING and not d.block_table and d.num_computed_tokens == 0
+    assert c.num_preemptions == d.num_preemptions == 1 and sched.num_preemptions == 2
+    bm.check_invariants(sched.running + list(sched.waiting))
