@@ -316,8 +316,30 @@ def test_preset_model_equals_its_written_checkpoint(tmp_path: Path) -> None:
 
 
 def test_routing_recorder_counts_every_token(tiny_checkpoints: dict[str, Path]) -> None:
+    """Per step and MoE layer: the recorder's count of each expert is the number of valid tokens routed to it
+    (checked against the ids each layer's router returned, so a count on the wrong expert fails)."""
+    import numpy as np
+
+    from moelab.layers.moe.layer import SparseMoE
+
     llm = LLM(str(tiny_checkpoints["qwen2-moe-dense-first"]), max_model_len=64, block_size=4,
               max_num_batched_tokens=8, record_routing=True)
+    E = llm.engine.spec.num_experts
+    blocks = [layer.ffn for layer in llm.engine.model.model.layers if isinstance(layer.ffn, SparseMoE)]
+    routed = [np.zeros(E, dtype=np.int64) for _ in blocks]
+
+    def wrap(block, i):
+        original = block.route
+
+        def route(x):
+            out = original(x)
+            routed[i] += np.bincount(out[1].reshape(-1).cpu().numpy(), minlength=E)
+            return out
+
+        block.route = route
+
+    for i, block in enumerate(blocks):
+        wrap(block, i)
     outs = llm.generate([[5] * 13, [6] * 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     rec = llm.engine.runner.recorder
     counts = rec.as_array()  # [steps, moe layers, E]
@@ -326,6 +348,7 @@ def test_routing_recorder_counts_every_token(tiny_checkpoints: dict[str, Path]) 
     fed = 13 + 3 + sum(len(o.outputs[0].token_ids) - 1 for o in outs)  # prompts + every token fed back
     assert sum(rec.tokens) == fed
     assert (counts.sum(axis=2) == [[t * spec.top_k] * spec.num_moe_layers for t in rec.tokens]).all()
+    assert all((counts.sum(axis=0)[i] == routed[i]).all() for i in range(len(blocks))), (counts.sum(axis=0), routed)
 
 
 @pytest.mark.parametrize("name", ["olmoe", "deepseek-v2-lite", "qwen3-moe-gqa-norm"])
