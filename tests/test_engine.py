@@ -703,8 +703,13 @@ def test_overlapped_steps_change_nothing(tiny_checkpoints: dict[str, Path]) -> N
     probe = LLM(path, async_scheduling=False, **base)
     free = probe.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
     eos = free.token_ids[3]
+    own = probe.generate(prompts[2], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    ids = own.token_ids[:own.token_ids.index(eos)] if eos in own.token_ids else own.token_ids
+    text = probe.tokenizer.decode(ids)  # prompt 2's own greedy text before any EOS: its stop string fires
+    stop = next(text[i:i + 2] for i in range(len(text) - 2, 0, -1)  # late in it: prompt 2 runs long, as before
+                if "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i)
     params = [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0.9, seed=3, max_tokens=9),
-              SamplingParams(temperature=0, max_tokens=10, stop=probe.tokenizer.decode(free.token_ids)[2:4]),
+              SamplingParams(temperature=0, max_tokens=10, stop=stop),
               SamplingParams(temperature=1.0, top_k=20, seed=11, max_tokens=7, min_tokens=5),
               SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)]
     results = []
@@ -716,8 +721,9 @@ def test_overlapped_steps_change_nothing(tiny_checkpoints: dict[str, Path]) -> N
         eng = llm.engine
         assert eng.block_manager.num_free_blocks == eng.num_blocks - 1 and not eng.has_unfinished_requests()
         assert all(len(o.metrics.token_times) == len(o.outputs[0].token_ids) for o in outs)
+        assert eng.scheduler.num_preemptions > 0  # preemption was in play
     assert results[0] == results[1]
-    assert {r[1] for r in results[0]} == {"stop", "length"}
+    assert {r[1] for r in results[0]} == {"stop", "length"} and results[0][2][1:] == ("stop", stop)
 
 
 def test_prefill_warmup_runs_single_and_mixed_steps_and_changes_no_output(olmoe: LLM) -> None:
