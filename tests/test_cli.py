@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -30,4 +31,8 @@ def test_make_checkpoint_with_overrides(tmp_path: Path) -> None:
 
 def test_generate_default_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--max-tokens", "4"]) == 0
-    assert "tok/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    ids = re.findall(r"token ids: \[([0-9, ]+)\]", out)
+    assert len(ids) == 2 and all(len(x.split(",")) == 4 for x in ids)  # two prompts, four tokens each
+    assert re.search(r"batch 2: 8 output tokens in [0-9.]+ s = [0-9.]+ output tok/s", out)
+    assert out.count("[length]") == 2
