@@ -120,3 +120,31 @@ def test_parse_bytes_and_cluster() -> None:
     assert Cluster(4).nodes == 1
     with pytest.raises(ValueError, match="whole nodes"):
         Cluster(12)
+
+
+def test_activations_graphs_and_comm_buffers_by_hand() -> None:
+    """The three terms the KV cache gets what is left of, computed by hand from published configs (not from the
+    report's own numbers): per token 2 bytes x [3D + q/k/v widths + K_r (D + 3 I / moe_tp)], fp32 logits for
+    max_num_seqs rows, the graph pool for the largest captured batch, 256 MiB NCCL (+1 GiB all-to-all)."""
+    lim = EngineLimits(max_num_batched_tokens=1024, max_num_seqs=16, cuda_graph_max_bs=16)
+    # Qwen3-30B-A3B (GQA): D 2048, 32 q heads, 4 KV heads of 128, top-8 of 128 experts, I 768, V 151936
+    per_tok = 2 * (3 * 2048 + (32 + 2 * 4) * 128 + 8 * (2048 + 3 * 768))
+    assert per_tok == 92160
+    rep = memory_report(preset_spec("qwen3-30b-a3b"), ONE, Cluster(1, gpu_memory=80e9), limits=lim)
+    assert rep.activations == 1024 * per_tok + 16 * 151936 * 4 and rep.cuda_graphs == 16 * per_tok
+    # DeepSeek-V2-Lite (MLA): 16 heads x (qk 128 + 64, v 128), latent 512 + rope 64, top-6 of 64, I 1408, V 102400
+    per_tok = 2 * (3 * 2048 + 16 * (192 + 128) + 512 + 64 + 6 * (2048 + 3 * 1408))
+    assert per_tok == 98944
+    rep = memory_report(preset_spec("deepseek-v2-lite"), ONE, Cluster(1, gpu_memory=80e9), limits=lim)
+    assert rep.activations == 1024 * per_tok + 16 * 102400 * 4 and rep.cuda_graphs == 16 * per_tok
+    # 8 GPUs. TP8: heads and expert widths / 8, all-reduce only (256 MiB); DPA+EP: whole heads, 8 local experts
+    # take all top-8 pairs, all-to-all buffers (+1 GiB)
+    spec = preset_spec("qwen3-30b-a3b")
+    tp = memory_report(spec, parse_layout("tp", 8), Cluster(8, gpu_memory=80e9), limits=lim)
+    per_tok = 2 * (3 * 2048 + (32 / 8 + 2 * 1) * 128 + 8 * (2048 + 3 * 768 / 8))
+    assert tp.activations == pytest.approx(1024 * per_tok + 16 * (151936 // 8) * 4)
+    assert tp.comm_buffers == 256 * 2 ** 20
+    dpa = memory_report(spec, parse_layout("dpa+ep", 8), Cluster(8, gpu_memory=80e9), limits=lim)
+    per_tok = 2 * (3 * 2048 + (32 + 2 * 4) * 128 + 8 * (2048 + 3 * 768))
+    assert dpa.activations == pytest.approx(1024 * per_tok + 16 * 151936 * 4)
+    assert dpa.comm_buffers == 256 * 2 ** 20 + 2 ** 30
