@@ -17,6 +17,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
+def is_gpu(t: torch.Tensor) -> bool:
+    """Is t on a CUDA device: the first condition of every GPU-only fast path's predicate, asked here so that the
+    CPU tests can check the predicates' other conditions (strides, dtypes, rows, autograd) by patching this."""
+    return t.is_cuda
+
+
 def check_device_name(device: str) -> str:
     """auto, cpu, cuda or cuda:N; a clear error for anything else (whether the GPU is there: check_device)."""
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):

@@ -125,3 +125,38 @@ def test_models_give_the_same_logits_through_the_gemv(name, tiny_checkpoints, mo
     assert (spec.hidden_size, spec.num_heads * (spec.v_head_dim if spec.kv_lora_rank else spec.head_dim)) in shapes
     if name == "qwen2-moe-dense-first":
         assert (1, spec.hidden_size) in shapes  # the shared-expert gate
+
+
+def test_gemv_predicates_on_the_cpu(monkeypatch) -> None:
+    """The GPU-only fast paths' predicates, every condition but the device (moelab.device.is_gpu patched): one row,
+    the weight's dtype and device, unit last strides, no autograd recording, the on/off switches."""
+    import moelab.device
+    from moelab.kernels import gemv
+    from moelab.kernels import moe_gemv as mg
+
+    assert not use_gemv(torch.randn(1, 8), torch.randn(4, 8))  # the CPU: never
+    monkeypatch.setattr(moelab.device, "is_gpu", lambda t: True)
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    assert use_gemv(x, w) and use_gemv(x[0], w)
+    assert not use_gemv(torch.randn(2, 8), w)  # two rows
+    assert not use_gemv(x, w.double()) and not use_gemv(x, torch.randn(8, 4).T)  # dtype; last stride 2 -> 4
+    assert not use_gemv(x, torch.randn(2, 4, 8))  # a 3-D weight
+    wg = torch.randn(4, 8, requires_grad=True)
+    assert not use_gemv(x, wg)
+    with torch.no_grad():
+        assert use_gemv(x, wg)
+    gemv.set_enabled(False)
+    try:
+        assert not use_gemv(x, w)
+    finally:
+        gemv.set_enabled(True)
+    # the MoE GEMVs: one token, x's dtype or int8_channel, unit strides everywhere
+    w13, w2 = torch.randn(4, 6, 8), torch.randn(4, 8, 3)
+    assert mg.applies(x, w13, None, w2) and not mg.applies(torch.randn(2, 8), w13, None, w2)
+    assert not mg.applies(x, w13.half(), None, w2) and not mg.applies(x, w13, "fp8_channel", w2)
+    assert mg.applies(x, w13.to(torch.int8), "int8_channel", w2.to(torch.int8), (torch.ones(4, 6), torch.ones(4, 8)))
+    assert not mg.applies(x, w13.transpose(1, 2).contiguous().transpose(1, 2), None, w2)
+    assert not mg.applies(x, w13, None, w2, (torch.ones(6, 4).T,))
+    gu = torch.randn(6, 8)
+    assert mg.dense_applies(x, gu) and not mg.dense_applies(torch.randn(2, 8), gu)
+    assert not mg.dense_applies(x, gu.half()) and not mg.dense_applies(x, torch.randn(8, 6).T)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from moelab import device
 from moelab.kernels.pdl import gdc_prologue, launch_options
 
 _ENABLED = True
@@ -65,7 +66,7 @@ def dense_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     autograd recording, switched on, and the one-row GEMVs not switched off (moelab.kernels.gemv)."""
     from moelab.kernels import gemv
 
-    if not (_DENSE and gemv.enabled() and x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and w.device == x.device
+    if not (_DENSE and gemv.enabled() and device.is_gpu(x) and x.dim() == 2 and x.shape[0] == 1 and w.device == x.device
             and w.dtype == x.dtype and x.stride(-1) == 1 and w.dim() == 2 and w.stride(-1) == 1):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
@@ -199,7 +200,7 @@ def applies(x: torch.Tensor, w13: torch.Tensor, quant: str | None, w2: torch.Ten
     a unit last stride (the kernels index them so)."""
     want = x.dtype if quant is None else torch.int8 if quant == QUANT else None
     unit = all(t is None or t.stride(-1) == 1 for t in (w13, w2, *scales))
-    return _ENABLED and x.is_cuda and x.shape[0] == 1 and w13.dtype == want and x.stride(-1) == 1 and unit
+    return _ENABLED and device.is_gpu(x) and x.shape[0] == 1 and w13.dtype == want and x.stride(-1) == 1 and unit
 
 
 def _packable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:

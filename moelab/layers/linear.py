@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelab import device
+
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """One row on a CUDA device, weight on the same device in x's dtype with a unit last stride, no autograd
     recording (the kernel has no backward), and the GEMV not switched off."""
-    if not (x.is_cuda and x.numel() == x.shape[-1] and x.dim() <= 2 and weight.device == x.device
+    if not (device.is_gpu(x) and x.numel() == x.shape[-1] and x.dim() <= 2 and weight.device == x.device
             and weight.dtype == x.dtype and weight.dim() == 2 and weight.stride(1) == 1):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
