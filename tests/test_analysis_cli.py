@@ -63,6 +63,11 @@ def test_recommend_and_memory(capsys: pytest.CaptureFixture[str]) -> None:
     assert "routed experts" in out and "fits: KV room" in out
     assert main(["recommend", "--preset", "mixtral-8x7b", "--gpus", "2", "--workload", "in=1"]) == 2
     assert "lacks batch" in capsys.readouterr().err
+    # a layout the model cannot run is refused, not sized (EP16 with 8 experts, TP3 of 32 heads)
+    assert main(["memory", "--preset", "mixtral-8x7b", "--gpus", "16", "--layout", "ep"]) == 2
+    assert "exceeds the 8 experts" in capsys.readouterr().err
+    assert main(["memory", "--preset", "mixtral-8x7b", "--gpus", "3", "--layout", "tp"]) == 2
+    assert "does not divide 32 heads" in capsys.readouterr().err
 
 
 def _store(path: Path) -> None:
@@ -89,4 +94,6 @@ def test_predictor_fit_evaluate_predict(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["predict", "--preset", "olmoe-1b-7b", "--batch", "16", "--input-len", "128", "--output-len", "128",
                  "--model-file", str(model)]) == 0
     out = capsys.readouterr().out
-    assert "roofline output_throughput" in out and "learned:" in out
+    assert "roofline output_throughput" in out and "learned:" in out and "ceilings it was fitted with" in out
+    assert main(["predictor", "evaluate", "--store", str(db), "--by", "nosuchcol"]) == 2
+    assert "not columns of the rows" in capsys.readouterr().err

@@ -96,3 +96,15 @@ def test_bad_frames() -> None:
         fit(df.assign(model="my/checkpoint"))
     with pytest.raises(ValueError, match="at least two groups"):
         evaluate(df[(df["model"] == "olmoe-1b-7b") & (df["batch"] == 4)])
+
+
+def test_a_held_out_group_is_never_seen_in_training() -> None:
+    """One model runs at 3x the efficiency of the others, which nothing in the other models' rows can teach: held
+    out, its error must stay large (about 67 %). A split that leaked the held-out rows into training would learn
+    it and pass a MAPE bound; this fails it."""
+    df = results(noise=0.0)
+    odd = df["model"] == "deepseek-v2-lite"
+    df.loc[odd, "value"] *= 3.0
+    ev = evaluate(df, by=["model"])
+    row = ev[(ev["left out"] == "model") & (ev["group"] == "deepseek-v2-lite")].iloc[0]
+    assert row["MAPE %"] > 50

@@ -193,6 +193,10 @@ def evaluate(df: pd.DataFrame, metric: str | None = None, by: Iterable[str] = ("
     the MAPE (%) and worst absolute percentage error of the learned predictor, the bare roofline and the roofline x
     constant efficiency, each fitted without the held-out group. A column with a single group is skipped."""
     rows = check_frame(df, metric)
+    by = list(by)
+    unknown = [c for c in by if c not in rows.columns]
+    if unknown:
+        raise ValueError(f"--by {unknown}: not columns of the rows; e.g. model, batch, input_len, output_len")
     floor = analytic_floor(rows, ceilings)
     X = features(rows).to_numpy()
     y = np.log(rows["value"].astype(float).to_numpy() / floor.to_numpy())

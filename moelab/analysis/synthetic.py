@@ -16,6 +16,7 @@ engine).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,8 @@ def popularity(kind: str, num_experts: int, *, s: float = 1.2, hot_fraction: flo
     if kind == "uniform":
         return np.full(E, 1.0 / E)
     if kind == "zipf":
-        if s <= 0:
-            raise ValueError(f"zipf exponent s must be > 0, got {s}")
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"zipf exponent s must be a finite number > 0, got {s}")
         p = np.arange(1, E + 1, dtype=np.float64) ** -s
         return p / p.sum()
     if kind == "hotset":
@@ -61,15 +62,22 @@ def sample_topk(p: np.ndarray, tokens: int, top_k: int, rng: np.random.Generator
 def synthetic_trace(kind: str, num_experts: int, top_k: int, *, layers: int = 1, steps: int = 8,
                     tokens_per_step: int = 256, s: float = 1.2, hot_fraction: float = 0.125, hot_share: float = 0.5,
                     seed: int = 0, shuffle: bool = True, keep_ids: bool = True, model: str = "",
-                    layer_ids: Any = None, spec_fields: dict | None = None) -> RoutingTrace:
+                    layer_ids: Any = None, spec_fields: dict | None = None,
+                    step_tokens: Any = None) -> RoutingTrace:
     """A RoutingTrace of `steps` steps of `tokens_per_step` tokens through `layers` MoE layers, source
-    "synthetic-<kind>"; its provenance records every parameter and the seed."""
+    "synthetic-<kind>"; its provenance records every parameter and the seed. step_tokens: the tokens of each step
+    instead (a real trace's: one large prefill step and many small decode steps), `steps` of them."""
+    if step_tokens is not None:
+        step_tokens = np.asarray(step_tokens, dtype=np.int64)
+        if step_tokens.ndim != 1 or len(step_tokens) != steps or (step_tokens < 0).any():
+            raise ValueError(f"step_tokens must be {steps} counts >= 0, got shape {step_tokens.shape}")
     if top_k > num_experts or min(top_k, layers, steps) < 1 or tokens_per_step < 0:
         raise ValueError(f"need 1 <= top_k <= experts and layers, steps >= 1: got top_k {top_k}, experts "
                          f"{num_experts}, layers {layers}, steps {steps}, tokens {tokens_per_step}")
     rng = np.random.default_rng(seed)
     base = popularity(kind, num_experts, s=s, hot_fraction=hot_fraction, hot_share=hot_share)
-    N = steps * tokens_per_step
+    tokens = step_tokens if step_tokens is not None else np.full(steps, tokens_per_step)
+    N = int(tokens.sum())
     ids = np.empty((N, layers, top_k), dtype=np.int32)
     weights = np.empty((N, layers, top_k), dtype=np.float32)
     for layer in range(layers):
@@ -80,10 +88,11 @@ def synthetic_trace(kind: str, num_experts: int, top_k: int, *, layers: int = 1,
     params = dict(kind=kind, s=s, hot_fraction=hot_fraction, hot_share=hot_share, seed=seed, shuffle=shuffle)
     unused = {"uniform": {"s", "hot_fraction", "hot_share"}, "zipf": {"hot_fraction", "hot_share"}, "hotset": {"s"}}
     meta = dict(source=f"synthetic-{kind}", model=model, layer_ids=layer_ids, spec_fields=spec_fields,
-                workload=dict(steps=steps, tokens_per_step=tokens_per_step),
+                workload=dict(steps=steps, tokens_per_step=tokens_per_step if step_tokens is None else
+                              "as the real trace's steps", tokens=N),
                 provenance={"generator": "moelab.analysis.synthetic",
                             **{k: v for k, v in params.items() if k not in unused[kind]}})
-    trace = RoutingTrace.from_topk(ids, np.full(steps, tokens_per_step), num_experts, topk_weights=weights, **meta)
+    trace = RoutingTrace.from_topk(ids, tokens, num_experts, topk_weights=weights, **meta)
     if keep_ids:
         return trace
     return RoutingTrace.from_counts(trace.counts, top_k, tokens=trace.tokens, **meta)
@@ -107,14 +116,19 @@ def parse_baseline(text: str) -> tuple[str, dict[str, float]]:
 
 def synthetic_like(trace_or_spec: RoutingTrace | ModelSpec, kind: str, *, steps: int | None = None,
                    tokens_per_step: int | None = None, seed: int = 0, **params: Any) -> RoutingTrace:
-    """A synthetic baseline with the experts, top-k and layers of a real trace (and its steps and mean tokens per
-    step) or of a ModelSpec (every MoE layer)."""
+    """A synthetic baseline with the experts, top-k and layers of a real trace (and, unless steps or
+    tokens_per_step say otherwise, its steps with their own token counts, so per-step metrics compare like with
+    like) or of a ModelSpec (every MoE layer)."""
     if isinstance(trace_or_spec, RoutingTrace):
         t = trace_or_spec
+        if t.num_steps == 0:
+            raise ValueError("the trace has no step: nothing to build a baseline like")
+        own = steps is None and tokens_per_step is None
         return synthetic_trace(kind, t.num_experts, t.top_k, layers=t.num_layers, steps=steps or t.num_steps,
                                tokens_per_step=tokens_per_step or max(1, round(t.num_tokens / t.num_steps)),
                                seed=seed, model=t.model, layer_ids=t.layer_ids, spec_fields=t.spec_fields,
-                               keep_ids=t.has_token_ids, **params)
+                               keep_ids=t.has_token_ids, step_tokens=np.asarray(t.tokens) if own else None,
+                               **params)
     spec = trace_or_spec
     layer_ids = [i for i in range(spec.num_layers) if spec.is_moe_layer(i)]
     fields = dict(hidden_size=spec.hidden_size, moe_intermediate_size=spec.moe_intermediate_size)

@@ -198,6 +198,9 @@ class RoutingTrace:
             if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
                 raise ValueError(f"{path}: format {meta.get('format')!r} v{meta.get('version')}; "
                                  f"this moelab reads {FORMAT} v<={VERSION}")
+            missing = [k for k in ("top_k", "source", "layer_ids") if k not in meta]
+            if missing or "tokens" not in z.files:
+                raise ValueError(f"{path}: the trace's metadata lacks {missing or ['tokens']}")
             ids = z["topk_ids"] if "topk_ids" in z.files else None
             w = z["topk_weights"].astype(np.float32) if "topk_weights" in z.files else None
             return cls(z["counts"], z["tokens"], int(meta["top_k"]), meta["source"], tuple(meta["layer_ids"]),

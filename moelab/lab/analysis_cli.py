@@ -81,7 +81,8 @@ def cmd_analyze_routing(args: argparse.Namespace) -> None:
         from moelab.lab.store import ResultsStore
 
         store = ResultsStore(args.store or None)
-        print(f"stored as run {store_trace(store, args.trace, seed=args.seed)} in {store.path}")
+        kw = {"baselines": tuple(args.baseline)} if args.baseline else {}
+        print(f"stored as run {store_trace(store, args.trace, seed=args.seed, **kw)} in {store.path}")
 
 
 def cmd_analyze_synthetic(args: argparse.Namespace) -> None:
@@ -148,7 +149,11 @@ def cmd_memory(args: argparse.Namespace) -> None:
     from moelab.analysis.memory import memory_report
 
     spec, cluster = _spec(args.preset), _cluster(args, args.gpus)
-    rep = memory_report(spec, parse_layout(args.layout, args.gpus), cluster, args.dtype, args.kv_dtype)
+    layout = parse_layout(args.layout, args.gpus)
+    problems = layout.problems(spec)
+    if problems:
+        raise ValueError(f"{layout.name} cannot run {args.preset}: {'; '.join(problems)}")
+    rep = memory_report(spec, layout, cluster, args.dtype, args.kv_dtype)
     w = rep.weights
     parts = {"routed experts": w.routed_experts, "attention": w.attention, "dense+shared MLP": w.dense_and_shared_mlp,
              "embedding+LM head": w.embedding_and_head, "norms+router": w.other, "activations": rep.activations,
@@ -191,8 +196,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
         p = Predictor.load(args.model_file)
         if p.metric != args.metric:
             raise ValueError(f"{args.model_file} predicts {p.metric!r}, not {args.metric!r}")
+        pc = p.ceilings
         print(f"learned: {float(p.predict(row).iloc[0]):.4g} (data {p.data_hash}, {p.n_rows} rows, "
-              f"models {', '.join(p.models_seen)})")
+              f"models {', '.join(p.models_seen)}; its floors use the ceilings it was fitted with, "
+              f"{pc.bandwidth:.3g} B/s, {pc.matmul:.3g} FLOP/s, whatever --bandwidth / --matmul say)")
 
 
 def cmd_predictor_fit(args: argparse.Namespace) -> None:
