@@ -81,3 +81,19 @@ def test_compare_and_errors() -> None:
     bare = RoutingTrace.from_counts(t.counts, 1)
     with pytest.raises(ValueError, match="hidden_size"):
         simulate(bare, contiguous(4, 2), CLUSTER)
+
+
+def test_the_slowest_rank_sets_the_step_and_pooled_imbalance_is_averaged_over_layers() -> None:
+    """Uneven ranks: 3 of 4 tokens on rank 0's experts. The step's compute is rank 0's floor (the slowest), not
+    rank 1's; step max/mean is 3 / 2; the pooled max/mean is the mean over layers of each layer's whole-trace
+    max/mean (here two layers: one even, one 3:1)."""
+    ids = np.array([[[0], [0]], [[1], [1]], [[0], [2]], [[1], [3]]])  # [T=4, L=2, K=1]
+    t = RoutingTrace.from_topk(ids, [4], 4, spec_fields=dict(hidden_size=D, moe_intermediate_size=I))
+    r = simulate(t, contiguous(4, 2), CLUSTER)  # experts {0, 1} on rank 0, {2, 3} on rank 1
+    assert r.step_rank_load[0].tolist() == [[4.0, 0.0], [2.0, 2.0]]
+    slow = moe_layer_floor(2, 1, D, I, 4.0, CLUSTER.ceilings, touched=2.0).seconds
+    idle = moe_layer_floor(2, 1, D, I, 0.0, CLUSTER.ceilings, touched=0.0).seconds
+    assert slow > idle and r.compute_s[0, 0] == pytest.approx(slow)
+    s = r.summary()
+    assert s["step max/mean"] == pytest.approx((2.0 + 1.0) / 2)
+    assert s["pooled max/mean"] == pytest.approx((2.0 + 1.0) / 2)
