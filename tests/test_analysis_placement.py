@@ -127,3 +127,17 @@ def test_make_placement_errors() -> None:
     with pytest.raises(ValueError, match="need an eplb strategy"):
         make_placement("lpt", t, 2, redundant=2)
     assert make_placement("eplb", t, 2, redundant=2).num_replicas() == 6
+
+
+def test_eplb_hierarchical_with_redundant_slots_by_hand() -> None:
+    """Groups [32, 4, 16, 6] go two to a node by LPT: {g0, g1} | {g2, g3}. Each node gets (8 + 4) / 2 = 6 slots for
+    its 4 experts, so 2 extra replicas (at most 2 per expert, one per GPU of the node): node 0 gives them to
+    expert 0 (30) and, 0 being capped, expert 1 (ties of 2: lowest id); node 1 to experts 4 and 5 (8 each).
+    Packed 3 slots a GPU: node 0 carries 15 + 1 + 2 on each GPU, node 1 4 + 4 + 3."""
+    loads = np.array([30, 2, 2, 2, 8, 8, 3, 3])
+    p = eplb([loads], 4, 4, policy="hierarchical", gpus_per_node=2, num_groups=4)
+    assert [len(p.ranks_of(e)) for e in range(8)] == [2, 2, 1, 1, 2, 2, 1, 1]
+    assert all(set(p.ranks_of(e)) <= {0, 1} for e in range(4)) and all(set(p.ranks_of(e)) <= {2, 3}
+                                                                       for e in range(4, 8))
+    assert p.shares_of(0) == pytest.approx((0.5, 0.5)) and p.slots().tolist() == [3, 3, 3, 3]
+    assert p.rank_load(loads).tolist() == pytest.approx([18.0, 18.0, 11.0, 11.0])

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from moelab.analysis.hardware import H100, Cluster
-from moelab.analysis.layout import Layout
+from moelab.analysis.layout import Layout, parse_layout
 from moelab.analysis.recommend import recommend, recommendation_table
 from moelab.analysis.throughput import (
     Workload,
@@ -85,3 +85,17 @@ def test_recommend_on_one_gpu() -> None:
     assert r.fits and r.layout.name == "1 GPU" and r.why.startswith("decode: weight reads")
     (m,) = recommend(preset_spec("mixtral-8x7b"), Cluster(1), Workload(1024, 256, 64))
     assert not m.fits and m.why.startswith("does not fit: weights 93.4 GB/GPU")
+
+
+def test_dpa_ep_dispatch_and_combine_by_hand() -> None:
+    """DPA+EP on 8 GPUs of one node: no all-reduce (attention TP 1); each MoE layer sends every token to each of
+    the 7 other ranks that holds one of its experts (probability 1 - C(112, 8) / C(128, 8) for Qwen3's 128 experts,
+    16 a rank) and gets the results back: 2 x that many vectors of D bf16 values, over the intra-node links."""
+    spec = preset_spec("qwen3-30b-a3b")
+    cl = Cluster(8, link_latency=0.0)
+    st = step_time(spec, parse_layout("dpa+ep", 8), cl, tokens=64, context_tokens=0, key_pairs=64, logits_rows=64,
+                   imbalance=1.0)
+    hit = 1 - math.comb(112, 8) / math.comb(128, 8)
+    out = 64 * hit * 7 * spec.hidden_size * 2.0
+    assert st.comm_bytes == pytest.approx(spec.num_moe_layers * 2 * out)
+    assert st.parts["comm"] == pytest.approx(spec.num_moe_layers * 2 * out / cl.intra_node_bw)
