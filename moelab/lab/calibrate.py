@@ -196,12 +196,10 @@ def get_calibration(store: ResultsStore, device: str, fresh: bool = False) -> di
     device = resolve_device(device)
     fresh = fresh or device.startswith("cuda")
     cal = None if fresh else latest(store, device_key(device))
+    if cal is not None and cal.get("store") != str(store.path):  # from the JSON cache: into this store
+        recordable = all(k in cal for k in ("sizes", "iters", "device"))
+        cal = {**cal, "run_id": record(store, cal)} if recordable else None  # else measured below
     if cal is None:
-        cal = measure(device)
-        cal["run_id"] = record(store, cal)
-    elif cal.get("store") != str(store.path) and all(k in cal for k in ("sizes", "iters", "device")):
-        cal = {**cal, "run_id": record(store, cal)}
-    elif cal.get("store") != str(store.path):  # a cache entry without what a record needs: measure instead
         cal = measure(device)
         cal["run_id"] = record(store, cal)
     return cal
