@@ -231,3 +231,38 @@ def test_a_gpu_without_its_own_tuned_file_uses_its_familys() -> None:
     assert own and own != tuned_configs(64, 1024, 2048, "NVIDIA H100 80GB HBM3", "bf16")
     assert tuned_configs(64, 1024, 2048, "Tesla T4", "bf16") is None
     assert tuned_configs(64, 1024, 2048, "NVIDIA H200", "fp8_tensor") is None  # no tuned file of that dtype
+
+
+def test_tuned_entry_decides_between_one_token_gemvs_and_tiles(monkeypatch) -> None:
+    """One token on a GPU (moelab.device.is_gpu patched): fused_moe takes the GEMVs unless the config it picks says
+    gemv false; an explicit config always asks for the tiles. Tables round-trip the choice and refuse other keys."""
+    from dataclasses import replace
+
+    import moelab.device
+    from moelab.kernels.fused_moe_config import GemmConfig, MoEConfig
+
+    monkeypatch.setattr(moelab.device, "is_gpu", lambda t: True)
+    tiles = MoEConfig(16, GemmConfig(32, 32), GemmConfig(32, 32))
+    calls = []
+    monkeypatch.setattr(fm, "fused_moe_gemv", lambda *a, **k: calls.append("gemv") or "gemv")
+    monkeypatch.setattr(fm, "route", lambda *a, **k: (_ for _ in ()).throw(LookupError("tiles")))
+    x, w13, w2 = torch.randn(1, 32), torch.randn(4, 64, 32), torch.randn(4, 32, 32)
+    ids, wts = torch.tensor([[0, 2]]), torch.full((1, 2), 0.5)
+    for cfg, want in ((tiles, "gemv"), (replace(tiles, gemv=False), "tiles")):
+        monkeypatch.setattr(fm, "config_for", lambda *a, _c=cfg, **k: _c)
+        calls.clear()
+        if want == "gemv":
+            assert fm.fused_moe(x, ids, wts, w13, w2) == "gemv" and calls == ["gemv"]
+        else:
+            with pytest.raises(LookupError, match="tiles"):
+                fm.fused_moe(x, ids, wts, w13, w2)
+            assert not calls
+    with pytest.raises(LookupError, match="tiles"):  # an explicit config: the tiles, whatever its gemv says
+        fm.fused_moe(x, ids, wts, w13, w2, config=tiles)
+    off = replace(tiles, gemv=False)
+    assert MoEConfig.from_dict(off.to_dict()) == off and "gemv" not in tiles.to_dict()
+    assert MoEConfig.from_dict(tiles.to_dict()) == tiles
+    with pytest.raises(ValueError, match="gemv"):
+        MoEConfig.from_dict({**tiles.to_dict(), "gemv": "no"})
+    with pytest.raises(ValueError, match="block_m, gate_up, down"):
+        MoEConfig.from_dict({**tiles.to_dict(), "gemm": False})

@@ -124,3 +124,16 @@ def test_floor_counts_one_byte_weights_and_each_dtypes_measured_rate() -> None:
     assert kb.floor_ms((8, 2, 4096, 14336), 16, "fp8_tensor", {**ceil, "matmul_fp8_flop_per_s": None})[0] is None
     assert kb.floor_ms((8, 2, 64, 48), 4, "bf16", kb.measure_ceilings("cpu"))[0] is None
     assert kb.parse_shape("60,6,32,16") == (60, 6, 32, 16)
+
+
+def test_tune_keeps_the_gemvs_at_one_token_only_where_they_time_faster(monkeypatch) -> None:
+    """At M where fused_moe's one-token GEMVs apply, tune() times them against its best tiles and records the
+    choice in the entry (gemv true / false); where they do not apply (_gemv_ms None) the entry keeps the default."""
+    monkeypatch.setattr(kb, "_layer_ms", lambda c, **_: 1.0 + (c.block_m != 16) / 10)
+    for gemv_ms, want in ((0.5, True), (2.0, False), (None, True)):
+        monkeypatch.setattr(kb, "_gemv_ms", lambda *a, _v=gemv_ms, **k: _v)
+        lines: list[str] = []
+        best = kb.tune((4, 2, 16, 16), (1,), "fp32", "cpu", log=lines.append)
+        assert best[1].gemv is want and best[1].block_m == 16
+        assert any("GEMVs" in ln for ln in lines) == (gemv_ms is not None)
+        assert ("gemv" in best[1].to_dict()) == (not want)  # only the non-default choice is written

@@ -551,7 +551,8 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     quant: a QUANT_FORMATS key; then w13/w2 hold Q (fp8/int8) and W = Q * scale (shapes: module docstring).
     sum_topk=False: the [T*K, D] router-weighted rows (slot t*K + k) before the top-k sum, for a caller that
     sums them inside its next kernel (rms_norm.add_rms_norm(..., top_k=K)). One token on a GPU (bf16/fp16/fp32 or
-    int8_channel weights, unit last strides) runs moe_gemv.py's GEMVs unless a config is given; routing_settled
+    int8_channel weights, unit last strides) runs moe_gemv.py's GEMVs unless a config is given or the tuned
+    table's entry says gemv false (its GEMMs timed faster at one token on this GPU); routing_settled
     (topk_ids written at least two launches before) lets them read the ids before their PDL wait."""
     _check(x, topk_ids, topk_weights, w13, w2, quant)
     if quant is not None:
@@ -559,12 +560,14 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     (T, D), K = x.shape, topk_ids.shape[1]
     if T * K == 0:
         return x.new_zeros(T if sum_topk else T * K, D)
-    if config is None and moe_gemv_applies(x, w13, quant, w2, (w13_scale, w2_scale)):  # one token: the experts as
-        # matrix-vector products (moe_gemv.py); an explicit tile config (tuning, benches) asks for the GEMMs
-        y = moe_gemv(x, topk_ids, topk_weights, w13, w2, quant=quant, w13_scale=w13_scale, w2_scale=w2_scale,
-                     routing_settled=routing_settled)
-        return y if K == 1 or not sum_topk else moe_sum(y, K)
-    cfg = quant_config(config or config_for(x, K, w13, quant), quant)
+    if config is None:
+        config = config_for(x, K, w13, quant)
+        if config.gemv and moe_gemv_applies(x, w13, quant, w2, (w13_scale, w2_scale)):  # one token: the experts
+            # as matrix-vector products (moe_gemv.py), unless the tuned table timed its GEMMs faster; an explicit
+            # tile config (tuning, benches) asks for the GEMMs
+            return fused_moe_gemv(x, topk_ids, topk_weights, w13, w2, quant, w13_scale, w2_scale, sum_topk,
+                                  routing_settled)
+    cfg = quant_config(config, quant)
     weights = topk_weights.reshape(-1).contiguous().float()
     if quant is not None and QUANT_FORMATS[quant][1] == torch.float8_e4m3fn:
         return _fused_moe_w8a8(x, topk_ids, weights, w13, w2, cfg, quant, w13_scale, w2_scale, sum_topk)
@@ -576,6 +579,17 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
         h = gate_up(x, w13, r, cfg.gate_up, Quant(quant, w13_scale))
         y = down(h, w2, weights, r, cfg.down, Quant(quant, w2_scale))
     return y if K == 1 or not sum_topk else moe_sum(y, K)
+
+
+def fused_moe_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
+                   w2: torch.Tensor, quant: str | None = None, w13_scale: torch.Tensor | None = None,
+                   w2_scale: torch.Tensor | None = None, sum_topk: bool = True, routing_settled: bool = False
+                   ) -> torch.Tensor:
+    """fused_moe's one-token GEMV path (moe_gemv.py), for a caller that wants it whatever the table says (the
+    tuner times it against the GEMMs)."""
+    y = moe_gemv(x, topk_ids, topk_weights, w13, w2, quant=quant, w13_scale=w13_scale, w2_scale=w2_scale,
+                 routing_settled=routing_settled)
+    return y if topk_ids.shape[1] == 1 or not sum_topk else moe_sum(y, topk_ids.shape[1])
 
 
 def set_act_quant(mode: str) -> None:

@@ -34,18 +34,28 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """BLOCK_M rows of the sorted routing per program (shared by both GEMMs), then each GEMM's tile."""
+    """BLOCK_M rows of the sorted routing per program (shared by both GEMMs), then each GEMM's tile. gemv: where
+    fused_moe picks the config itself for one token on a GPU and moe_gemv applies, whether it takes the GEMVs
+    (True, the default) or these tiles; a tuned table says False where its GEMMs timed faster (tune())."""
 
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
+    gemv: bool = True
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.gemv:  # the default is not written, so tables without the choice read the same
+            del d["gemv"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> MoEConfig:
-        return cls(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]))
+        extra = set(d) - {"block_m", "gate_up", "down", "gemv"}
+        if extra or not isinstance(d.get("gemv", True), bool):
+            raise ValueError(f"a MoE config has block_m, gate_up, down and optionally gemv (true/false); got "
+                             f"{sorted(d)} with gemv={d.get('gemv', True)!r}")
+        return cls(d["block_m"], GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]), d.get("gemv", True))
 
 
 def use_naive_blocks(num_tokens: int, top_k: int, num_experts: int) -> bool:

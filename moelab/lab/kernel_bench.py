@@ -356,6 +356,18 @@ def _layer_ms(c, inputs: list, wts: dict, quant: dict, device: str) -> float:
         return math.inf
 
 
+def _gemv_ms(inputs: list, wts: dict, quant: dict, device: str) -> float | None:
+    """Whole-layer graph ms of fused_moe's one-token GEMV path, None where it does not apply (M > 1, CPU, fp8)."""
+    from moelab.kernels import fused_moe as fm
+    from moelab.kernels.moe_gemv import applies
+
+    x = inputs[0][0]
+    if not applies(x, wts["w13"], quant.get("quant"), wts["w2"], (quant.get("w13_scale"), quant.get("w2_scale"))):
+        return None
+    return graph_ms(lambda i: fm.fused_moe_gemv(*inputs[i], wts["w13"], wts["w2"], **quant), ROTATE, device,
+                    budget_ms=60.0)[0]
+
+
 def _first_stage(shape: tuple, M: int, dtype: str, device: str, baseline: dict | None) -> list:
     """Every MoEConfig tune() times before its down pass: the heuristic, the baseline, and per BLOCK_M each
     gate_up candidate (down at the heuristic's); with each down candidate (gate_up at the heuristic's) they are
@@ -499,6 +511,12 @@ def tune(shape: tuple, ms: tuple[int, ...], dtype: str, device: str, seed: int =
             trials += [(layer_ms(cg), cg) for gm in GROUP_M_CANDIDATES
                        if (cg := replace(c, **{gemm: replace(getattr(c, gemm), group_m=gm)})) != c]
         ms_best, best[M] = min(trials, key=lambda t: t[0])
+        gemv_ms = _gemv_ms(inputs, wts, quant, device)  # one token: the GEMVs fused_moe takes by default
+        if gemv_ms is not None:
+            best[M] = replace(best[M], gemv=gemv_ms <= ms_best)
+            log(f"tune {shape} {dtype} M={M}: GEMVs {gemv_ms:.4f} ms against the best tiles' {ms_best:.4f} ms: "
+                f"{'GEMVs' if best[M].gemv else 'tiles'} kept")
+            ms_best = min(ms_best, gemv_ms)
         log(f"tune {shape} {dtype} M={M}: {ms_best:.4f} ms (heuristic {trials[0][0]:.4f} ms) {best[M].to_dict()} "
             f"[{time.perf_counter() - t0:.0f} s]")
     return best
