@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c s16 s15d ws-down block-merge group-m group-m-bf16 quant-big
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c s17 s15d ws-down block-merge group-m group-m-bf16 quant-big
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -184,7 +184,7 @@ for section in "$@"; do
       flag_ab merge-gu merge 100 --formats fp8_block --ms 4096,16384
       timeout 80 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel mixtral:4096,16384 2>&1 \
         | grep -E "^tune|kept|changed|wrote" ;;
-    s16)  # session 16: H100 tiles at M=1 (bf16 with the GEMV-or-tiles choice, fp8_channel), row-block groupings of
+    s17)  # session 17: H100 tiles at M=1 (bf16 with the GEMV-or-tiles choice, fp8_channel), row-block groupings of
       # the fp8 tables at large M, then bf16 at M=1 in rounds and the fp8 cells of issue 4 on those tables
       timeout 90 python scripts/tune_engine_shapes_gpu.py --deadline 70 olmoe:1 qwen3:1 dsv2-lite:1 mixtral:1 2>&1 \
         | grep -E "^tune|kept|changed|wrote|deadline"
@@ -199,7 +199,8 @@ for section in "$@"; do
       OUT="$OUT/bf16-m1" timeout 40 python scripts/bench_moe_gpu.py --no-check --ms 1 --rounds 3 --cooldown 1 2>&1 \
         | tee "$OUT/bf16-m1/log.txt" | grep -E "^shipped|^heuristic|^rounds|geomean|^[a-z0-9-]+ +[0-9]+ "
       OUT="$OUT/quant" timeout 150 python scripts/bench_moe_gpu.py --quant --formats fp8_tensor,fp8_channel,fp8_block \
-        --ms 1,4096,16384 2>&1 | tee "$OUT/quant/log.txt" | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|checks|rel err" ;;
+        --ms 1,4096,16384 2>&1 | tee "$OUT/quant/log.txt" | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|checks|rel err"
+      flag_ab warp-spec-down ws-down 45 --formats fp8_block --ms 16384 ;;  # last: what the call's limit leaves
     s15c)  # the short form of s15b for what device time is left: fp8_block merged or not, Mixtral's fp8 grouping
       flag_ab merge-gu merge 110 --formats fp8_block --ms 4096,16384
       timeout 70 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel mixtral:16384 2>&1 \
