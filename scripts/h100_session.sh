@@ -194,7 +194,7 @@ for section in "$@"; do
         qwen3:4096,16384 dsv2-lite:4096,16384 2>&1 | grep -E "^tune|kept|changed|wrote"
       timeout 70 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_block mixtral:4096,16384 \
         olmoe:4096,16384 qwen3:4096,16384 dsv2-lite:4096,16384 2>&1 | grep -E "^tune|kept|changed|wrote"
-      tar czf "$OUT/tables-h100.tgz" moelab/kernels/configs/*H100*
+      tar czf "$OUT/tables.tgz" moelab/kernels/configs
       mkdir -p "$OUT/bf16-m1" "$OUT/quant"
       OUT="$OUT/bf16-m1" timeout 40 python scripts/bench_moe_gpu.py --no-check --ms 1 --rounds 3 --cooldown 1 2>&1 \
         | tee "$OUT/bf16-m1/log.txt" | grep -E "^shipped|^heuristic|^rounds|geomean|^[a-z0-9-]+ +[0-9]+ "
