@@ -203,17 +203,17 @@ for section in "$@"; do
       flag_ab warp-spec-down ws-down 45 --formats fp8_block --ms 16384 ;;  # last: what the call's limit leaves
     s17b)  # the short form of s17 for what device time is left: the GEMV-or-tiles choice at M=1 (tuned, then bf16 at
       # M=1 in rounds), the fp8 groupings at large M and the fp8 cells there, the warp-specialized down last
-      timeout 80 python scripts/tune_engine_shapes_gpu.py --deadline 60 qwen3:1 olmoe:1 dsv2-lite:1 mixtral:1 2>&1 \
+      timeout 70 python scripts/tune_engine_shapes_gpu.py --deadline 50 qwen3:1 olmoe:1 dsv2-lite:1 mixtral:1 2>&1 \
         | grep -E "^tune|kept|changed|wrote|deadline"
       mkdir -p "$OUT/bf16-m1" "$OUT/quant"
-      OUT="$OUT/bf16-m1" timeout 40 python scripts/bench_moe_gpu.py --no-check --ms 1 --rounds 3 --cooldown 1 2>&1 \
+      OUT="$OUT/bf16-m1" timeout 35 python scripts/bench_moe_gpu.py --no-check --ms 1 --rounds 3 --cooldown 1 2>&1 \
         | tee "$OUT/bf16-m1/log.txt" | grep -E "^shipped|^heuristic|^rounds|geomean|^[a-z0-9-]+ +[0-9]+ "
-      timeout 45 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel olmoe:4096,16384 \
+      timeout 40 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel olmoe:4096,16384 \
         qwen3:4096,16384 dsv2-lite:4096,16384 2>&1 | grep -E "^tune|kept|changed|wrote"
-      timeout 60 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_block mixtral:4096,16384 \
+      timeout 50 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_block mixtral:4096,16384 \
         olmoe:4096,16384 qwen3:4096,16384 dsv2-lite:4096,16384 2>&1 | grep -E "^tune|kept|changed|wrote"
       tar czf "$OUT/tables.tgz" moelab/kernels/configs
-      OUT="$OUT/quant" timeout 120 python scripts/bench_moe_gpu.py --quant --formats fp8_tensor,fp8_channel,fp8_block \
+      OUT="$OUT/quant" timeout 110 python scripts/bench_moe_gpu.py --quant --formats fp8_tensor,fp8_channel,fp8_block \
         --ms 4096,16384 2>&1 | tee "$OUT/quant/log.txt" | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|checks|rel err"
       flag_ab warp-spec-down ws-down 45 --formats fp8_block --ms 16384 ;;
     s15c)  # the short form of s15b for what device time is left: fp8_block merged or not, Mixtral's fp8 grouping
