@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 measurements quoted in docs/perf and the issue notes, one section per argument:
-#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c s17 s17b s15d ws-down block-merge group-m group-m-bf16 quant-big
+#   bash scripts/h100_session.sh gpu-tests gpu-kernel-tests tune tune-fp8 engine kernels trace serve lab lab-qwen quant quant-ab moe-profile moe moe-gemv grid-sync mla-prep qwen-mix early-residual early-routing gate-in-router small-shapes s13-ab moe-gaps moe-profile-pdl exposed s15 s15b s15c s17 s17b s17c s15d ws-down block-merge group-m group-m-bf16 quant-big
 #   (on the device, repo root)
 # Every section writes under $OUT. The GPU image lacks the server's packages: they come as wheels in .wheels/
 # (scripts/make_wheels.sh makes them; pass carry=[".wheels"] to the device run).
@@ -216,6 +216,13 @@ for section in "$@"; do
       OUT="$OUT/quant" timeout 110 python scripts/bench_moe_gpu.py --quant --formats fp8_tensor,fp8_channel,fp8_block \
         --ms 4096,16384 2>&1 | tee "$OUT/quant/log.txt" | grep -E "^quant: [a-z0-9-]+ +[0-9]+ fp8|checks|rel err"
       flag_ab warp-spec-down ws-down 45 --formats fp8_block --ms 16384 ;;
+    s17c)  # the least of s17: the GEMV-or-tiles choice at M=1 tuned, then bf16 at M=1 in rounds
+      timeout 70 python scripts/tune_engine_shapes_gpu.py --deadline 50 qwen3:1 olmoe:1 dsv2-lite:1 mixtral:1 2>&1 \
+        | grep -E "^tune|kept|changed|wrote|deadline"
+      tar czf "$OUT/tables.tgz" moelab/kernels/configs
+      mkdir -p "$OUT/bf16-m1"
+      OUT="$OUT/bf16-m1" timeout 35 python scripts/bench_moe_gpu.py --no-check --ms 1 --rounds 3 --cooldown 1 2>&1 \
+        | tee "$OUT/bf16-m1/log.txt" | grep -E "^shipped|^heuristic|^rounds|geomean|^[a-z0-9-]+ +[0-9]+ " ;;
     s15c)  # the short form of s15b for what device time is left: fp8_block merged or not, Mixtral's fp8 grouping
       flag_ab merge-gu merge 110 --formats fp8_block --ms 4096,16384
       timeout 70 python scripts/tune_engine_shapes_gpu.py --group-m-only --dtype fp8_channel mixtral:16384 2>&1 \
