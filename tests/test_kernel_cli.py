@@ -130,7 +130,7 @@ def test_tune_keeps_the_gemvs_at_one_token_only_where_they_time_faster(monkeypat
     """At M where fused_moe's one-token GEMVs apply, tune() times them against its best tiles and records the
     choice in the entry (gemv true / false); where they do not apply (_gemv_ms None) the entry keeps the default."""
     monkeypatch.setattr(kb, "_layer_ms", lambda c, **_: 1.0 + (c.block_m != 16) / 10)
-    for gemv_ms, want in ((0.5, True), (2.0, False), (None, True)):
+    for gemv_ms, want in ((0.5, True), (2.0, False), (float("inf"), False), (None, True)):
         monkeypatch.setattr(kb, "_gemv_ms", lambda *a, _v=gemv_ms, **k: _v)
         lines: list[str] = []
         best = kb.tune((4, 2, 16, 16), (1,), "fp32", "cpu", log=lines.append)

@@ -357,15 +357,19 @@ def _layer_ms(c, inputs: list, wts: dict, quant: dict, device: str) -> float:
 
 
 def _gemv_ms(inputs: list, wts: dict, quant: dict, device: str) -> float | None:
-    """Whole-layer graph ms of fused_moe's one-token GEMV path, None where it does not apply (M > 1, CPU, fp8)."""
+    """Whole-layer graph ms of fused_moe's one-token GEMV path, None where it does not apply (M > 1, CPU, fp8), inf
+    where it fails."""
     from moelab.kernels import fused_moe as fm
     from moelab.kernels.moe_gemv import applies
 
     x = inputs[0][0]
     if not applies(x, wts["w13"], quant.get("quant"), wts["w2"], (quant.get("w13_scale"), quant.get("w2_scale"))):
         return None
-    return graph_ms(lambda i: fm.fused_moe_gemv(*inputs[i], wts["w13"], wts["w2"], **quant), ROTATE, device,
-                    budget_ms=60.0)[0]
+    try:
+        return graph_ms(lambda i: fm.fused_moe_gemv(*inputs[i], wts["w13"], wts["w2"], **quant), ROTATE, device,
+                        budget_ms=60.0)[0]
+    except Exception:  # a GEMV that does not compile or run here: the tiles win
+        return math.inf
 
 
 def _first_stage(shape: tuple, M: int, dtype: str, device: str, baseline: dict | None) -> list:
